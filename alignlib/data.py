@@ -1,0 +1,142 @@
+"""Course data sets (``data/*.jsonl``) and the Hub data sets used at full scale, mapped to one schema.
+
+Schema (every loader returns a ``datasets.Dataset`` with at least these columns):
+- prompt sets: ``prompt`` (str) [+ ``id``, ``category``]
+- preference sets: ``prompt``, ``chosen``, ``rejected`` (str)
+
+Hub data sets (lab GPUs) are read by ``load_hub_dataset``; ``path=`` reads a local copy in the same format
+(the tests use small fixtures), so the mapping code is the same offline and on the lab machine.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from datasets import Dataset
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+COURSE_SETS = {
+    "movie_openings": ("movie_openings.jsonl", ("id", "prompt", "split")),
+    "helpful_prompts": ("helpful_prompts.jsonl", ("id", "prompt", "category", "split")),
+    "red_team_prompts": ("red_team_prompts.jsonl", ("id", "prompt", "category", "split")),
+    "preference_pairs": ("preference_pairs.jsonl", ("id", "prompt", "chosen", "rejected", "split")),
+}
+HUB_SETS = {"Anthropic/hh-rlhf": "preference", "stanfordnlp/imdb": "sentiment"}
+
+
+class DataFormatError(ValueError):
+    """A data file does not follow its schema."""
+
+
+def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
+    """Read a JSONL file; every line must be a JSON object holding ``required`` fields as non-empty strings."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; data files live in {DATA_DIR}.")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataFormatError(f"{path}:{lineno}: not valid JSON ({err.msg}); each line must be one "
+                                      "JSON object, e.g. {\"prompt\": \"...\"}.") from err
+            if not isinstance(row, dict):
+                raise DataFormatError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}.")
+            missing = [k for k in required if not isinstance(row.get(k), str) or not row[k].strip()]
+            if missing:
+                raise DataFormatError(f"{path}:{lineno}: missing or empty fields {missing}; required: {list(required)}.")
+            rows.append(row)
+    if not rows:
+        raise DataFormatError(f"{path} holds no rows.")
+    return rows
+
+
+def load_course_dataset(name: str, split: str | None = "train", data_dir: str | Path | None = None) -> Dataset:
+    """One of the course sets (``COURSE_SETS``), filtered to ``split`` ("train", "test", or None for all)."""
+    if name not in COURSE_SETS:
+        raise ValueError(f"unknown data set {name!r}; choose one of {sorted(COURSE_SETS)}.")
+    filename, required = COURSE_SETS[name]
+    rows = read_jsonl(Path(data_dir or DATA_DIR) / filename, required)
+    if split is not None:
+        if split not in {r["split"] for r in rows}:
+            raise ValueError(f"split {split!r} not in {name}; splits: {sorted({r['split'] for r in rows})}.")
+        rows = [r for r in rows if r["split"] == split]
+    return Dataset.from_list(rows)
+
+
+def load_prompts(name: str, split: str = "train", n: int | None = None) -> list[str]:
+    """The first ``n`` prompts of a course set (all if ``n`` is None)."""
+    prompts = list(load_course_dataset(name, split)["prompt"])
+    if n is not None and n > len(prompts):
+        raise ValueError(f"asked for n={n} prompts but {name}/{split} has {len(prompts)}.")
+    return prompts[:n]
+
+
+# ---------------------------------------------------------------- Hub formats -> course schema
+
+def split_hh_transcript(text: str) -> tuple[str, str]:
+    """Split an hh-rlhf transcript ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` into (prompt, final reply).
+
+    The prompt is the dialogue before the last assistant turn; for a single exchange it is the human turn.
+    """
+    marker = "\n\nAssistant:"
+    cut = text.rfind(marker)
+    if cut < 0 or "Human:" not in text[:cut]:
+        raise DataFormatError("an hh-rlhf transcript needs '\\n\\nHuman: ...' then '\\n\\nAssistant: ...'; "
+                              f"got {text[:80]!r}.")
+    prompt, reply = text[:cut].strip(), text[cut + len(marker):].strip()
+    if prompt.startswith("Human:") and prompt.count("Human:") == 1:
+        prompt = prompt[len("Human:"):].strip()
+    return prompt, reply
+
+
+def hh_to_pairs(rows) -> list[dict]:
+    """hh-rlhf rows {chosen, rejected} (full transcripts) -> {prompt, chosen, rejected}."""
+    out = []
+    for i, row in enumerate(rows):
+        prompt, chosen = split_hh_transcript(row["chosen"])
+        prompt_r, rejected = split_hh_transcript(row["rejected"])
+        if prompt != prompt_r:
+            raise DataFormatError(f"row {i}: chosen and rejected transcripts start differently.")
+        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return out
+
+
+def imdb_to_prompts(rows, n_words: int = 8) -> list[dict]:
+    """imdb rows {text, label} -> {prompt: the review's first ``n_words`` words, text, label}."""
+    out = []
+    for row in rows:
+        words = row["text"].replace("<br />", " ").split()
+        out.append({"prompt": " ".join(words[:n_words]), "text": row["text"], "label": int(row["label"])})
+    return out
+
+
+def load_hub_dataset(name: str, split: str = "train", path: str | Path | None = None, n: int | None = None,
+                     **kwargs) -> Dataset:
+    """A Hub data set mapped to the course schema.
+
+    Args:
+        name: ``"Anthropic/hh-rlhf"`` (preference pairs) or ``"stanfordnlp/imdb"`` (review-opening prompts).
+        path: a local file or directory in the Hub format (JSONL or Parquet); default: the Hub.
+        n: keep the first ``n`` rows.
+    """
+    import datasets
+
+    if name not in HUB_SETS:
+        raise ValueError(f"unknown Hub data set {name!r}; supported: {sorted(HUB_SETS)}.")
+    if path is None:
+        raw = datasets.load_dataset(name, split=split)
+    else:
+        path = Path(path)
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".json", ".parquet") and split in p.name)
+        if not files:
+            raise FileNotFoundError(f"no '{split}' JSONL/Parquet file under {path}.")
+        kind = "parquet" if files[0].suffix == ".parquet" else "json"
+        raw = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
+    if n is not None:
+        raw = raw.select(range(min(n, len(raw))))
+    rows = hh_to_pairs(raw) if HUB_SETS[name] == "preference" else imdb_to_prompts(raw, **kwargs)
+    return Dataset.from_list(rows)

@@ -1,0 +1,152 @@
+"""Reward functions behind one call signature: ``reward(prompts, responses) -> torch.Tensor`` of shape (B,).
+
+- ``SentimentReward``: VADER's compound score of the response in [-1, 1] (a real, offline sentiment reward).
+- ``LengthReward``: response length in words, or closeness to a target length.
+- ``KeywordReward``: how often the response uses given words (a reward a tiny model can learn in seconds).
+- ``RewardModelReward``: any scalar-head sequence classifier (a learned reward model) scores prompt+response.
+- ``WeightedSum``: sum_i w_i * r_i, the multi-objective reward (MORL) of rewarded soups; keeps the parts.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Protocol, Sequence
+
+import torch
+
+
+class RewardFn(Protocol):
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor: ...
+
+
+def check_pairs(prompts, responses) -> tuple[list[str], list[str]]:
+    """Validate a reward call: two lists of strings of one length (empty responses are allowed)."""
+    if isinstance(prompts, str) or isinstance(responses, str):
+        raise TypeError("prompts and responses must be lists of strings, not single strings.")
+    prompts, responses = list(prompts), list(responses)
+    if len(prompts) != len(responses):
+        raise ValueError(f"prompts ({len(prompts)}) and responses ({len(responses)}) must have the same length: "
+                         "one prompt per response (repeat a prompt for its k samples).")
+    if not responses:
+        raise ValueError("responses is empty: a reward needs at least one response.")
+    if not all(isinstance(x, str) for x in prompts + responses):
+        raise TypeError("every prompt and response must be a string.")
+    return prompts, responses
+
+
+class SentimentReward:
+    """VADER compound sentiment of the response (or prompt + response): +1 very positive, -1 very negative.
+
+    Args:
+        target: ``"positive"`` rewards positive text, ``"negative"`` flips the sign.
+        include_prompt: score the prompt and the response together (a review opening plus its continuation).
+    """
+
+    def __init__(self, target: str = "positive", include_prompt: bool = False):
+        if target not in ("positive", "negative"):
+            raise ValueError(f"target must be 'positive' or 'negative', got {target!r}")
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        self.analyzer = SentimentIntensityAnalyzer()
+        self.sign = 1.0 if target == "positive" else -1.0
+        self.include_prompt = include_prompt
+
+    def __call__(self, prompts, responses) -> torch.Tensor:
+        prompts, responses = check_pairs(prompts, responses)
+        texts = [f"{p} {r}" if self.include_prompt else r for p, r in zip(prompts, responses)]
+        scores = [self.analyzer.polarity_scores(t)["compound"] for t in texts]
+        return self.sign * torch.tensor(scores, dtype=torch.float32)
+
+
+class LengthReward:
+    """Length in words; with ``target``, ``-|len - target| / target`` (0 at the target, negative elsewhere)."""
+
+    def __init__(self, target: int | None = None):
+        if target is not None and target <= 0:
+            raise ValueError(f"target must be a positive number of words, got {target}")
+        self.target = target
+
+    def __call__(self, prompts, responses) -> torch.Tensor:
+        _, responses = check_pairs(prompts, responses)
+        n = torch.tensor([len(r.split()) for r in responses], dtype=torch.float32)
+        return n if self.target is None else -(n - self.target).abs() / self.target
+
+
+class KeywordReward:
+    """Fraction of the response's words that are among ``words`` (case-insensitive), in [0, 1]."""
+
+    def __init__(self, words: Sequence[str]):
+        if isinstance(words, str) or not words:
+            raise ValueError("words must be a non-empty list of strings, e.g. ['great', 'love'].")
+        self.words = {w.lower() for w in words}
+
+    def __call__(self, prompts, responses) -> torch.Tensor:
+        _, responses = check_pairs(prompts, responses)
+        out = []
+        for r in responses:
+            tokens = re.findall(r"[\w']+", r.lower())
+            out.append(sum(t in self.words for t in tokens) / max(len(tokens), 1))
+        return torch.tensor(out, dtype=torch.float32)
+
+
+class RewardModelReward:
+    """A learned reward model: a sequence classifier with one output scores ``prompt + response``.
+
+    Works with any ``AutoModelForSequenceClassification`` with ``num_labels=1`` (the course's Bradley-Terry
+    model, or a Hub reward model on a lab GPU). With ``chat=True`` the pair is formatted by the tokenizer's
+    chat template as a user turn and an assistant turn; else ``template`` joins them.
+    """
+
+    def __init__(self, model, tokenizer, chat: bool = False, template: str = "{prompt}\n{response}",
+                 batch_size: int = 16, max_length: int = 512):
+        if getattr(model.config, "num_labels", 1) != 1:
+            raise ValueError(f"a reward model needs one output (num_labels=1), got {model.config.num_labels}.")
+        self.model, self.tokenizer = model, tokenizer
+        self.chat, self.template = chat, template
+        self.batch_size, self.max_length = batch_size, max_length
+
+    def format(self, prompt: str, response: str) -> str:
+        if self.chat:
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+            return self.tokenizer.apply_chat_template(messages, tokenize=False)
+        return self.template.format(prompt=prompt, response=response)
+
+    @torch.no_grad()
+    def __call__(self, prompts, responses) -> torch.Tensor:
+        prompts, responses = check_pairs(prompts, responses)
+        texts = [self.format(p, r) for p, r in zip(prompts, responses)]
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        scores = []
+        for i in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(texts[i:i + self.batch_size], return_tensors="pt", padding=True,
+                                 truncation=False)
+            if enc["input_ids"].shape[1] > self.max_length:
+                raise ValueError(f"a prompt+response has {enc['input_ids'].shape[1]} tokens, over max_length="
+                                 f"{self.max_length}; raise max_length or shorten the responses.")
+            scores.append(self.model(**enc.to(device)).logits[:, 0].float().cpu())  # (b,)
+        self.model.train(was_training)
+        return torch.cat(scores)
+
+
+class WeightedSum:
+    """r(x, y) = sum_i w_i * r_i(x, y). ``last`` keeps each part of the latest call, for logging."""
+
+    def __init__(self, rewards: dict[str, Callable], weights: dict[str, float] | Sequence[float]):
+        if not rewards:
+            raise ValueError("rewards is empty: pass a dict name -> reward function.")
+        if not isinstance(weights, dict):
+            weights = list(weights)
+            if len(weights) != len(rewards):
+                raise ValueError(f"{len(weights)} weights for {len(rewards)} rewards; give one weight each.")
+            weights = dict(zip(rewards, weights))
+        missing = set(rewards) ^ set(weights)
+        if missing:
+            raise ValueError(f"rewards and weights must have the same names; differing: {sorted(missing)}")
+        self.rewards, self.weights = dict(rewards), {k: float(v) for k, v in weights.items()}
+        self.last: dict[str, torch.Tensor] = {}
+
+    def __call__(self, prompts, responses) -> torch.Tensor:
+        prompts, responses = check_pairs(prompts, responses)
+        self.last = {name: fn(prompts, responses).float() for name, fn in self.rewards.items()}
+        return sum(self.weights[name] * r for name, r in self.last.items())

@@ -1,0 +1,78 @@
+"""Small shared helpers: seeding, device and dtype choice, the user cache, timing and memory.
+
+Everything here is used by every method module; nothing here knows about a particular method.
+"""
+from __future__ import annotations
+
+import os
+import random
+import resource
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CACHE_ENV = "ALIGNLIB_CACHE"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices). Same seed, same machine -> same numbers."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def get_device(device: str | torch.device | None = None) -> torch.device:
+    """The device to use: the one asked for, else cuda > mps > cpu."""
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA, fp32 elsewhere (bf16 matmuls on CPUs without native support are ~100x slower)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def cache_dir() -> Path:
+    """The user cache for converted weights: $ALIGNLIB_CACHE, else $XDG_CACHE_HOME/alignlib, else ~/.cache/alignlib."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "alignlib"
+
+
+def peak_memory_mb(device: torch.device | None = None) -> float:
+    """Peak memory in MB: CUDA's allocator peak on a GPU, else the process's peak resident set size."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, bytes on macOS
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+@contextmanager
+def timer(metrics: dict, key: str):
+    """Add the elapsed wall-clock seconds of the block to ``metrics[key]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        metrics[key] = metrics.get(key, 0.0) + time.perf_counter() - start
+
+
+def check_finite(value: torch.Tensor, name: str) -> None:
+    """Stop before a non-finite loss corrupts the weights."""
+    if not torch.isfinite(value).all():
+        raise FloatingPointError(
+            f"{name} is not finite ({value.detach().flatten()[:4].tolist()}). Lower the learning rate, "
+            "check the reward scale, or enable gradient clipping; the weights were not updated."
+        )

@@ -1,0 +1,69 @@
+import json
+
+import pytest
+
+from alignlib.data import (COURSE_SETS, DataFormatError, load_course_dataset, load_hub_dataset, load_prompts,
+                           read_jsonl, split_hh_transcript)
+
+MINIMUM = {"movie_openings": 150, "helpful_prompts": 150, "red_team_prompts": 100, "preference_pairs": 100}
+
+
+@pytest.mark.parametrize("name", sorted(COURSE_SETS))
+def test_course_sets_meet_the_schema_and_sizes(name):
+    train, test = load_course_dataset(name, "train"), load_course_dataset(name, "test")
+    assert len(train) >= MINIMUM[name] and len(test) >= 20
+    ids = list(train["id"]) + list(test["id"])
+    assert len(set(ids)) == len(ids)
+    prompts = [p.lower() for p in list(train["prompt"]) + list(test["prompt"])]
+    assert len(set(prompts)) == len(prompts), "prompts must not repeat (no leak between splits)"
+    if name == "preference_pairs":
+        assert all(c != r for c, r in zip(train["chosen"], train["rejected"]))
+
+
+def test_red_team_covers_ten_categories():
+    assert len(set(load_course_dataset("red_team_prompts", None)["category"])) >= 10
+
+
+def test_malformed_jsonl_names_line_and_fix(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"prompt": "broken"\n')
+    with pytest.raises(DataFormatError, match=r"bad.jsonl:2: not valid JSON"):
+        read_jsonl(bad, ("prompt",))
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    with pytest.raises(DataFormatError, match=r"missing.jsonl:2: missing or empty fields \['prompt'\]"):
+        read_jsonl(missing, ("prompt",))
+
+
+def test_unknown_names_and_splits():
+    with pytest.raises(ValueError, match="unknown data set"):
+        load_course_dataset("nope")
+    with pytest.raises(ValueError, match="split 'dev'"):
+        load_course_dataset("movie_openings", "dev")
+    with pytest.raises(ValueError, match="asked for n=9999"):
+        load_prompts("movie_openings", "test", 9999)
+
+
+def test_hh_rlhf_fixture_in_hub_format(tmp_path):
+    rows = [
+        {"chosen": "\n\nHuman: How do I boil an egg?\n\nAssistant: Simmer it for nine minutes.",
+         "rejected": "\n\nHuman: How do I boil an egg?\n\nAssistant: No idea."},
+        {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Name a colour.\n\nAssistant: Teal.",
+         "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Name a colour.\n\nAssistant: Go away."},
+    ]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    ds = load_hub_dataset("Anthropic/hh-rlhf", "train", path=tmp_path)
+    assert ds[0] == {"prompt": "How do I boil an egg?", "chosen": "Simmer it for nine minutes.",
+                     "rejected": "No idea."}
+    assert ds[1]["prompt"].startswith("Human: Hi\n\nAssistant: Hello!") and ds[1]["chosen"] == "Teal."
+    with pytest.raises(DataFormatError, match="Human"):
+        split_hh_transcript("no markers here")
+
+
+def test_imdb_fixture_in_hub_parquet_format(tmp_path):
+    from datasets import Dataset
+
+    Dataset.from_list([{"text": "A slow start,<br />but the last act soars above everything.", "label": 1},
+                       {"text": "Dull.", "label": 0}]).to_parquet(str(tmp_path / "train-00000.parquet"))
+    ds = load_hub_dataset("stanfordnlp/imdb", "train", path=tmp_path, n_words=4)
+    assert list(ds["prompt"]) == ["A slow start, but", "Dull."] and list(ds["label"]) == [1, 0]

@@ -1,0 +1,85 @@
+import pytest
+import torch
+
+from alignlib.generation import diverse_beam_search, generate, response_mask_from_ids
+
+
+def test_response_mask_keeps_tokens_through_first_eos():
+    ids = torch.tensor([[5, 6, 2, 2, 2], [5, 6, 7, 8, 9], [2, 2, 2, 2, 2]])
+    mask, finished = response_mask_from_ids(ids, eos=[2])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert finished.tolist() == [True, False, True]
+
+
+def test_generation_stops_at_eos(tiny):
+    """Declare a token the sampler emits mid-response to be EOS: the response then ends right there."""
+    model, tok = tiny
+    free = generate(model, tok, ["Stop here"], max_new_tokens=12, seed=5)
+    tokens = free.response_ids[0].tolist()
+    k = next(i for i in range(1, len(tokens)) if tokens[i] not in tokens[:i])  # first new token after the 1st
+    old = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = tokens[k]
+    try:
+        r = generate(model, tok, ["Stop here"], max_new_tokens=12, seed=5)  # same seed, same draws
+    finally:
+        model.generation_config.eos_token_id = old
+    assert r.finished.tolist() == [True]
+    assert r.response_lengths.tolist() == [k + 1]  # through the EOS token, inclusive
+    assert r.response_ids[0, : k + 1].tolist() == tokens[: k + 1]
+    assert r.response_ids.shape[1] == k + 1  # generation stopped right after EOS
+
+
+def test_seed_reproducible_and_layout(tiny):
+    model, tok = tiny
+    a = generate(model, tok, ["x", "yy"], max_new_tokens=6, seed=3, num_return_sequences=2)
+    b = generate(model, tok, ["x", "yy"], max_new_tokens=6, seed=3, num_return_sequences=2)
+    assert a.responses == b.responses
+    assert a.prompts == ["x", "x", "yy", "yy"]
+    assert a.input_ids.shape == a.attention_mask.shape == a.response_mask.shape
+    assert torch.all(a.response_mask[:, : a.prompt_width] == 0)
+    assert torch.all(a.response_mask <= a.attention_mask)
+
+
+def test_batch_size_chunks_give_same_greedy_output(tiny):
+    model, tok = tiny
+    prompts = ["one", "two two", "three three three"]
+    whole = generate(model, tok, prompts, max_new_tokens=6, do_sample=False)
+    chunked = generate(model, tok, prompts, max_new_tokens=6, do_sample=False, batch_size=2)
+    assert whole.responses == chunked.responses
+
+
+def test_chat_template_is_applied(tiny):
+    model, tok = tiny
+    r = generate(model, tok, ["hello"], max_new_tokens=2, do_sample=False)
+    prompt_text = tok.decode(r.input_ids[0, : r.prompt_width][r.attention_mask[0, : r.prompt_width].bool()])
+    assert prompt_text.startswith("<|im_start|>user\nhello<|im_end|>") and prompt_text.endswith("assistant\n")
+
+
+def test_bad_prompts_are_clear_errors(tiny):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="prompts is empty"):
+        generate(model, tok, [])
+    with pytest.raises(TypeError, match="wrap it"):
+        generate(model, tok, "just a string")
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, tok, ["a"], temperature=0.0)
+
+
+def test_diverse_beam_search_gives_distinct_candidates(tiny):
+    model, tok = tiny
+    r = diverse_beam_search(model, tok, ["Tell me", "Why"], num_beams=4, num_groups=4, max_new_tokens=6,
+                            diversity_penalty=2.0)
+    assert len(r) == 8 and r.prompts[:4] == ["Tell me"] * 4
+    for i in (0, 4):
+        first_tokens = r.response_ids[i:i + 4, 0].tolist()
+        assert len(set(first_tokens)) == 4, "groups must not pick the same first token under the penalty"
+    with pytest.raises(ValueError, match="multiple"):
+        diverse_beam_search(model, tok, ["a"], num_beams=4, num_groups=3)
+
+
+def test_diverse_beam_search_one_group_is_beam_search(tiny):
+    """With one group and one beam, diverse beam search is greedy decoding."""
+    model, tok = tiny
+    greedy = generate(model, tok, ["Tell me"], max_new_tokens=6, do_sample=False)
+    beam = diverse_beam_search(model, tok, ["Tell me"], num_beams=1, num_groups=1, max_new_tokens=6)
+    assert beam.responses == greedy.responses

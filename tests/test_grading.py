@@ -1,0 +1,202 @@
+"""Grading tests: solutions are stripped correctly, score full marks; exercises score zero and stay in sync."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
+
+from alignlib.checks import load_checks
+from alignlib.grading import (ANSWER_PLACEHOLDER, BEGIN_CODE, END_CODE, exercises_command, grade, grade_command,
+                              load_functions, print_table, strip_solutions, sync_exercises)
+
+ROOT = Path(__file__).resolve().parents[1]
+SOLUTION = ROOT / "solutions" / "00_logprobs.ipynb"
+EXERCISE = ROOT / "exercises" / "00_logprobs.ipynb"
+
+
+# ---------------------------------------------------------------- strip_solutions
+
+def tiny_notebook() -> nbformat.NotebookNode:
+    code = new_code_cell(
+        "def add_one(x):\n"
+        '    """Return x + 1."""\n'
+        "    ### BEGIN SOLUTION\n"
+        "    y = x + 1\n"
+        "    return y\n"
+        "    ### END SOLUTION\n"
+        "\n"
+        "CONSTANT = 3",
+        execution_count=7,
+        outputs=[new_output("stream", name="stdout", text="hi\n")],
+    )
+    top_level = new_code_cell("### BEGIN SOLUTION\nanswer = 42\n### END SOLUTION")
+    markdown = new_markdown_cell("Why?\n\n<!-- BEGIN SOLUTION -->\nBecause.\n<!-- END SOLUTION -->\n\nNext.")
+    return new_notebook(cells=[new_markdown_cell("# Title"), code, top_level, markdown])
+
+
+def test_strip_solutions_replaces_blocks_and_keeps_indentation():
+    original = tiny_notebook()
+    stripped = strip_solutions(original)
+    lines = stripped.cells[1].source.split("\n")
+    assert lines[:3] == ["def add_one(x):", '    """Return x + 1."""', lines[2]]
+    assert lines[2].startswith("    raise NotImplementedError(")
+    assert lines[3:] == ["", "CONSTANT = 3"]
+    assert stripped.cells[2].source.startswith("raise NotImplementedError(")  # top level: no indentation
+    assert stripped.cells[3].source == f"Why?\n\n{ANSWER_PLACEHOLDER}\n\nNext."
+    assert stripped.cells[1].outputs == [] and stripped.cells[1].execution_count is None
+    assert "y = x + 1" in original.cells[1].source and original.cells[1].outputs  # input left unchanged
+
+
+def test_stripped_function_raises_not_implemented():
+    scope: dict = {}
+    exec(strip_solutions(tiny_notebook()).cells[1].source, scope)
+    with pytest.raises(NotImplementedError):
+        scope["add_one"](1)
+
+
+@pytest.mark.parametrize("source", [
+    f"x = 1\n{BEGIN_CODE}\ny = 2",                                   # never closed
+    f"x = 1\n{END_CODE}",                                            # END without BEGIN
+    f"{BEGIN_CODE}\n{BEGIN_CODE}\ny = 2\n{END_CODE}\n{END_CODE}",    # nested
+])
+def test_unbalanced_markers_name_the_cell(source):
+    nb = new_notebook(cells=[new_markdown_cell("intro"), new_code_cell(source)])
+    with pytest.raises(ValueError, match="cell 1"):
+        strip_solutions(nb)
+
+
+def test_unbalanced_markdown_markers_name_the_cell():
+    nb = new_notebook(cells=[new_markdown_cell("<!-- BEGIN SOLUTION -->\nanswer")])
+    with pytest.raises(ValueError, match="cell 0"):
+        strip_solutions(nb)
+
+
+# ---------------------------------------------------------------- sync_exercises
+
+def test_exercises_are_in_sync_with_solutions():
+    assert sync_exercises(ROOT / "solutions", ROOT / "exercises", check=True) == []
+
+
+def test_sync_check_ignores_outputs_and_detects_edits(tmp_path):
+    solutions, exercises = tmp_path / "solutions", tmp_path / "exercises"
+    solutions.mkdir()
+    nbformat.write(tiny_notebook(), solutions / "01_tiny.ipynb")
+    assert sync_exercises(solutions, exercises, check=True) == ["01_tiny.ipynb"]  # missing copy
+    assert sync_exercises(solutions, exercises) == ["01_tiny.ipynb"]
+    assert sync_exercises(solutions, exercises, check=True) == []
+
+    nb = nbformat.read(solutions / "01_tiny.ipynb", as_version=4)
+    nb.cells[1].outputs = [new_output("stream", name="stdout", text="re-executed\n")]
+    nb.cells[1].execution_count = 99
+    nbformat.write(nb, solutions / "01_tiny.ipynb")
+    assert sync_exercises(solutions, exercises, check=True) == []  # outputs do not count
+
+    nb.cells[1].source = nb.cells[1].source.replace("CONSTANT = 3", "CONSTANT = 4")
+    nbformat.write(nb, solutions / "01_tiny.ipynb")
+    assert sync_exercises(solutions, exercises, check=True) == ["01_tiny.ipynb"]
+    assert exercises_command(check=True, solutions_dir=solutions, exercises_dir=exercises) == 1
+
+
+# ---------------------------------------------------------------- grading
+
+def test_checks_registry_of_exercise_00():
+    checks = load_checks("00_logprobs")
+    assert sum(c.points for c in checks) == 10
+    assert {c.function for c in checks} == {"token_logprobs_from_logits", "sequence_logprob",
+                                            "length_normalized_logprob", "masked_mean"}
+    assert len({c.name for c in checks}) == len(checks)
+    with pytest.raises(LookupError, match="no checks"):
+        load_checks("99_missing")
+
+
+def test_solution_scores_full_marks(capsys):
+    results = grade(SOLUTION)
+    assert [r.message for r in results if r.points != r.max_points] == []
+    print_table(results)
+    assert capsys.readouterr().out.strip().endswith("Total 10/10")
+
+
+def test_exercise_scores_zero_on_every_check():
+    results = grade(EXERCISE)
+    assert results and all(r.points == 0 for r in results)
+    assert {r.message for r in results} == {"not implemented"}
+
+
+def test_grade_command_prints_table(capsys):
+    assert grade_command(SOLUTION) == 0
+    assert "Total 10/10" in capsys.readouterr().out
+    assert grade_command(ROOT / "no_such_notebook.ipynb") == 2
+
+
+def with_solution(function: str, body: str, tmp_path: Path) -> Path:
+    """Copy the solution notebook to tmp_path with ``function``'s solution block replaced by ``body``."""
+    nb = nbformat.read(SOLUTION, as_version=4)
+    (cell,) = [c for c in nb.cells if f"def {function}(" in c.source and "graded" in c.metadata.get("tags", [])]
+    head, rest = cell.source.split(BEGIN_CODE)
+    _, tail = rest.split(END_CODE)
+    indent = head.split("\n")[-1]
+    cell.source = head + body.strip("\n").replace("\n", "\n" + indent) + tail  # head ends with the indent
+    path = tmp_path / SOLUTION.name  # same stem, so the same checks grade it
+    nbformat.write(nb, path)
+    return path
+
+
+WRONG = {
+    "no shift": ("token_logprobs_from_logits",
+                 "return F.log_softmax(logits, -1).gather(-1, input_ids.unsqueeze(-1)).squeeze(-1)",
+                 {"token_logprobs_from_logits: matches the reference on random logits",
+                  "token_logprobs_from_logits: shape (B, T), column 0 is 0, values <= 0",
+                  "token_logprobs_from_logits: stable for logits of size ~1000"}),
+    "log of softmax": ("token_logprobs_from_logits",
+                       "logp = torch.log(torch.softmax(logits[:, :-1], -1))\n"
+                       "picked = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)\n"
+                       "return F.pad(picked, (1, 0))",
+                       {"token_logprobs_from_logits: stable for logits of size ~1000"}),
+    "mask ignored": ("sequence_logprob", "return token_lp.sum(-1)",
+                     {"sequence_logprob: matches the reference on left-padded batches",
+                      "sequence_logprob: only masked positions count"}),
+    "alpha ignored": ("length_normalized_logprob", "return (token_lp * mask).sum(-1) / mask.sum(-1)",
+                      {"length_normalized_logprob: matches the reference, alpha = 1, 0.5, 2",
+                       "length_normalized_logprob: alpha = 0 gives the plain sum"}),
+    "mean of all": ("masked_mean", "return values.mean()",
+                    {"masked_mean: matches the reference (a 0-dim tensor)",
+                     "masked_mean: huge values where mask is 0 do not count"}),
+    "indexed by int mask": ("masked_mean", "return values[mask].mean()",
+                            {"masked_mean: matches the reference (a 0-dim tensor)",
+                             "masked_mean: huge values where mask is 0 do not count"}),
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(WRONG))
+def test_wrong_implementation_loses_points_on_the_right_checks(mistake, tmp_path):
+    function, body, expected_failures = WRONG[mistake]
+    results = grade(with_solution(function, body, tmp_path))
+    failed = {r.name for r in results if r.points == 0}
+    assert failed == expected_failures, [(r.name, r.message) for r in results]
+    assert all(r.points == r.max_points for r in results if r.name not in failed)
+
+
+def test_syntax_error_scores_zero_without_crashing(tmp_path):
+    path = with_solution("sequence_logprob", "return (token_lp *", tmp_path)
+    namespace = load_functions(path)
+    assert "sequence_logprob" not in namespace and "masked_mean" in namespace
+    assert any("SyntaxError" in msg for msg in namespace.errors.values())
+    results = grade(path)
+    by_function = {}
+    for r in results:
+        by_function.setdefault(r.name.split(":")[0], []).append(r)
+    assert all(r.points == 0 and "SyntaxError" in r.message for r in by_function["sequence_logprob"])
+    others = [r for name, rs in by_function.items() if name != "sequence_logprob" for r in rs]
+    assert all(r.points == r.max_points for r in others)
+
+
+def test_function_imported_from_alignlib_is_not_accepted(tmp_path):
+    nb = nbformat.read(SOLUTION, as_version=4)
+    for cell in nb.cells:
+        if "def masked_mean(" in cell.source:
+            cell.source = "from alignlib.logprobs import masked_mean"
+    nbformat.write(nb, tmp_path / SOLUTION.name)
+    results = [r for r in grade(tmp_path / SOLUTION.name) if r.name.startswith("masked_mean")]
+    assert results and all(r.points == 0 and "def" in r.message for r in results)
