@@ -119,8 +119,9 @@ class RewardModelReward:
         self.model.eval()
         scores = []
         for i in range(0, len(texts), self.batch_size):
+            # a chat template already writes the special tokens; adding them again would double the BOS
             enc = self.tokenizer(texts[i:i + self.batch_size], return_tensors="pt", padding=True,
-                                 truncation=False)
+                                 truncation=False, add_special_tokens=not self.chat)
             if enc["input_ids"].shape[1] > self.max_length:
                 raise ValueError(f"a prompt+response has {enc['input_ids'].shape[1]} tokens, over max_length="
                                  f"{self.max_length}; raise max_length or shorten the responses.")
