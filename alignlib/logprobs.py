@@ -53,9 +53,22 @@ def sequence_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 
 def token_logprobs_from_logits(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Per-token log-probs aligned with ``input_ids``: logits (B, T, V), ids (B, T) -> (B, T), column 0 = 0."""
-    lp = gather_logprobs(logits[:, :-1], input_ids[:, 1:])  # (B, T-1): position t predicts token t+1
-    return F.pad(lp, (1, 0), value=0.0)
+    """Per-token log-probs aligned with ``input_ids``: logits (B, T, V), ids (B, T) -> (B, T), column 0 = 0.
+
+    ``logits`` may also cover only the last L <= T positions (a forward pass with ``logits_to_keep=L``, which
+    skips the LM head on the prompt); the columns that no kept logit predicts, [0, T - L + 1), are then 0.
+    """
+    T, L = input_ids.shape[1], logits.shape[1]
+    if L > T:
+        raise ValueError(f"logits cover {L} positions but input_ids only {T}.")
+    lp = gather_logprobs(logits[:, :-1], input_ids[:, T - L + 1:])  # position t predicts token t+1
+    return F.pad(lp, (T - L + 1, 0), value=0.0)
+
+
+def token_entropy_from_logits(logits: torch.Tensor, length: int) -> torch.Tensor:
+    """Entropy of the distribution that drew each token, aligned like ``token_logprobs_from_logits``: (B, T)."""
+    ent = entropy_from_logits(logits[:, :-1])
+    return F.pad(ent, (length - logits.shape[1] + 1, 0), value=0.0)
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -66,7 +79,7 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     lp = token_logprobs_from_logits(logits, input_ids)
     if not return_entropy:
         return lp
-    ent = F.pad(entropy_from_logits(logits[:, :-1]), (1, 0), value=0.0)  # entropy of the dist. that drew x_t
+    ent = token_entropy_from_logits(logits, input_ids.shape[1])
     return lp, ent
 
 

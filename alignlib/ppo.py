@@ -44,7 +44,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .generation import Rollout, generate
-from .logprobs import entropy_from_logits, masked_mean, position_ids_from_mask, token_logprobs_from_logits
+from .logprobs import masked_mean, position_ids_from_mask, token_entropy_from_logits, token_logprobs_from_logits
 from .models import maybe_reference
 from .utils import check_finite, peak_memory_mb, seed_everything, timer
 
@@ -258,10 +258,11 @@ class PolicyWithValue(nn.Module):
         nn.init.zeros_(self.value_head.bias)
         self.value_head.to(next(policy.parameters()).device)
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask, logits_to_keep: int = 0):
+        """logits (B, L, V) of the last L = ``logits_to_keep`` positions (0: all) and values (B, T)."""
         kw = dict(input_ids=input_ids, attention_mask=attention_mask,
                   position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-        out = self.policy(**kw, output_hidden_states=not self.separate)
+        out = self.policy(**kw, output_hidden_states=not self.separate, logits_to_keep=logits_to_keep)
         hidden = (self.value_trunk(**kw, output_hidden_states=True) if self.separate else out).hidden_states[-1]
         v = self.value_head(hidden.float()).squeeze(-1)  # (B, T): V after reading token t
         values = torch.nn.functional.pad(v[:, :-1], (1, 0))  # (B, T): V(state before token t)
@@ -281,9 +282,10 @@ class PPOBatch:
     old_values: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
+    logits_to_keep: int = 0       # last positions whose logits predict response tokens (0: all)
 
     def select(self, idx: torch.Tensor) -> "PPOBatch":
-        return PPOBatch(**{k: v[idx] for k, v in self.__dict__.items()})
+        return PPOBatch(**{k: v[idx] if torch.is_tensor(v) else v for k, v in self.__dict__.items()})
 
 
 @dataclass
@@ -341,17 +343,13 @@ class PPOTrainer:
             scores = scores - cfg.missing_eos_penalty * (~roll.finished).float()
         if cfg.whiten_rewards and len(scores) > 1:
             scores = (scores - scores.mean()) / (scores.std() + 1e-8)
+        keep = roll.input_ids.shape[1] - roll.prompt_width + 1  # logits that predict response tokens
         with timer(metrics, "time/score_s"):
             self.model.eval()
-            logits, values = self.model(roll.input_ids, roll.attention_mask)
-            logp = token_logprobs_from_logits(logits, roll.input_ids)
-            entropy = torch.nn.functional.pad(entropy_from_logits(logits[:, :-1]), (1, 0))
-            del logits
-            with maybe_reference(unwrapped.policy, self.ref_model) as ref:
-                ref_logits = ref(input_ids=roll.input_ids, attention_mask=roll.attention_mask,
-                                 position_ids=position_ids_from_mask(roll.attention_mask), use_cache=False).logits
-                ref_logp = token_logprobs_from_logits(ref_logits, roll.input_ids)
-                del ref_logits
+            parts = [self.score_chunk(unwrapped, roll.input_ids[i:i + cfg.mini_batch_size],
+                                      roll.attention_mask[i:i + cfg.mini_batch_size], keep)
+                     for i in range(0, len(roll), cfg.mini_batch_size)]
+            logp, values, entropy, ref_logp = (torch.cat(t) for t in zip(*parts))  # each (B, T)
         mask = roll.response_mask.float()
         kl = kl_penalty(logp, ref_logp, cfg.kl_estimator) * mask
         rewards = shaped_rewards(scores, kl, mask, self.kl_coef)
@@ -366,8 +364,24 @@ class PPOTrainer:
             "response/length": mask.sum(-1).mean().item(), "response/eos_frac": roll.finished.float().mean().item(),
             "value/mean": masked_mean(values, mask).item(), "returns/mean": masked_mean(returns, mask).item(),
         })
-        batch = PPOBatch(roll.input_ids, roll.attention_mask, mask, logp, values, advantages, returns)
+        batch = PPOBatch(roll.input_ids, roll.attention_mask, mask, logp, values, advantages, returns, keep)
         return roll, batch, seq_kl
+
+    def score_chunk(self, unwrapped, input_ids, attention_mask, keep: int):
+        """Log-probs, values and entropy under the policy, and log-probs under the reference: 4 x (b, T).
+
+        Scored in mini-batches and with the LM head on the response positions only (``logits_to_keep``):
+        the (B, T, 49152) logits of a whole rollout are the largest tensor PPO would otherwise hold.
+        """
+        T = input_ids.shape[1]
+        logits, values = self.model(input_ids, attention_mask, logits_to_keep=keep)
+        logp = token_logprobs_from_logits(logits, input_ids)
+        entropy = token_entropy_from_logits(logits, T)
+        del logits
+        with maybe_reference(unwrapped.policy, self.ref_model) as ref:
+            ref_logits = ref(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                             position_ids=position_ids_from_mask(attention_mask), logits_to_keep=keep).logits
+        return logp, values, entropy, token_logprobs_from_logits(ref_logits, input_ids)
 
     def learn(self, batch: PPOBatch, metrics: dict) -> None:
         cfg = self.config
@@ -378,13 +392,13 @@ class PPOTrainer:
             order = torch.randperm(n)
             for start in range(0, n, cfg.mini_batch_size):
                 mb = batch.select(order[start:start + cfg.mini_batch_size])
-                logits, values = self.model(mb.input_ids, mb.attention_mask)
+                logits, values = self.model(mb.input_ids, mb.attention_mask, logits_to_keep=mb.logits_to_keep)
                 logp = token_logprobs_from_logits(logits, mb.input_ids)
                 pg_loss, pg_stats = clipped_policy_loss(logp, mb.old_logprobs, mb.advantages, mb.mask, cfg.cliprange)
                 vf_loss, vf_stats = clipped_value_loss(values, mb.old_values, mb.returns, mb.mask, cfg.cliprange_value)
                 loss = pg_loss + cfg.vf_coef * vf_loss
                 if cfg.ent_coef:
-                    ent = masked_mean(torch.nn.functional.pad(entropy_from_logits(logits[:, :-1]), (1, 0)), mb.mask)
+                    ent = masked_mean(token_entropy_from_logits(logits, mb.input_ids.shape[1]), mb.mask)
                     loss = loss - cfg.ent_coef * ent
                 check_finite(loss, "PPO loss")
                 self.optimizer.zero_grad(set_to_none=True)

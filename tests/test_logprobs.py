@@ -78,3 +78,18 @@ def test_shape_mismatch_and_empty_mask_are_clear_errors():
         length_normalized_logprob(torch.zeros(2, 3), torch.tensor([[1, 1, 0], [0, 0, 0]]))
     with pytest.raises(ValueError, match="disagree"):
         gather_logprobs(torch.zeros(2, 3, 5), torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_logprobs_from_kept_logits_match_the_full_computation(tiny):
+    """logits_to_keep=L computes the LM head on the last L positions only; the response log-probs are the same."""
+    model, tok = tiny
+    r = generate(model, tok, ["a", "a longer prompt"], max_new_tokens=5, seed=0)
+    full = model(input_ids=r.input_ids, attention_mask=r.attention_mask).logits
+    keep = r.input_ids.shape[1] - r.prompt_width + 1
+    tail = model(input_ids=r.input_ids, attention_mask=r.attention_mask, logits_to_keep=keep).logits
+    assert tail.shape[1] == keep
+    lp_full = token_logprobs_from_logits(full, r.input_ids)
+    lp_tail = token_logprobs_from_logits(tail, r.input_ids)
+    m = r.response_mask.bool()
+    assert torch.allclose(lp_full[m], lp_tail[m], atol=1e-5)
+    assert torch.all(lp_tail[:, : r.prompt_width] == 0)

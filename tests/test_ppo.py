@@ -121,7 +121,7 @@ def test_ppo_raises_reward_on_tiny_model(value_model):
     from alignlib.models import load_model
 
     model, tok = load_model("tiny-random", device="cpu", lora={"r": 8, "lora_alpha": 16})
-    cfg = PPOConfig(steps=30, batch_size=16, mini_batch_size=8, ppo_epochs=4, max_new_tokens=8, lr=3e-3,
+    cfg = PPOConfig(steps=30, batch_size=16, mini_batch_size=8, ppo_epochs=4, max_new_tokens=8, lr=1e-2,
                     kl_coef=0.01, chat=False, value_model=value_model, seed=0)
     history = PPOTrainer(model, tok, lowercase_share, ["a", "b", "c", "hello", "xyz"], cfg).train(progress=False)
     first = sum(h["reward/mean"] for h in history[:5]) / 5
