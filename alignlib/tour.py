@@ -72,8 +72,7 @@ def tour_ppo(model_name: str, steps: int = 4, seed: int = 0) -> list[dict]:
 
     print("\n== Step 1: RLHF with PPO on the sentiment task (lecture 01) ==")
     policy, tokenizer = load_model(model_name, lora=True)
-    config = PPOConfig.preset("cpu", steps=steps, batch_size=8, mini_batch_size=8, max_new_tokens=16, chat=False,
-                              lr=1e-3, seed=seed)
+    config = PPOConfig.preset("cpu", steps=steps, chat=False, seed=seed)
     trainer = PPOTrainer(policy, tokenizer, SentimentReward(), load_prompts("movie_openings", "train"), config)
     history = trainer.train()
     print_table([{"step": h["step"], "reward": h["reward/mean"], "kl": h["kl/ref"], "time": h["time/step_s"]}
