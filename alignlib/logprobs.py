@@ -132,3 +132,32 @@ def score_responses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         "normalized": length_normalized_logprob(lp, response_mask, alpha),
         "token_logprobs": lp,
     }
+
+
+@torch.no_grad()
+def divergence_from_reference(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                              response_mask: torch.Tensor, ref_model=None, batch_size: int = 16) -> dict:
+    """How far a policy's responses have drifted from the reference (the base model, or ``ref_model``).
+
+    Returns per-sequence ``kl`` (B,) = sum_t [log pi(y_t | .) - log rho(y_t | .)], the k1 estimate of
+    KL(pi || rho) when the responses were sampled from pi, and ``ref_nll`` (B,), the mean negative log-likelihood
+    per response token under rho, whose exp is the responses' perplexity as the reference model sees them.
+    """
+    from .models import maybe_reference
+
+    _check_same_shape(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask)
+    cols = response_mask.any(0).nonzero()
+    if len(cols) == 0:
+        raise ValueError("response_mask is empty: there is no response to compare.")
+    keep = input_ids.shape[1] - int(cols[0]) + 1  # logits that predict response tokens
+    kl, nll = [], []
+    for i in range(0, input_ids.shape[0], batch_size):
+        ids, mask, resp = (t[i:i + batch_size] for t in (input_ids, attention_mask, response_mask))
+        kw = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False,
+                  logits_to_keep=keep)
+        lp = token_logprobs_from_logits(model(**kw).logits, ids)
+        with maybe_reference(model, ref_model) as ref:
+            ref_lp = token_logprobs_from_logits(ref(**kw).logits, ids)
+        kl.append(masked_sum(lp - ref_lp, resp))
+        nll.append(-masked_sum(ref_lp, resp) / resp.sum(-1).clamp(min=1))
+    return {"kl": torch.cat(kl), "ref_nll": torch.cat(nll)}
