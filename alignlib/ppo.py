@@ -46,13 +46,13 @@ from tqdm.auto import tqdm
 from .generation import Rollout, generate
 from .logprobs import masked_mean, position_ids_from_mask, token_entropy_from_logits, token_logprobs_from_logits
 from .models import maybe_reference
-from .utils import check_finite, peak_memory_mb, seed_everything, timer
+from .utils import PresetMixin, check_finite, peak_memory_mb, seed_everything, timer
 
 
 # ---------------------------------------------------------------- configuration
 
 @dataclass
-class PPOConfig:
+class PPOConfig(PresetMixin):
     """Hyper-parameters of PPO for language models. Presets: ``PPOConfig.preset("cpu" | "lab-gpu")``."""
 
     steps: int = 12
@@ -112,11 +112,6 @@ class PPOConfig:
                         adaptive_kl=True, kl_target=6.0, missing_eos_penalty=1.0, whiten_rewards=True),
     }
 
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "PPOConfig":
-        if name not in cls.PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(cls.PRESETS)}.")
-        return cls(**{**cls.PRESETS[name], **overrides})
 
     def __post_init__(self):
         if self.kl_estimator not in ("k1", "k3"):
@@ -361,6 +356,7 @@ class PPOTrainer:
             "reward/mean": raw_scores.mean().item(), "reward/std": raw_scores.std().item() if len(raw_scores) > 1 else 0.0,
             "reward/shaped_mean": scores.mean().item(),
             "kl/ref": seq_kl.mean().item(), "kl/coef": self.kl_coef,
+            "ppl/ref": (-(ref_logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean().exp().item(),  # as RAFT logs it
             "policy/entropy": masked_mean(entropy, mask).item(),
             "response/length": mask.sum(-1).mean().item(), "response/eos_frac": roll.finished.float().mean().item(),
             "value/mean": masked_mean(values, mask).item(), "returns/mean": masked_mean(returns, mask).item(),
