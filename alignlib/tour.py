@@ -1,8 +1,9 @@
 """``python -m alignlib tour``: the course's main job, end to end on the default model.
 
 It grows with the course: each method that lands adds a step. Today: load the model, sample responses to
-course prompts, score them (log-probs, sentiment, length), and print a table; then a few PPO steps on the
-sentiment task (lecture 01) with the reward and KL per step.
+course prompts, score them (log-probs, sentiment, length), and print a table; then a few steps of PPO
+(lecture 01), RRHF (lecture 02) and RAFT (lecture 03) on the same sentiment task, with the reward, the KL to
+the initial model and the seconds of each step.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, int]]) -> None:
 
 
 def run(model_name: str = DEFAULT_MODEL, n_prompts: int = 4, max_new_tokens: int = 40, seed: int = 0,
-        ppo_steps: int = 4) -> dict:
+        steps: int = 3) -> dict:
     seed_everything(seed)
     t0 = time.perf_counter()
     model, tokenizer = load_model(model_name)
@@ -62,21 +63,43 @@ def run(model_name: str = DEFAULT_MODEL, n_prompts: int = 4, max_new_tokens: int
                        ("sentiment", "VADER", 7), ("words", "words", 5), ("ended", "EOS", 3)])
     print(f"\n[tour] {len(rows)} responses in {gen_s:.1f} s (chat prompts: {sum(chat[:n_prompts])}, "
           f"raw review openings: {n_prompts}).")
-    ppo_history = tour_ppo(model_name, steps=ppo_steps, seed=seed)
-    return {"rows": rows, "time/generate_s": gen_s, "ppo": ppo_history}
+    result = {"rows": rows, "time/generate_s": gen_s}
+    for method, title in TOUR_STEPS:
+        print(f"\n== {title} ==")
+        result[method] = tour_method(method, model_name, steps=steps, seed=seed)
+    return result
 
 
-def tour_ppo(model_name: str, steps: int = 4, seed: int = 0) -> list[dict]:
-    """Lecture 01 in one minute: PPO with a KL penalty makes review continuations more positive."""
+def tour_method(method: str, model_name: str, steps: int, seed: int = 0) -> list[dict]:
+    """A few steps of one method on the sentiment task (continue review openings, VADER reward), printed."""
     from .ppo import PPOConfig, PPOTrainer
+    from .raft import RAFTConfig, RAFTTrainer
+    from .rrhf import RRHFConfig, RRHFTrainer
 
-    print("\n== Step 1: RLHF with PPO on the sentiment task (lecture 01) ==")
     policy, tokenizer = load_model(model_name, lora=True)
-    config = PPOConfig.preset("cpu", steps=steps, chat=False, seed=seed)
-    trainer = PPOTrainer(policy, tokenizer, SentimentReward(), load_prompts("movie_openings", "train"), config)
-    history = trainer.train()
-    print_table([{"step": h["step"], "reward": h["reward/mean"], "kl": h["kl/ref"], "time": h["time/step_s"]}
-                 for h in history],
-                [("step", "PPO step", 8), ("reward", "reward", 7), ("kl", "KL(pi||ref)", 11), ("time", "seconds", 7)])
-    print(f"[tour] peak memory {history[-1]['memory/peak_mb']:.0f} MB; full run: python -m alignlib ppo --preset cpu")
+    prompts = load_prompts("movie_openings", "train")
+    if method == "ppo":
+        trainer = PPOTrainer(policy, tokenizer, SentimentReward(), prompts,
+                             PPOConfig.preset("cpu", steps=steps, chat=False, seed=seed))
+    elif method == "rrhf":
+        trainer = RRHFTrainer(policy, tokenizer, SentimentReward(), prompts,
+                              RRHFConfig.preset("cpu", steps=steps, chat=False, seed=seed))
+    elif method == "raft":
+        trainer = RAFTTrainer(policy, tokenizer, SentimentReward(), prompts,
+                              RAFTConfig.preset("cpu", stages=steps, chat=False, seed=seed))
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    history = trainer.train(steps)
+    print_table([{"step": i, "reward": h["reward/mean"], "kl": h["kl/ref"], "time": h["time/step_s"]}
+                 for i, h in enumerate(history)],
+                [("step", f"{method.upper()} step", 9), ("reward", "reward", 7), ("kl", "KL(pi||ref)", 11),
+                 ("time", "seconds", 7)])
+    print(f"[tour] peak memory {history[-1]['memory/peak_mb']:.0f} MB; full run: python -m alignlib {method} --preset cpu")
     return history
+
+
+TOUR_STEPS = [  # (method, title): one per lecture that has landed
+    ("ppo", "Step 1: RLHF with PPO on the sentiment task (lecture 01)"),
+    ("rrhf", "Step 2: RRHF, ranking policy and initial-model samples by the reward (lecture 02)"),
+    ("raft", "Step 3: RAFT, fine-tuning on the best of 4 samples per prompt (lecture 03)"),
+]

@@ -16,17 +16,39 @@ def test_parser_knows_the_commands():
         parser.parse_args(["ppo", "--preset", "tpu"])
 
 
-def test_ppo_run_writes_history_and_adapter(tmp_path):
-    from alignlib.runs import run_ppo
+@pytest.mark.parametrize("method,field", [("ppo", "steps"), ("rrhf", "steps"), ("raft", "stages")])
+def test_method_run_writes_history_and_adapter(tmp_path, method, field):
+    from alignlib.runs import RUNS
 
     args = types.SimpleNamespace(preset="cpu", model="tiny-random", reward="length", steps=2, seed=0,
-                                 output=str(tmp_path / "ppo"))
-    record = run_ppo(args)
-    saved = json.loads((tmp_path / "ppo" / "history.json").read_text())
-    assert len(saved["history"]) == 2 and saved["config"]["steps"] == 2
+                                 output=str(tmp_path / method))
+    record = RUNS[method](args)
+    saved = json.loads((tmp_path / method / "history.json").read_text())
+    assert saved["method"] == method
+    assert len(saved["history"]) == 2 and saved["config"][field] == 2
     assert "reward/mean" in saved["before"] and "reward/mean" in saved["after"]
-    assert (tmp_path / "ppo" / "adapter" / "adapter_model.safetensors").exists()
+    assert (tmp_path / method / "adapter" / "adapter_model.safetensors").exists()
     assert record["history"][-1]["kl/ref"] == saved["history"][-1]["kl/ref"]
+
+
+def test_method_presets_exist_for_both_machines():
+    from alignlib.ppo import PPOConfig
+    from alignlib.raft import RAFTConfig
+    from alignlib.rrhf import RRHFConfig
+
+    for config in (PPOConfig, RRHFConfig, RAFTConfig):
+        assert set(config.PRESETS) == {"cpu", "lab-gpu"}
+        with pytest.raises(ValueError, match="unknown preset"):
+            config.preset("tpu")
+    assert RAFTConfig.preset("cpu", stages=3).stages == 3
+
+
+def test_task_queries_carry_stored_responses():
+    from alignlib.presets import load_task_queries
+
+    rows = load_task_queries("course:preference_pairs", "test", n=3)
+    assert len(rows) == 3 and set(rows[0]) == {"prompt", "chosen", "rejected"}
+    assert set(load_task_queries("course:movie_openings", "test", n=2)[0]) == {"prompt"}
 
 
 def test_unknown_reward_is_a_clear_error():
@@ -34,3 +56,13 @@ def test_unknown_reward_is_a_clear_error():
 
     with pytest.raises(ValueError, match="sentiment"):
         build_reward("bleu")
+
+
+def test_tour_runs_every_method_on_the_tiny_model(capsys):
+    from alignlib.tour import TOUR_STEPS, run
+
+    result = run("tiny-random", n_prompts=2, max_new_tokens=6, steps=1)
+    assert [m for m, _ in TOUR_STEPS] == ["ppo", "rrhf", "raft"]
+    assert all(len(result[m]) == 1 and "kl/ref" in result[m][0] for m, _ in TOUR_STEPS)
+    out = capsys.readouterr().out
+    assert "RRHF step" in out and "RAFT step" in out
