@@ -1,0 +1,247 @@
+"""PPO, RRHF and RAFT side by side: ``python -m alignlib method-bench``.
+
+The slides claim RRHF needs 1-2 models where PPO needs 4, and that RAFT's training phase is plain SFT. This
+benchmark measures what that buys on one machine, for one model and one task: each method runs its ``cpu``
+preset on the sentiment task (continue movie-review openings, VADER reward) with the same number of prompts
+per step and the same response length, each in a fresh process (so a peak belongs to one method), one after
+the other. Reported per method:
+
+- seconds per step (median after the first step) and of its training phase (``time/train_s``: PPO's epochs over
+  mini-batches, RRHF's ranking backward pass, RAFT's SFT on the kept samples);
+- peak memory of the whole run, and peak memory of the training phase alone (on Linux the kernel's high-water
+  mark is reset before each training phase), both as resident set size on a CPU (weights, Python and torch
+  included) and ``torch.cuda.max_memory_allocated`` on a GPU; plus the growth over the memory after loading;
+- the training reward per step against cumulative wall-clock seconds, the held-out reward before and after, and
+  the seconds each method needed to reach PPO's final reward (3-step running mean).
+
+``--mode lora`` (default, how the course trains): every method trains LoRA adapters on one copy of the model;
+PPO's reference is the adapter switched off and its value head shares the trunk, so PPO holds one model too.
+``--mode full``: full fine-tuning as in the papers; PPO then keeps a frozen reference copy and a separate value
+model (a copy with its own adapter), RRHF a frozen copy of the initial model (its "initial" samples), RAFT nothing
+else. The reward (VADER) is a lexicon, not a model, in both modes.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .models import DEFAULT_MODEL
+
+METHODS = ("ppo", "rrhf", "raft")
+
+
+class PhaseProbe:
+    """Peak memory of repeated sections (the training phases), with the kernel's RSS high-water mark reset.
+
+    On CUDA it uses the allocator's peak statistics instead. ``wrap(fn)`` returns ``fn`` measured.
+    """
+
+    def __init__(self, device: torch.device):
+        from .peer_bench import MemoryProbe
+
+        self.device, self.probe, self.peaks, self.process_peak = device, MemoryProbe(), [], 0.0
+
+    def wrap(self, fn):
+        def measured(*args, **kwargs):
+            if self.device.type == "cuda":
+                self.process_peak = max(self.process_peak, torch.cuda.max_memory_allocated(self.device) / 2**20)
+                torch.cuda.reset_peak_memory_stats(self.device)
+                out = fn(*args, **kwargs)
+                self.peaks.append(torch.cuda.max_memory_allocated(self.device) / 2**20)
+                return out
+            self.probe.start()
+            out = fn(*args, **kwargs)
+            mem = self.probe.stop()
+            self.process_peak = max(self.process_peak, mem["peak_rss_mb"])
+            if mem["train_peak_rss_mb"] is not None:
+                self.peaks.append(mem["train_peak_rss_mb"])
+            return out
+        return measured
+
+
+def _current_mb(device: torch.device) -> float | None:
+    from .peer_bench import _status_mb
+
+    return torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else _status_mb("VmRSS")
+
+
+def bench_method(method: str, model_name: str = DEFAULT_MODEL, steps: int = 8, mode: str = "lora",
+                 threads: int | None = None, seed: int = 0, held_out: int = 16, progress: bool = True) -> dict:
+    """Train one method for ``steps`` steps in this process; return its timings, memory and rewards."""
+    from .data import load_prompts
+    from .models import load_model
+    from .peer_bench import _ru_maxrss_mb, held_out_reward
+    from .ppo import PPOConfig, PPOTrainer
+    from .raft import RAFTConfig, RAFTTrainer
+    from .rewards import SentimentReward
+    from .rrhf import RRHFConfig, RRHFTrainer
+    from .utils import get_device, peak_memory_mb, seed_everything
+
+    if threads:
+        torch.set_num_threads(threads)
+    seed_everything(seed)
+    t_start = time.perf_counter()
+    device = get_device()
+    model, tok = load_model(model_name, lora=True if mode == "lora" else None)
+    ref = None
+    if mode == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        if method in ("ppo", "rrhf"):
+            ref = copy.deepcopy(model).eval().requires_grad_(False)
+    reward = SentimentReward()
+    prompts, held = load_prompts("movie_openings", "train"), load_prompts("movie_openings", "test", n=held_out)
+    before = held_out_reward(model, tok, reward, held, 16)
+    loaded_mb = _current_mb(device)
+    probe = PhaseProbe(device)
+    common = dict(chat=False, seed=seed)
+    if method == "ppo":
+        config = PPOConfig.preset("cpu", steps=steps, value_model="separate" if mode == "full" else "shared",
+                                  **common)
+        trainer = PPOTrainer(model, tok, reward, prompts, config, ref_model=ref)
+        trainer.learn = probe.wrap(trainer.learn)
+        step = lambda: trainer.step()[0]  # noqa: E731
+        policy = lambda: trainer.accelerator.unwrap_model(trainer.model).policy  # noqa: E731
+    elif method == "rrhf":
+        config = RRHFConfig.preset("cpu", steps=steps, **common)
+        trainer = RRHFTrainer(model, tok, reward, prompts, config, ref_model=ref, log_kl=False)
+        trainer.backward = probe.wrap(trainer.backward)
+        step, policy = trainer.step, (lambda: model)
+    elif method == "raft":
+        config = RAFTConfig.preset("cpu", stages=steps, **common)
+        trainer = RAFTTrainer(model, tok, reward, prompts, config, log_kl=False)
+        trainer.fine_tune = probe.wrap(trainer.fine_tune)
+        step, policy = trainer.stage, (lambda: model)
+    else:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    history = []
+    for i in range(steps):
+        metrics = step()
+        history.append({k: metrics[k] for k in ("reward/mean", "time/step_s", "time/train_s", "time/generate_s")})
+        if progress:
+            print(f"[{method}] step {i + 1}/{steps}: {metrics['time/step_s']:.1f} s, reward {metrics['reward/mean']:+.3f}",
+                  file=sys.stderr, flush=True)
+    after = held_out_reward(policy(), tok, reward, held, 16)
+    peak = max(probe.process_peak, peak_memory_mb(device) if device.type == "cuda" else _ru_maxrss_mb())
+    step_s = [h["time/step_s"] for h in history]
+    train_s = [h["time/train_s"] for h in history]
+    return {
+        "method": method, "mode": mode, "model": model_name, "device": str(device), "steps": steps,
+        "threads": torch.get_num_threads(), "loadavg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "config": {k: v for k, v in vars(config).items() if not k.startswith("_")},
+        "trainable_params": sum(p.numel() for p in (trainer.model if method == "ppo" else model).parameters()
+                                if p.requires_grad),
+        "median_step_s": statistics.median(step_s[1:] or step_s),
+        "median_train_s": statistics.median(train_s[1:] or train_s),
+        "peak_mb": peak, "train_peak_mb": max(probe.peaks) if probe.peaks else None, "loaded_mb": loaded_mb,
+        "held_out_before": before, "held_out_after": after, "history": history,
+        "wall_s": time.perf_counter() - t_start,
+    }
+
+
+def time_to_reach(history: list[dict], target: float, window: int = 3) -> float | None:
+    """Cumulative seconds until the running mean of ``window`` training rewards first reaches ``target``."""
+    elapsed, rewards = 0.0, []
+    for h in history:
+        elapsed += h["time/step_s"]
+        rewards.append(h["reward/mean"])
+        if len(rewards) >= window and statistics.fmean(rewards[-window:]) >= target:
+            return elapsed
+    return None
+
+
+def run_subprocess(method: str, opts: dict) -> dict:
+    """``bench_method`` in a fresh interpreter, so its peak memory is its own."""
+    with tempfile.TemporaryDirectory(prefix="method_bench_") as tmp:
+        path = Path(tmp) / "out.json"
+        code = ("import json, sys; from alignlib.method_bench import bench_method; "
+                f"json.dump(bench_method({method!r}, **{opts!r}), open({str(path)!r}, 'w'))")
+        proc = subprocess.run([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
+                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        if proc.returncode != 0 or not path.exists():
+            raise RuntimeError(f"the {method} benchmark failed with exit status {proc.returncode}.")
+        return json.loads(path.read_text())
+
+
+def summarize(results: dict) -> dict:
+    """Ratios to PPO and the time each method took to reach PPO's final training reward."""
+    ppo = results["ppo"]
+    target = statistics.fmean(h["reward/mean"] for h in ppo["history"][-3:])
+    out = {"target_reward": target}
+    for m, r in results.items():
+        out[m] = {
+            "step_ratio": r["median_step_s"] / ppo["median_step_s"],
+            "train_time_ratio": r["median_train_s"] / ppo["median_train_s"],
+            "peak_ratio": r["peak_mb"] / ppo["peak_mb"],
+            "train_peak_ratio": (r["train_peak_mb"] / ppo["train_peak_mb"]
+                                 if r["train_peak_mb"] and ppo["train_peak_mb"] else None),
+            "seconds_to_target": time_to_reach(r["history"], target),
+        }
+    return out
+
+
+def format_table(results: dict, summary: dict) -> str:
+    def f(v, spec):
+        return "n/a" if v is None else format(v, spec)
+
+    rows = [
+        ("seconds / step (median)", "median_step_s", ".1f", "step_ratio"),
+        ("  training phase (s)", "median_train_s", ".1f", "train_time_ratio"),
+        ("peak memory, whole run (MB)", "peak_mb", ".0f", "peak_ratio"),
+        ("peak memory, training phase (MB)", "train_peak_mb", ".0f", "train_peak_ratio"),
+        ("memory after loading (MB)", "loaded_mb", ".0f", None),
+        ("held-out reward before", "held_out_before", "+.3f", None),
+        ("held-out reward after", "held_out_after", "+.3f", None),
+    ]
+    names = [m for m in METHODS if m in results]
+    lines = [f"{'':36}" + "".join(f"{m.upper():>10}{'/PPO':>7}" for m in names), "-" * (36 + 17 * len(names))]
+    for label, key, spec, ratio in rows:
+        cells = "".join(f"{f(results[m].get(key), spec):>10}"
+                        f"{(f(summary[m][ratio], '.2f') + 'x') if ratio and summary[m][ratio] is not None else '':>7}"
+                        for m in names)
+        lines.append(f"{label:36}{cells}")
+    lines.append(f"{'seconds to PPO final reward':36}" + "".join(
+        f"{f(summary[m]['seconds_to_target'], '.0f'):>10}{'':>7}" for m in names))
+    r = results[names[0]]
+    lines += ["", f"model {r['model']} ({r['mode']}), {r['steps']} steps each, {r['device']}, {r['threads']} threads; "
+                  f"PPO's final reward (3-step mean) {summary['target_reward']:+.3f}; load average at the start "
+                  + " / ".join(f(results[m]['loadavg'], '.1f') for m in names)]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model name, Hub id or directory (tests: tiny-random)")
+    parser.add_argument("--steps", type=int, default=8, help="steps (RAFT: stages) per method")
+    parser.add_argument("--mode", choices=["lora", "full"], default="lora", help="LoRA adapters or every weight")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    return parser
+
+
+def run(args) -> dict:
+    if "ppo" not in args.methods:
+        raise ValueError("--methods must include ppo: every ratio is relative to PPO.")
+    opts = {"model_name": args.model, "steps": args.steps, "mode": args.mode, "threads": args.threads,
+            "seed": args.seed}
+    results = {}
+    for method in METHODS:
+        if method in args.methods:
+            print(f"[method-bench] {method} in a subprocess ...", file=sys.stderr, flush=True)
+            results[method] = run_subprocess(method, opts)
+    summary = summarize(results)
+    print(format_table(results, summary))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"results": results, "summary": summary}, indent=1))
+    return {"results": results, "summary": summary}
