@@ -1,19 +1,19 @@
 """Grading tests: solutions are stripped correctly, score full marks; exercises score zero and stay in sync."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
 from alignlib.checks import load_checks
-from alignlib.grading import (ANSWER_PLACEHOLDER, BEGIN_CODE, END_CODE, exercises_command, grade, grade_command,
-                              load_functions, print_table, strip_solutions, sync_exercises)
+from alignlib.grading import (ANSWER_PLACEHOLDER, BEGIN_CODE, END_CODE, exercises_command, grade_command,
+                              strip_solutions, sync_exercises)
+from grading_helpers import (ROOT, assert_full_marks, assert_import_not_accepted, assert_loses_exactly,
+                             assert_registry, assert_scores_zero, assert_syntax_error_costs_only, exercise_path,
+                             solution_path, with_solution)
 
-ROOT = Path(__file__).resolve().parents[1]
-SOLUTION = ROOT / "solutions" / "00_logprobs.ipynb"
-EXERCISE = ROOT / "exercises" / "00_logprobs.ipynb"
+SOLUTION = solution_path("00_logprobs")
+EXERCISE = exercise_path("00_logprobs")
 
 
 # ---------------------------------------------------------------- strip_solutions
@@ -104,43 +104,24 @@ def test_sync_check_ignores_outputs_and_detects_edits(tmp_path):
 def test_checks_registry_of_exercise_00():
     checks = load_checks("00_logprobs")
     assert sum(c.points for c in checks) == 10
-    assert {c.function for c in checks} == {"token_logprobs_from_logits", "sequence_logprob",
-                                            "length_normalized_logprob", "masked_mean"}
-    assert len({c.name for c in checks}) == len(checks)
+    assert_registry("00_logprobs", {"token_logprobs_from_logits": 4, "sequence_logprob": 2,
+                                    "length_normalized_logprob": 2, "masked_mean": 2})
     with pytest.raises(LookupError, match="no checks"):
         load_checks("99_missing")
 
 
-def test_solution_scores_full_marks(capsys):
-    results = grade(SOLUTION)
-    assert [r.message for r in results if r.points != r.max_points] == []
-    print_table(results)
-    assert capsys.readouterr().out.strip().endswith("Total 10/10")
+def test_solution_scores_full_marks():
+    assert_full_marks(SOLUTION, 10)
 
 
 def test_exercise_scores_zero_on_every_check():
-    results = grade(EXERCISE)
-    assert results and all(r.points == 0 for r in results)
-    assert {r.message for r in results} == {"not implemented"}
+    assert_scores_zero(EXERCISE)
 
 
 def test_grade_command_prints_table(capsys):
     assert grade_command(SOLUTION) == 0
     assert "Total 10/10" in capsys.readouterr().out
     assert grade_command(ROOT / "no_such_notebook.ipynb") == 2
-
-
-def with_solution(function: str, body: str, tmp_path: Path) -> Path:
-    """Copy the solution notebook to tmp_path with ``function``'s solution block replaced by ``body``."""
-    nb = nbformat.read(SOLUTION, as_version=4)
-    (cell,) = [c for c in nb.cells if f"def {function}(" in c.source and "graded" in c.metadata.get("tags", [])]
-    head, rest = cell.source.split(BEGIN_CODE)
-    _, tail = rest.split(END_CODE)
-    indent = head.split("\n")[-1]
-    cell.source = head + body.strip("\n").replace("\n", "\n" + indent) + tail  # head ends with the indent
-    path = tmp_path / SOLUTION.name  # same stem, so the same checks grade it
-    nbformat.write(nb, path)
-    return path
 
 
 WRONG = {
@@ -172,31 +153,12 @@ WRONG = {
 @pytest.mark.parametrize("mistake", sorted(WRONG))
 def test_wrong_implementation_loses_points_on_the_right_checks(mistake, tmp_path):
     function, body, expected_failures = WRONG[mistake]
-    results = grade(with_solution(function, body, tmp_path))
-    failed = {r.name for r in results if r.points == 0}
-    assert failed == expected_failures, [(r.name, r.message) for r in results]
-    assert all(r.points == r.max_points for r in results if r.name not in failed)
+    assert_loses_exactly(with_solution(SOLUTION, function, body, tmp_path), function, expected_failures)
 
 
 def test_syntax_error_scores_zero_without_crashing(tmp_path):
-    path = with_solution("sequence_logprob", "return (token_lp *", tmp_path)
-    namespace = load_functions(path)
-    assert "sequence_logprob" not in namespace and "masked_mean" in namespace
-    assert any("SyntaxError" in msg for msg in namespace.errors.values())
-    results = grade(path)
-    by_function = {}
-    for r in results:
-        by_function.setdefault(r.name.split(":")[0], []).append(r)
-    assert all(r.points == 0 and "SyntaxError" in r.message for r in by_function["sequence_logprob"])
-    others = [r for name, rs in by_function.items() if name != "sequence_logprob" for r in rs]
-    assert all(r.points == r.max_points for r in others)
+    assert_syntax_error_costs_only(SOLUTION, "sequence_logprob", "masked_mean", 10, tmp_path)
 
 
 def test_function_imported_from_alignlib_is_not_accepted(tmp_path):
-    nb = nbformat.read(SOLUTION, as_version=4)
-    for cell in nb.cells:
-        if "def masked_mean(" in cell.source:
-            cell.source = "from alignlib.logprobs import masked_mean"
-    nbformat.write(nb, tmp_path / SOLUTION.name)
-    results = [r for r in grade(tmp_path / SOLUTION.name) if r.name.startswith("masked_mean")]
-    assert results and all(r.points == 0 and "def" in r.message for r in results)
+    assert_import_not_accepted(SOLUTION, "masked_mean", "alignlib.logprobs", tmp_path)

@@ -2,67 +2,36 @@
 lose points on exactly the checks that should catch them."""
 from __future__ import annotations
 
-from pathlib import Path
-
-import nbformat
 import pytest
 
-from alignlib.checks import load_checks
-from alignlib.grading import BEGIN_CODE, END_CODE, grade, load_functions, print_table, sync_exercises
+from grading_helpers import (assert_full_marks, assert_import_not_accepted, assert_in_sync, assert_loses_exactly,
+                             assert_one_graded_cell_per_function, assert_registry, assert_scores_zero,
+                             assert_syntax_error_costs_only, exercise_path, solution_path, with_solution)
 
-ROOT = Path(__file__).resolve().parents[1]
-SOLUTION = ROOT / "solutions" / "01_ppo.ipynb"
-EXERCISE = ROOT / "exercises" / "01_ppo.ipynb"
-FUNCTIONS = {"kl_penalty", "shaped_rewards", "compute_gae", "clipped_policy_loss"}
+SOLUTION = solution_path("01_ppo")
+EXERCISE = exercise_path("01_ppo")
+POINTS = {"kl_penalty": 3, "shaped_rewards": 3, "compute_gae": 4, "clipped_policy_loss": 4}
 
 
 def test_checks_registry_of_exercise_01():
-    checks = load_checks("01_ppo")
-    assert sum(c.points for c in checks) == 14
-    assert {c.function for c in checks} == FUNCTIONS
-    assert len({c.name for c in checks}) == len(checks)
-    points = {f: sum(c.points for c in checks if c.function == f) for f in FUNCTIONS}
-    assert points == {"kl_penalty": 3, "shaped_rewards": 3, "compute_gae": 4, "clipped_policy_loss": 4}
+    assert sum(POINTS.values()) == 14
+    assert_registry("01_ppo", POINTS)
 
 
 def test_solution_has_one_graded_cell_per_function():
-    nb = nbformat.read(SOLUTION, as_version=4)
-    graded = [c for c in nb.cells if "graded" in c.metadata.get("tags", [])]
-    assert "import torch" in graded[0].source and BEGIN_CODE not in graded[0].source  # imports first
-    for function in FUNCTIONS:
-        (cell,) = [c for c in graded if f"def {function}(" in c.source]
-        assert cell.source.count(BEGIN_CODE) == 1 and '"""' in cell.source  # one answer, a docstring
-    assert not any("import" in c.source for c in graded[1:])  # the functions use only the first cell's imports
+    assert_one_graded_cell_per_function(SOLUTION, POINTS)
 
 
 def test_exercise_01_is_in_sync():
-    assert "01_ppo.ipynb" not in sync_exercises(ROOT / "solutions", ROOT / "exercises", check=True)
+    assert_in_sync("01_ppo")
 
 
-def test_solution_scores_full_marks(capsys):
-    results = grade(SOLUTION)
-    assert [(r.name, r.message) for r in results if r.points != r.max_points] == []
-    print_table(results)
-    assert capsys.readouterr().out.strip().endswith("Total 14/14")
+def test_solution_scores_full_marks():
+    assert_full_marks(SOLUTION, 14)
 
 
 def test_exercise_scores_zero_on_every_check():
-    results = grade(EXERCISE)
-    assert results and all(r.points == 0 for r in results)
-    assert {r.message for r in results} == {"not implemented"}
-
-
-def with_solution(function: str, body: str, tmp_path: Path) -> Path:
-    """Copy the solution notebook to tmp_path with ``function``'s solution block replaced by ``body``."""
-    nb = nbformat.read(SOLUTION, as_version=4)
-    (cell,) = [c for c in nb.cells if f"def {function}(" in c.source and "graded" in c.metadata.get("tags", [])]
-    head, rest = cell.source.split(BEGIN_CODE)
-    _, tail = rest.split(END_CODE)
-    indent = head.split("\n")[-1]
-    cell.source = head + body.strip("\n").replace("\n", "\n" + indent) + tail  # head ends with the indent
-    path = tmp_path / SOLUTION.name  # same stem, so the same checks grade it
-    nbformat.write(nb, path)
-    return path
+    assert_scores_zero(EXERCISE)
 
 
 GAE_LOOP = """
@@ -173,27 +142,12 @@ WRONG = {
 @pytest.mark.parametrize("mistake", sorted(WRONG))
 def test_wrong_implementation_loses_points_on_the_right_checks(mistake, tmp_path):
     function, body, expected_failures = WRONG[mistake]
-    results = grade(with_solution(function, body, tmp_path))
-    failed = {r.name for r in results if r.points == 0}
-    assert failed == expected_failures, [(r.name, r.message) for r in results if r.points == 0]
-    assert all(r.name.startswith(function) for r in results if r.name in failed)
+    assert_loses_exactly(with_solution(SOLUTION, function, body, tmp_path), function, expected_failures)
 
 
 def test_syntax_error_in_one_cell_keeps_the_other_marks(tmp_path):
-    path = with_solution("compute_gae", "return (rewards *", tmp_path)
-    namespace = load_functions(path)
-    assert "compute_gae" not in namespace and "clipped_policy_loss" in namespace
-    results = grade(path)
-    gae = [r for r in results if r.name.startswith("compute_gae")]
-    assert gae and all(r.points == 0 and "SyntaxError" in r.message for r in gae)
-    assert sum(r.points for r in results) == 14 - 4
+    assert_syntax_error_costs_only(SOLUTION, "compute_gae", "clipped_policy_loss", 14, tmp_path)
 
 
 def test_functions_imported_from_alignlib_are_not_accepted(tmp_path):
-    nb = nbformat.read(SOLUTION, as_version=4)
-    for cell in nb.cells:
-        if "def compute_gae(" in cell.source:
-            cell.source = "from alignlib.ppo import compute_gae"
-    nbformat.write(nb, tmp_path / SOLUTION.name)
-    results = [r for r in grade(tmp_path / SOLUTION.name) if r.name.startswith("compute_gae")]
-    assert results and all(r.points == 0 and "def" in r.message for r in results)
+    assert_import_not_accepted(SOLUTION, "compute_gae", "alignlib.ppo", tmp_path)
