@@ -18,7 +18,7 @@ the other. Reported per method:
 PPO's reference is the adapter switched off and its value head shares the trunk, so PPO holds one model too.
 ``--mode full``: full fine-tuning as in the papers; PPO then keeps a frozen reference copy and a separate value
 model (a copy with its own adapter), RRHF a frozen copy of the initial model (its "initial" samples), RAFT nothing
-else. The reward (VADER) is a lexicon, not a model, in both modes.
+else; every method then trains with lr ``FULL_LR`` instead of the presets' LoRA rate. The reward (VADER) is a lexicon, not a model, in both modes.
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ import torch
 from .models import DEFAULT_MODEL
 
 METHODS = ("ppo", "rrhf", "raft")
+FULL_LR = 1e-5  # learning rate of every method in --mode full
 
 
 class PhaseProbe:
@@ -104,7 +105,8 @@ def bench_method(method: str, model_name: str = DEFAULT_MODEL, steps: int = 8, m
     before = held_out_reward(model, tok, reward, held, 16)
     loaded_mb = _current_mb(device)
     probe = PhaseProbe(device)
-    common = dict(chat=False, seed=seed)
+    # the presets' lr (3e-3) is for LoRA adapters; every weight at once needs a far smaller step
+    common = dict(chat=False, seed=seed, **({"lr": FULL_LR} if mode == "full" else {}))
     if method == "ppo":
         config = PPOConfig.preset("cpu", steps=steps, value_model="separate" if mode == "full" else "shared",
                                   **common)
