@@ -123,7 +123,8 @@ class RRHFConfig(PresetMixin):
     initial_samples: int = 2
     """Candidates sampled from the initial model (the LoRA adapter switched off) per query."""
     data_responses: bool = True
-    """Add the responses stored with a query (e.g. chosen and rejected of a preference pair) as candidates."""
+    """Add the responses stored with a query as candidates: chosen and rejected of a preference pair, or answers
+    of other models generated beforehand (``{"prompt": ..., "responses": [...]}``)."""
     max_new_tokens: int = 24
     """Length limit of sampled candidates."""
     temperature: float = 1.0

@@ -60,5 +60,6 @@ def test_raft_raises_the_reward(selection):
     rewards = [h["reward/mean"] for h in history]
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.2, rewards
     assert all(h["kept/count"] == 8 for h in history) and len(trainer.kept) == 25 * 8
-    assert all(h["reward/kept_mean"] >= h["reward/mean"] for h in history)
+    # the kept set's mean is a Python float, the batch mean a float32 mean: compare up to rounding
+    assert all(h["reward/kept_mean"] >= h["reward/mean"] - 1e-6 for h in history)
     assert history[-1]["kl/ref"] > 0
