@@ -37,7 +37,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -48,7 +47,7 @@ from pathlib import Path
 import torch
 
 from .models import DEFAULT_MODEL
-from .utils import get_device
+from .utils import get_device, peak_memory_mb
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -115,11 +114,6 @@ def _cpu_name() -> str:
             return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
-
-
-def _max_rss_mb() -> float:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, bytes on macOS
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
 def flop_counts(model) -> dict:
@@ -219,7 +213,7 @@ def _measure(name: str, opts: dict) -> dict:
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**20
     else:
-        peak = _max_rss_mb()
+        peak = peak_memory_mb()
     rates = [t / s for t, s in zip(tokens, times)]
     return {**info, "times_s": times, "time_s": statistics.median(times), "tokens": statistics.median(tokens),
             "tokens_per_s": statistics.median(rates), "flops_per_token": flops_per_token,

@@ -81,7 +81,7 @@ def bench_method(method: str, model_name: str = DEFAULT_MODEL, steps: int = 8, m
     """Train one method for ``steps`` steps in this process; return its timings, memory and rewards."""
     from .data import load_prompts
     from .models import load_model
-    from .peer_bench import _ru_maxrss_mb, held_out_reward
+    from .peer_bench import held_out_reward
     from .ppo import PPOConfig, PPOTrainer
     from .raft import RAFTConfig, RAFTTrainer
     from .rewards import SentimentReward
@@ -134,7 +134,7 @@ def bench_method(method: str, model_name: str = DEFAULT_MODEL, steps: int = 8, m
             print(f"[{method}] step {i + 1}/{steps}: {metrics['time/step_s']:.1f} s, reward {metrics['reward/mean']:+.3f}",
                   file=sys.stderr, flush=True)
     after = held_out_reward(policy(), tok, reward, held, 16)
-    peak = max(probe.process_peak, peak_memory_mb(device) if device.type == "cuda" else _ru_maxrss_mb())
+    peak = max(probe.process_peak, peak_memory_mb(device))
     step_s = [h["time/step_s"] for h in history]
     train_s = [h["time/train_s"] for h in history]
     return {

@@ -80,7 +80,6 @@ import contextlib
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -92,6 +91,7 @@ from pathlib import Path
 import torch
 
 from .models import DEFAULT_MODEL
+from .utils import peak_memory_mb
 
 METHODS = ("ppo", "trl")
 LABELS = {"ppo": "alignlib PPO", "trl": "TRL GRPO"}
@@ -170,11 +170,6 @@ def _status_mb(key: str) -> float | None:
     return None
 
 
-def _ru_maxrss_mb() -> float:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, bytes on macOS
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
-
-
 class MemoryProbe:
     """Peak RSS of this process overall and during a section (Linux resets the high-water mark for the section).
 
@@ -184,7 +179,7 @@ class MemoryProbe:
     """
 
     def start(self) -> None:
-        self.peak_before = max(_status_mb("VmHWM") or 0.0, _ru_maxrss_mb())
+        self.peak_before = max(_status_mb("VmHWM") or 0.0, peak_memory_mb())
         self.rss_before = _status_mb("VmRSS")
         try:
             Path("/proc/self/clear_refs").write_text("5")
@@ -194,7 +189,7 @@ class MemoryProbe:
 
     def stop(self) -> dict:
         section = _status_mb("VmHWM") if self.reset else None
-        peak = max(self.peak_before, section or 0.0, _ru_maxrss_mb())
+        peak = max(self.peak_before, section or 0.0, peak_memory_mb())
         out = {"peak_rss_mb": peak, "rss_before_train_mb": self.rss_before, "train_peak_rss_mb": section,
                "train_growth_mb": section - self.rss_before if section is not None else None}
         return out
