@@ -159,5 +159,5 @@ def divergence_from_reference(model, input_ids: torch.Tensor, attention_mask: to
         with maybe_reference(model, ref_model) as ref:
             ref_lp = token_logprobs_from_logits(ref(**kw).logits, ids)
         kl.append(masked_sum(lp - ref_lp, resp))
-        nll.append(-masked_sum(ref_lp, resp) / resp.sum(-1).clamp(min=1))
+        nll.append(-length_normalized_logprob(ref_lp, resp))
     return {"kl": torch.cat(kl), "ref_nll": torch.cat(nll)}

@@ -44,7 +44,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .generation import Rollout, generate
-from .logprobs import masked_mean, position_ids_from_mask, token_entropy_from_logits, token_logprobs_from_logits
+from .logprobs import length_normalized_logprob, masked_mean, position_ids_from_mask, token_entropy_from_logits, token_logprobs_from_logits
 from .models import maybe_reference
 from .utils import PresetMixin, check_finite, peak_memory_mb, seed_everything, timer
 
@@ -111,7 +111,6 @@ class PPOConfig(PresetMixin):
         "lab-gpu": dict(steps=200, batch_size=64, mini_batch_size=16, ppo_epochs=4, max_new_tokens=128, lr=1e-5,
                         adaptive_kl=True, kl_target=6.0, missing_eos_penalty=1.0, whiten_rewards=True),
     }
-
 
     def __post_init__(self):
         if self.kl_estimator not in ("k1", "k3"):
@@ -356,7 +355,7 @@ class PPOTrainer:
             "reward/mean": raw_scores.mean().item(), "reward/std": raw_scores.std().item() if len(raw_scores) > 1 else 0.0,
             "reward/shaped_mean": scores.mean().item(),
             "kl/ref": seq_kl.mean().item(), "kl/coef": self.kl_coef,
-            "ppl/ref": (-(ref_logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean().exp().item(),  # as RAFT logs it
+            "ppl/ref": (-length_normalized_logprob(ref_logp, mask)).mean().exp().item(),  # as RRHF and RAFT log it
             "policy/entropy": masked_mean(entropy, mask).item(),
             "response/length": mask.sum(-1).mean().item(), "response/eos_frac": roll.finished.float().mean().item(),
             "value/mean": masked_mean(values, mask).item(), "returns/mean": masked_mean(returns, mask).item(),

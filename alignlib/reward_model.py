@@ -320,7 +320,6 @@ class RewardModelConfig(PresetMixin):
                         epochs=1, batch_size=32, max_length=1024, overlength="skip", warmup_ratio=0.03),
     }
 
-
     def __post_init__(self):
         if self.overlength not in ("error", "skip"):
             raise ValueError(f"overlength must be 'error' or 'skip', got {self.overlength!r}.")
