@@ -35,6 +35,7 @@ those of ``chunk_size`` sequences, whatever k is.
 from __future__ import annotations
 
 import random
+from contextlib import nullcontext
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -240,16 +241,16 @@ class RRHFTrainer:
         cfg = self.config
         prompts = [q.prompt for q in queries]
         per_query: list[list[tuple[str, str, bool]]] = [[] for _ in queries]
-        gen = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, chat=cfg.chat)
-        if cfg.policy_samples:
-            roll = generate(self.policy, self.tokenizer, prompts, num_return_sequences=cfg.policy_samples, **gen)
+        samplers = [("policy", cfg.policy_samples, nullcontext(self.policy)),
+                    ("initial", cfg.initial_samples, maybe_reference(self.policy, self.ref_model))]
+        for source, n, model_context in samplers:
+            if not n:
+                continue
+            with model_context as model:
+                roll = generate(model, self.tokenizer, prompts, num_return_sequences=n, max_new_tokens=cfg.max_new_tokens,
+                                temperature=cfg.temperature, chat=cfg.chat)
             for j, (text, done) in enumerate(zip(roll.responses, roll.finished.tolist())):
-                per_query[j // cfg.policy_samples].append((text, "policy", done))
-        if cfg.initial_samples:
-            with maybe_reference(self.policy, self.ref_model) as initial:
-                roll = generate(initial, self.tokenizer, prompts, num_return_sequences=cfg.initial_samples, **gen)
-            for j, (text, done) in enumerate(zip(roll.responses, roll.finished.tolist())):
-                per_query[j // cfg.initial_samples].append((text, "initial", done))
+                per_query[j // n].append((text, source, done))
         if cfg.data_responses:
             for j, q in enumerate(queries):
                 per_query[j].extend((r, "data", True) for r in q.responses)
@@ -269,26 +270,28 @@ class RRHFTrainer:
         cfg = self.config
         N = len(batch)
         chunk = cfg.chunk_size or N
-        if chunk >= N:
-            p, nll = candidate_scores(self.policy, batch, cfg.alpha)
+
+        def objective(p, nll):  # L / Q from the per-candidate numbers (N,), (N,)
             loss, stats = rrhf_loss(p.view(n_queries, -1), nll.view(n_queries, -1), rewards, cfg.ft_weight)
             loss = loss / n_queries
             check_finite(loss, "RRHF loss")
+            return loss, {**stats, "loss/total": loss.item()}
+
+        if chunk >= N:
+            loss, stats = objective(*candidate_scores(self.policy, batch, cfg.alpha))
             loss.backward()
-            return {**stats, "loss/total": loss.item()}
+            return stats
         with torch.no_grad():  # pass 1: the per-candidate numbers, no activations kept
             parts = [candidate_scores(self.policy, batch.select(slice(i, i + chunk)), cfg.alpha)
                      for i in range(0, N, chunk)]
         p0 = torch.cat([a for a, _ in parts]).requires_grad_()
         nll0 = torch.cat([b for _, b in parts]).requires_grad_()
-        loss, stats = rrhf_loss(p0.view(n_queries, -1), nll0.view(n_queries, -1), rewards, cfg.ft_weight)
-        loss = loss / n_queries
-        check_finite(loss, "RRHF loss")
+        loss, stats = objective(p0, nll0)
         g_p, g_nll = torch.autograd.grad(loss, (p0, nll0))                      # (N,), (N,): dL/dp, dL/dnll
         for i in range(0, N, chunk):  # pass 2: sum_i g_i * p_i has the same gradient as L, chunk by chunk
             p, nll = candidate_scores(self.policy, batch.select(slice(i, i + chunk)), cfg.alpha)
             ((g_p[i:i + chunk] * p).sum() + (g_nll[i:i + chunk] * nll).sum()).backward()
-        return {**stats, "loss/total": loss.item()}
+        return stats
 
     def step(self) -> dict:
         cfg = self.config
@@ -303,7 +306,9 @@ class RRHFTrainer:
         device = next(self.policy.parameters()).device
         batch = encode_sft(self.tokenizer, cands.prompts, cands.responses, cfg.chat, add_eos=cands.finished).to(device)
         rewards = rewards.to(device)
-        src = torch.tensor([s == "policy" for s in cands.sources], device=device).view(len(queries), self.k)
+        by_source = {source: torch.tensor([s == source for s in cands.sources], device=device).view(len(queries), self.k)
+                     for source in ("policy", "initial", "data")}                      # (Q, k) each
+        src = by_source["policy"]
         if self.log_kl and src.any():  # the policy that drew the samples, before this step's update; one per query
             first = src.float().argmax(-1) + torch.arange(len(queries), device=device) * self.k
             pol = batch.select(first[src.any(-1)])
@@ -328,8 +333,7 @@ class RRHFTrainer:
         })
         if src.any():
             metrics["reward/mean"] = rewards[src].mean().item()  # the policy's own samples, as PPO reports
-        for source in ("policy", "initial", "data"):
-            sel = torch.tensor([s == source for s in cands.sources], device=device).view(len(queries), self.k)
+        for source, sel in by_source.items():
             if sel.any():
                 metrics[f"reward/{source}"] = rewards[sel].mean().item()
         metrics["time/step_s"] = time.perf_counter() - start
