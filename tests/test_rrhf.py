@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from alignlib.models import load_model
-from alignlib.rrhf import (RRHFConfig, RRHFTrainer, as_queries, best_response_loss, preference_accuracy, rank_loss,
-                           rrhf_loss)
+from alignlib.rrhf import (RRHFConfig, RRHFTrainer, as_queries, best_response_loss, candidate_scores,
+                           preference_accuracy, rank_loss, rrhf_loss)
 from alignlib.sft import encode_sft
 
 
@@ -95,10 +95,17 @@ def test_queries_from_preference_rows_and_bad_input(tiny):
 
 
 def test_policy_as_reward_model_accuracy(tiny):
+    """Margins are p(chosen) - p(rejected), each scored alone (batching and padding change nothing)."""
     model, tok = tiny
-    pairs = [{"prompt": "a", "chosen": "bbbb", "rejected": "zq"}, {"prompt": "c", "chosen": "dd", "rejected": "x"}]
-    out = preference_accuracy(model, tok, pairs, chat=False)
-    assert out["margins"].shape == (2,) and 0.0 <= out["accuracy"] <= 1.0
+    pairs = [{"prompt": "a", "chosen": "bbbb", "rejected": "zq"}, {"prompt": "cde", "chosen": "dd", "rejected": "x"},
+             {"prompt": "hello", "chosen": "a longer answer", "rejected": "no"}]
+    out = preference_accuracy(model, tok, pairs, chat=False, batch_size=2)
+    with torch.no_grad():
+        def p(prompt, response):
+            return candidate_scores(model, encode_sft(tok, [prompt], [response], chat=False))[0].item()
+        expected = torch.tensor([p(r["prompt"], r["chosen"]) - p(r["prompt"], r["rejected"]) for r in pairs])
+    assert torch.allclose(out["margins"], expected, atol=1e-4)
+    assert out["accuracy"] == pytest.approx((expected > 0).float().mean().item())
 
 
 def lowercase_share(prompts, responses):
