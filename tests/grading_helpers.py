@@ -120,7 +120,12 @@ def assert_syntax_error_costs_only(solution: Path, function: str, other: str, to
 
 
 def assert_import_not_accepted(solution: Path, function: str, module: str, tmp_path: Path) -> None:
-    """Importing the reference ``module.function`` instead of writing it scores 0 on its checks."""
-    path = with_cell_replaced(solution, function, f"from {module} import {function}", tmp_path)
-    results = [r for r in grade(path) if r.name.startswith(f"{function}:")]
-    assert results and all(r.points == 0 and "def" in r.message for r in results)
+    """Importing the reference ``module.function``, or wrapping it in a ``def`` of one's own, scores 0 on its
+    checks and keeps every other function's marks (the disarmed reference is restored after each call)."""
+    wrapper = (f"import {module} as _reference\n\ndef {function}(*args, **kwargs):\n"
+               f"    return _reference.{function}(*args, **kwargs)")
+    for source, message in ((f"from {module} import {function}", "def"), (wrapper, "alignlib's own implementation")):
+        results = grade(with_cell_replaced(solution, function, source, tmp_path))
+        mine = [r for r in results if r.name.startswith(f"{function}:")]
+        assert mine and all(r.points == 0 and message in r.message for r in mine), [(r.name, r.message) for r in mine]
+        assert all(r.points == r.max_points for r in results if r not in mine)

@@ -15,8 +15,10 @@ There is no global registry, so re-importing a module never registers a check tw
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable
@@ -84,6 +86,44 @@ def load_checks(exercise: str) -> list[Check]:
     return checks
 
 
+# ---------------------------------------------------------------- no delegation to alignlib's own answers
+
+# alignlib's implementations of every graded function. A student's function runs while these are disarmed, so
+# one that calls them (imported under any name, or through the module) scores zero instead of full marks.
+GRADED_IMPLEMENTATIONS = {
+    "alignlib.logprobs": ("token_logprobs_from_logits", "sequence_logprob", "length_normalized_logprob", "masked_mean"),
+    "alignlib.ppo": ("kl_penalty", "shaped_rewards", "compute_gae", "clipped_policy_loss"),
+    "alignlib.rrhf": ("rank_loss", "best_response_loss"),
+    "alignlib.raft": ("select_local", "select_global", "distinct_n"),
+}
+
+
+def _disarmed(*args, **kwargs):
+    raise AssertionError("it calls alignlib's own implementation of a graded function; write the computation "
+                         "yourself (torch operations are fine)")
+
+
+@contextmanager
+def forbid_reference_calls():
+    """While active, every function in ``GRADED_IMPLEMENTATIONS`` raises instead of computing.
+
+    The function objects themselves are disarmed (their code is swapped), so any alias of them is caught too;
+    the originals are restored on exit, even if the student's code raises.
+    """
+    saved = []
+    try:
+        for module_name, names in GRADED_IMPLEMENTATIONS.items():
+            module = importlib.import_module(module_name)
+            for name in names:
+                fn = getattr(module, name)
+                saved.append((fn, fn.__code__))
+                fn.__code__ = _disarmed.__code__
+        yield
+    finally:
+        for fn, code in saved:
+            fn.__code__ = code
+
+
 # ---------------------------------------------------------------- helpers for writing checks
 
 def get_function(ns: Namespace, name: str) -> Callable:
@@ -96,7 +136,17 @@ def get_function(ns: Namespace, name: str) -> Callable:
     code = getattr(fn, "__code__", None)
     if code is None or not code.co_filename.startswith("<graded cell"):
         raise AssertionError(f"`{name}` must be a function written (with `def`) in its graded cell.")
-    return fn
+
+    @functools.wraps(fn)
+    def guarded(*args, **kwargs):
+        try:
+            with forbid_reference_calls():
+                return fn(*args, **kwargs)
+        except AssertionError as err:
+            if "alignlib's own implementation" in str(err):
+                raise AssertionError(f"`{name}`: {err}") from None
+            raise
+    return guarded
 
 
 def assert_close(actual, expected: torch.Tensor, what: str, atol: float = 1e-5, rtol: float = 1e-5) -> None:
