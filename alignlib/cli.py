@@ -1,4 +1,5 @@
-"""Command line: ``python -m alignlib {tour, download, bench, peer-bench, method-bench, ppo, rrhf, raft, grade, exercises}``."""
+"""Command line: ``python -m alignlib {tour, download, bench, peer-bench, method-bench, ppo-check, ppo, rrhf, raft, grade,
+exercises}``."""
 from __future__ import annotations
 
 import argparse
@@ -41,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_method_bench_arguments(mb)
 
+    check = sub.add_parser("ppo-check", help="PPO's learning criteria over seeds, thread counts and betas")
+    from .ppo_check import add_arguments as add_ppo_check_arguments
+
+    add_ppo_check_arguments(check)
+
     for method, title in METHODS.items():
         cmd = sub.add_parser(method, help=title)
         cmd.add_argument("--preset", default="cpu", choices=["cpu", "lab-gpu"], help="task and hyper-parameter preset")
@@ -55,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("exercises", help="regenerate exercises/ from solutions/")
     ex.add_argument("--check", action="store_true", help="only report exercises that are out of date")
+    ex.add_argument("--force", action="store_true", help="overwrite exercise files that differ (answers are lost)")
     return parser
 
 
@@ -81,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         from .method_bench import run as run_method_bench
 
         run_method_bench(args)
+    elif args.command == "ppo-check":
+        from .ppo_check import run as run_ppo_check
+
+        return run_ppo_check(args)
     elif args.command in METHODS:
         from .runs import RUNS
 
@@ -92,5 +103,5 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "exercises":
         from .grading import exercises_command
 
-        return exercises_command(args.check)
+        return exercises_command(args.check, force=args.force)
     return 0

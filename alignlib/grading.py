@@ -19,7 +19,8 @@ worth some points and passes unless it raises. ``grade`` runs them and ``print_t
 Command line::
 
     python -m alignlib grade exercises/00_logprobs.ipynb
-    python -m alignlib exercises            # regenerate exercises/ from solutions/
+    python -m alignlib exercises            # write missing exercises/ files; refuses to overwrite edited ones
+    python -m alignlib exercises --force    # regenerate exercises/ from solutions/, overwriting any answers
     python -m alignlib exercises --check    # exit 1 if exercises/ is out of date
 """
 from __future__ import annotations
@@ -104,28 +105,38 @@ def _fingerprint(nb: nbformat.NotebookNode) -> str:
     return json.dumps(cells, sort_keys=True)
 
 
+class WouldOverwrite(RuntimeError):
+    """``exercises/`` holds files that differ from what would be generated (a student's answers, say)."""
+
+
 def sync_exercises(solutions_dir: str | Path = "solutions", exercises_dir: str | Path = "exercises",
-                   check: bool = False) -> list[str]:
+                   check: bool = False, force: bool = False) -> list[str]:
     """Regenerate ``exercises/`` from ``solutions/``, or with ``check=True`` only report what is stale.
 
     Returns the file names written (``check=False``) or the names whose exercise copy is missing or differs
-    from the stripped solution (``check=True``; nothing is written, an empty list means up to date).
+    from the stripped solution (``check=True``; nothing is written, an empty list means up to date). Without
+    ``force``, an existing exercise whose cells differ from the generated copy is never overwritten: it may hold
+    a student's work. Then nothing at all is written and ``WouldOverwrite`` names the files.
     """
     solutions_dir, exercises_dir = Path(solutions_dir), Path(exercises_dir)
     if not solutions_dir.is_dir():
         raise FileNotFoundError(f"solutions directory {solutions_dir} not found; run from the repository root.")
-    names = []
-    for source in sorted(solutions_dir.glob("*.ipynb")):
-        exercise = strip_solutions(nbformat.read(source, as_version=4))
-        target = exercises_dir / source.name
-        if check:
-            if not target.exists() or _fingerprint(nbformat.read(target, as_version=4)) != _fingerprint(exercise):
-                names.append(source.name)
-        else:
-            exercises_dir.mkdir(parents=True, exist_ok=True)
-            nbformat.write(exercise, target)
-            names.append(source.name)
-    return names
+    generated = {source.name: strip_solutions(nbformat.read(source, as_version=4))
+                 for source in sorted(solutions_dir.glob("*.ipynb"))}
+    stale = [name for name, exercise in generated.items()
+             if not (exercises_dir / name).exists()
+             or _fingerprint(nbformat.read(exercises_dir / name, as_version=4)) != _fingerprint(exercise)]
+    if check:
+        return stale
+    edited = [name for name in stale if (exercises_dir / name).exists()]
+    if edited and not force:
+        raise WouldOverwrite(
+            f"{', '.join(edited)} in {exercises_dir}/ differ from the generated copies and may hold answers; nothing "
+            f"was written. Save your work elsewhere, then run `python -m alignlib exercises --force`.")
+    exercises_dir.mkdir(parents=True, exist_ok=True)
+    for name in stale:
+        nbformat.write(generated[name], exercises_dir / name)
+    return stale
 
 
 # ---------------------------------------------------------------- loading and grading a notebook
@@ -220,11 +231,11 @@ def grade_command(path: str | Path, exercise: str | None = None) -> int:
 
 
 def exercises_command(check: bool = False, solutions_dir: str | Path = "solutions",
-                      exercises_dir: str | Path = "exercises") -> int:
-    """``python -m alignlib exercises [--check]``: regenerate exercises/, or exit 1 if it is out of date."""
+                      exercises_dir: str | Path = "exercises", force: bool = False) -> int:
+    """``python -m alignlib exercises [--check] [--force]``: regenerate exercises/, or exit 1 if it is out of date."""
     try:
-        names = sync_exercises(solutions_dir, exercises_dir, check=check)
-    except (FileNotFoundError, ValueError) as err:
+        names = sync_exercises(solutions_dir, exercises_dir, check=check, force=force)
+    except (FileNotFoundError, ValueError, WouldOverwrite) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not check:
@@ -232,7 +243,8 @@ def exercises_command(check: bool = False, solutions_dir: str | Path = "solution
             print(f"wrote {Path(exercises_dir) / name}")
         return 0
     if names:
-        print("out of date (run `python -m alignlib exercises`): " + ", ".join(names), file=sys.stderr)
+        print("out of date: " + ", ".join(names) + ". Regenerating overwrites answers written in those files: save "
+              "them, then run `python -m alignlib exercises --force`.", file=sys.stderr)
         return 1
     print(f"{exercises_dir}/ is up to date with {solutions_dir}/")
     return 0
@@ -247,6 +259,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     g.add_argument("--exercise", default=None, help="which checks to use (default: the notebook's file stem)")
     e = sub.add_parser("exercises", help="regenerate exercises/ from solutions/")
     e.add_argument("--check", action="store_true", help="write nothing; exit 1 if exercises/ is out of date")
+    e.add_argument("--force", action="store_true", help="overwrite exercise files that differ (answers are lost)")
     return parser
 
 
@@ -255,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "grade":
         return grade_command(args.notebook, args.exercise)
-    return exercises_command(args.check)
+    return exercises_command(args.check, force=args.force)
 
 
 if __name__ == "__main__":

@@ -99,6 +99,22 @@ def test_sync_check_ignores_outputs_and_detects_edits(tmp_path):
     assert exercises_command(check=True, solutions_dir=solutions, exercises_dir=exercises) == 1
 
 
+def test_regenerating_never_overwrites_a_students_answers_without_force(tmp_path, capsys):
+    solutions, exercises = tmp_path / "solutions", tmp_path / "exercises"
+    solutions.mkdir()
+    nbformat.write(tiny_notebook(), solutions / "01_tiny.ipynb")
+    sync_exercises(solutions, exercises)
+    student = nbformat.read(exercises / "01_tiny.ipynb", as_version=4)
+    student.cells[1].source += "\n# my answer"
+    nbformat.write(student, exercises / "01_tiny.ipynb")
+    assert exercises_command(check=True, solutions_dir=solutions, exercises_dir=exercises) == 1
+    assert "--force" in capsys.readouterr().err
+    assert exercises_command(solutions_dir=solutions, exercises_dir=exercises) == 2
+    assert "my answer" in (exercises / "01_tiny.ipynb").read_text()      # untouched
+    assert exercises_command(solutions_dir=solutions, exercises_dir=exercises, force=True) == 0
+    assert "my answer" not in (exercises / "01_tiny.ipynb").read_text()
+
+
 # ---------------------------------------------------------------- grading
 
 def test_checks_registry_of_exercise_00():
