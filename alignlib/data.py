@@ -20,6 +20,8 @@ COURSE_SETS = {
     "helpful_prompts": ("helpful_prompts.jsonl", ("id", "prompt", "category", "split")),
     "red_team_prompts": ("red_team_prompts.jsonl", ("id", "prompt", "category", "split")),
     "preference_pairs": ("preference_pairs.jsonl", ("id", "prompt", "chosen", "rejected", "split")),
+    # test only: pairs written to differ from preference_pairs in topic, style and length (reward-model shift)
+    "preference_pairs_shift": ("preference_pairs_shift.jsonl", ("id", "prompt", "chosen", "rejected", "split")),
 }
 HUB_SETS = {"Anthropic/hh-rlhf": "preference", "stanfordnlp/imdb": "sentiment"}
 

@@ -5,12 +5,15 @@ import pytest
 from alignlib.data import (COURSE_SETS, DataFormatError, load_course_dataset, load_hub_dataset, load_prompts,
                            read_jsonl, split_hh_transcript)
 
-MINIMUM = {"movie_openings": 150, "helpful_prompts": 150, "red_team_prompts": 100, "preference_pairs": 100}
+MINIMUM = {"movie_openings": 150, "helpful_prompts": 150, "red_team_prompts": 100, "preference_pairs": 180,
+           "preference_pairs_shift": 0}
+TEST_ONLY = {"preference_pairs_shift"}
 
 
 @pytest.mark.parametrize("name", sorted(COURSE_SETS))
 def test_course_sets_meet_the_schema_and_sizes(name):
-    train, test = load_course_dataset(name, "train"), load_course_dataset(name, "test")
+    test = load_course_dataset(name, "test")
+    train = load_course_dataset(name, "test").select([]) if name in TEST_ONLY else load_course_dataset(name, "train")
     assert len(train) >= MINIMUM[name] and len(test) >= 20
     ids = list(train["id"]) + list(test["id"])
     assert len(set(ids)) == len(ids)
@@ -18,6 +21,13 @@ def test_course_sets_meet_the_schema_and_sizes(name):
     assert len(set(prompts)) == len(prompts), "prompts must not repeat (no leak between splits)"
     if name == "preference_pairs":
         assert all(c != r for c, r in zip(train["chosen"], train["rejected"]))
+
+
+def test_shifted_preference_pairs_share_no_prompt_with_the_training_pairs():
+    seen = {p.strip().lower() for p in load_course_dataset("preference_pairs", None)["prompt"]}
+    shift = load_course_dataset("preference_pairs_shift", None)
+    assert set(shift["split"]) == {"test"} and len(shift) >= 40
+    assert not seen & {p.strip().lower() for p in shift["prompt"]}
 
 
 def test_red_team_covers_ten_categories():
