@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
-from .utils import cache_dir, default_dtype, get_device
+from .utils import cache_dir, default_dtype, get_device, quiet_loading
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 TINY_MODEL = "tiny-random"
@@ -240,7 +240,8 @@ def load_model(name: str = DEFAULT_MODEL, device=None, dtype: torch.dtype | None
     else:
         path = str(ensure_default_model()) if source == DEFAULT_MODEL else source
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+            with quiet_loading():
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
         except OSError as err:
             raise ModelCacheError(
                 f"Could not load model {name!r} from {path!r}: {err}\nFix: offline, use '{DEFAULT_MODEL}' or a "
@@ -255,7 +256,8 @@ def load_model(name: str = DEFAULT_MODEL, device=None, dtype: torch.dtype | None
             lora = default_lora_config()
         elif isinstance(lora, dict):
             lora = LoraConfig(**{"target_modules": "all-linear", "task_type": "CAUSAL_LM", **lora})
-        model = get_peft_model(model, lora)
+        with quiet_loading():
+            model = get_peft_model(model, lora)
     return model, tokenizer
 
 

@@ -60,6 +60,28 @@ def peak_memory_mb(device: torch.device | None = None) -> float:
 
 
 @contextmanager
+def quiet_loading():
+    """Silence what loading a model prints but the reader cannot act on: transformers' per-weight progress
+    bars and load reports (a reward model's new scalar head is *meant* to be missing from the checkpoint), and
+    peft's call of a deprecated transformers property. Errors still raise."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+@contextmanager
 def timer(metrics: dict, key: str):
     """Add the elapsed wall-clock seconds of the block to ``metrics[key]``."""
     start = time.perf_counter()
