@@ -128,8 +128,8 @@ class RAFTConfig(PresetMixin):
     def __post_init__(self):
         if self.selection not in ("local", "global"):
             raise ValueError(f"selection must be 'local' or 'global', got {self.selection!r}.")
-        if self.k < 1 or self.batch_size < 1 or self.stages < 0:
-            raise ValueError(f"need k >= 1 ({self.k}), batch_size >= 1 ({self.batch_size}), stages >= 0.")
+        if self.k < 1 or self.batch_size < 1 or self.stages < 1:
+            raise ValueError(f"need k >= 1 ({self.k}), batch_size >= 1 ({self.batch_size}), stages >= 1 ({self.stages}).")
 
 
 # ---------------------------------------------------------------- the loop

@@ -18,8 +18,9 @@ candidates whose rewards are the labels chosen > rejected, L_rank is a hinge ver
 pairwise loss with p in place of r(x, y): the policy *is* a reward model.
 
 Deliberate differences from the reference code (GanjinZero/RRHF train.py):
-- the pairs are formed **within each query**; the reference compares every candidate of a flattened batch
-  with every other, which mixes queries when the batch holds more than one. Here a batch of two queries gives
+- batches of several queries: the reference is written for one query per device batch (its rank loss
+  flattens the batch's scores into one row, and with more than one query per batch it stops with a shape
+  error). Here the pairs are formed **within each query** of a (Q, k) table, a batch of two queries gives
   exactly the sum of the two single-query losses, and the optimiser step divides by the number of queries;
 - L_ft is the mean NLL per token of the best response (the reference averages over padded positions too);
 - ``alpha`` is the length-penalty exponent (the reference's ``length_penalty``), 1 by default.
@@ -157,6 +158,8 @@ class RRHFConfig(PresetMixin):
     def __post_init__(self):
         if self.policy_samples < 0 or self.initial_samples < 0 or self.batch_size < 1:
             raise ValueError("policy_samples and initial_samples must be >= 0 and batch_size >= 1.")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}.")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"chunk_size must be None or >= 1, got {self.chunk_size}.")
 

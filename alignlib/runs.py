@@ -18,9 +18,11 @@ from .utils import seed_everything
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, reward_fn, prompts: list[str], max_new_tokens: int, chat: bool, seed: int = 1234) -> dict:
+def evaluate(model, tokenizer, reward_fn, prompts: list[str], max_new_tokens: int, chat: bool, seed: int = 1234,
+             temperature: float = 1.0) -> dict:
     """Mean reward of sampled responses on held-out prompts (fixed seed: before/after are comparable)."""
-    roll = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, chat=chat, seed=seed)
+    roll = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, chat=chat, seed=seed,
+                    temperature=temperature)
     rewards = reward_fn(roll.prompts, roll.responses)
     return {"reward/mean": rewards.mean().item(), "samples": list(zip(roll.prompts[:4], roll.responses[:4]))}
 
@@ -49,10 +51,12 @@ def run_method(name: str, args, make_trainer) -> dict:
     save. The same before/after protocol for every method, so their ``history.json`` files compare."""
     task, model, tokenizer, reward_fn, held_out = prepare(args)
     trainer, config = make_trainer(task, model, tokenizer, reward_fn)
-    before = evaluate(model, tokenizer, reward_fn, held_out, config.max_new_tokens, task.chat)
+    before = evaluate(model, tokenizer, reward_fn, held_out, config.max_new_tokens, task.chat,
+                      temperature=config.temperature)
     print(f"[{name}] held-out reward before: {before['reward/mean']:+.3f}")
     history = trainer.train()
-    after = evaluate(model, tokenizer, reward_fn, held_out, config.max_new_tokens, task.chat)
+    after = evaluate(model, tokenizer, reward_fn, held_out, config.max_new_tokens, task.chat,
+                     temperature=config.temperature)
     last = history[-1]
     print(f"[{name}] held-out reward after {len(history)} steps: {after['reward/mean']:+.3f} "
           f"(KL to reference {last.get('kl/ref', float('nan')):.2f} nats, peak memory {last['memory/peak_mb']:.0f} MB, "
@@ -98,7 +102,8 @@ def run_raft(args) -> dict:
 
 def steps_override(args, field: str) -> dict:
     """``--steps N`` as the config field that counts iterations (``steps``, or ``stages`` for RAFT)."""
-    return {field: args.steps} if getattr(args, "steps", None) else {}
+    steps = getattr(args, "steps", None)
+    return {} if steps is None else {field: steps}  # 0 or a negative count reaches the config, which rejects it
 
 
 RUNS = {"ppo": run_ppo, "rrhf": run_rrhf, "raft": run_raft}

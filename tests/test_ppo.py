@@ -108,6 +108,12 @@ def test_config_validation_and_presets():
         PPOConfig.preset("tpu")
     with pytest.raises(ValueError, match="mini_batch_size"):
         PPOConfig(batch_size=4, mini_batch_size=8)
+    with pytest.raises(ValueError, match="temperature"):
+        PPOConfig(temperature=float("nan"))
+    with pytest.raises(ValueError, match=r"steps \(0\)"):
+        PPOConfig(steps=0)
+    with pytest.raises(ValueError, match="lr"):
+        PPOConfig(lr=float("inf"))
 
 
 def lowercase_share(prompts, responses):
