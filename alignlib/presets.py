@@ -1,7 +1,7 @@
 """Named run presets shared by the CLI's method commands: which model, prompts and reward a run uses.
 
-``cpu``: the course's offline task (the default model continues movie-review openings; VADER rewards positive
-text) sized for minutes on a 2-core CPU. ``lab-gpu``: a Hub instruct model, hh-rlhf prompts and a Hub reward
+``cpu``: the course's offline task (the default model answers the opening of a movie review in the chat
+format; VADER rewards a positive answer) sized for minutes on a 2-core CPU. ``lab-gpu``: a Hub instruct model, hh-rlhf prompts and a Hub reward
 model in bf16. Hub names live here only, so a lab can swap them in one place.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ class Task:
 
 
 TASKS = {
-    "cpu": Task(DEFAULT_MODEL, "course:movie_openings", "sentiment", chat=False, eval_prompts=16),
+    "cpu": Task(DEFAULT_MODEL, "course:movie_openings", "sentiment", chat=True, eval_prompts=40),
     "lab-gpu": Task("qwen2.5-0.5b-instruct", "hub:Anthropic/hh-rlhf",
                     "rm:OpenAssistant/reward-model-deberta-v3-large-v2", chat=True, eval_prompts=256),
 }

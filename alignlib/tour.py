@@ -71,7 +71,7 @@ def run(model_name: str = DEFAULT_MODEL, n_prompts: int = 4, max_new_tokens: int
 
 
 def tour_method(method: str, model_name: str, steps: int, seed: int = 0) -> list[dict]:
-    """A few steps of one method on the sentiment task (continue review openings, VADER reward), printed."""
+    """A few steps of one method on the sentiment task (answer review openings in chat, VADER reward), printed."""
     from .ppo import PPOConfig, PPOTrainer
     from .raft import RAFTConfig, RAFTTrainer
     from .rrhf import RRHFConfig, RRHFTrainer
@@ -80,13 +80,13 @@ def tour_method(method: str, model_name: str, steps: int, seed: int = 0) -> list
     prompts = load_prompts("movie_openings", "train")
     if method == "ppo":
         trainer = PPOTrainer(policy, tokenizer, SentimentReward(), prompts,
-                             PPOConfig.preset("cpu", steps=steps, chat=False, seed=seed))
+                             PPOConfig.preset("cpu", steps=steps, chat=True, seed=seed))
     elif method == "rrhf":
         trainer = RRHFTrainer(policy, tokenizer, SentimentReward(), prompts,
-                              RRHFConfig.preset("cpu", steps=steps, chat=False, seed=seed))
+                              RRHFConfig.preset("cpu", steps=steps, chat=True, seed=seed))
     elif method == "raft":
         trainer = RAFTTrainer(policy, tokenizer, SentimentReward(), prompts,
-                              RAFTConfig.preset("cpu", stages=steps, chat=False, seed=seed))
+                              RAFTConfig.preset("cpu", stages=steps, chat=True, seed=seed))
     else:
         raise ValueError(f"unknown method {method!r}")
     history = trainer.train(steps)
