@@ -169,7 +169,7 @@ def test_run_trains_on_the_course_pairs_and_evaluates_on_the_test_split():
 
     config = RewardModelConfig(model="tiny-random", epochs=1, batch_size=8, max_train_pairs=16, max_length=1024)
     out = run(config, device="cpu", progress=False)  # byte tokens: the course pairs are up to ~450 long
-    assert out["test"]["n"] == 30 and out["test"]["chosen"].shape == (30,)
+    assert out["test"]["n"] == 50 and out["test"]["chosen"].shape == (50,)
     assert [r["step"] for r in out["history"] if "eval/accuracy" in r] == [0, 2]
     assert out["history"][0]["data/pairs"] == 16
 

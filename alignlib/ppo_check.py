@@ -1,0 +1,188 @@
+"""Does PPO learn soundly on the real model, whatever the seed and thread count? ``python -m alignlib ppo-check``.
+
+A learning assert in a lecture must not pass by luck. This check runs lecture 01's PPO run (the ``cpu``
+preset on the course's sentiment task: SmolLM2-135M-Instruct + LoRA answers the opening of a movie review,
+VADER scores the answer) for several seeds, torch thread counts and KL coefficients beta, each run in its own
+process, and tests every run against the lecture's criteria:
+
+- ``gain``:     held-out reward (16 test openings, fixed sampling seed) rises by at least ``--min-gain``;
+- ``entropy``:  the policy's entropy per token does not climb (mean of the last 3 steps <= first 3 + 0.3);
+- ``value``:    the value head explains part of the returns (mean explained variance of the last 3 steps > 0);
+- ``kl``:       the summed KL to the reference stays inside ``--kl-budget`` nats per sequence (last 3 steps);
+- ``readable``: the held-out answers stay fluent English for the initial model: their perplexity under it (chat
+  template, response tokens only) is at most twice that of the initial model's own answers to the same prompts.
+
+The variety of the answers (distinct-2 over the 16 held-out answers, before and after) is reported beside them,
+not judged: a policy that opens every answer with the same pleasant phrase is readable and still narrower, and
+lecture 01 shows that as what it is, the first step of reward hacking.
+
+The JSON it writes (``--output``) holds every run's history, held-out rewards and samples; lecture 01 reads the
+stored copy in ``lectures/results/`` to show the spread over seeds and the effect of beta. Exit code 1 if any
+run at the preset's beta fails a criterion (runs at other betas are reported, not judged: beta = 0 is expected
+to break the KL budget).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+EVAL_SEED = 1234
+N_EVAL = 16
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts to try")
+    parser.add_argument("--kl-coefs", type=float, nargs="+", default=None,
+                        help="beta values (default: the preset's); extra values run at the first seed and thread count")
+    parser.add_argument("--steps", type=int, default=None, help="PPO steps per run (default: the cpu preset's)")
+    parser.add_argument("--min-gain", type=float, default=0.1, help="required rise of the held-out reward")
+    parser.add_argument("--kl-budget", type=float, default=12.0, help="nats per sequence")
+    parser.add_argument("--parallel", type=int, default=1, help="runs at once (only 1-thread runs are paired)")
+    parser.add_argument("--output", default="runs/ppo_check.json")
+    parser.add_argument("--rejudge", action="store_true",
+                        help="run nothing: score and judge the runs stored in --output again, and rewrite it")
+
+
+def worker(spec: dict) -> dict:
+    """One PPO run in this process: held-out evaluation, training, evaluation again."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    from . import ppo
+    from .data import load_prompts
+    from .generation import generate
+    from .models import load_model
+    from .raft import distinct_n
+    from .rewards import SentimentReward
+    from .utils import seed_everything
+
+    seed_everything(spec["seed"])
+    config = ppo.PPOConfig.preset("cpu", seed=spec["seed"], kl_coef=spec["kl_coef"],
+                                  **({"steps": spec["steps"]} if spec.get("steps") else {}))
+    policy, tok = load_model("smollm2-135m-instruct", lora=True)
+    reward = SentimentReward()
+    train, held_out = load_prompts("movie_openings", "train"), load_prompts("movie_openings", "test", n=N_EVAL)
+
+    def evaluate():
+        roll = generate(policy, tok, held_out, max_new_tokens=config.max_new_tokens, chat=config.chat,
+                        temperature=config.temperature, seed=EVAL_SEED)
+        return roll.responses, reward(roll.prompts, roll.responses).tolist()
+
+    before, r_before = evaluate()
+    start = time.perf_counter()
+    history = ppo.PPOTrainer(policy, tok, reward, train, config).train(progress=False)
+    seconds = time.perf_counter() - start
+    after, r_after = evaluate()
+    keep = ("reward/mean", "kl/ref", "policy/entropy", "value/explained_var", "policy/clipfrac", "loss/value",
+            "response/length", "time/step_s")
+    return {**spec, "seconds": seconds, "prompts": held_out, "before": before, "after": after,
+            "reward_before": r_before, "reward_after": r_after,
+            "distinct2_before": distinct_n(before, 2), "distinct2_after": distinct_n(after, 2),
+            "history": [{k: h[k] for k in keep if k in h} for h in history]}
+
+
+def reference_perplexity(runs: list[dict]) -> None:
+    """Add ``ppl_before`` / ``ppl_after``: perplexity of each run's held-out answers under the initial model."""
+    import torch
+
+    from .logprobs import length_normalized_logprob
+    from .models import load_model
+    from .sft import encode_sft, response_token_logprobs
+
+    model, tok = load_model("smollm2-135m-instruct")
+    model.eval()
+    for run in runs:
+        for key in ("before", "after"):
+            with torch.no_grad():
+                batch = encode_sft(tok, run["prompts"], run[key], chat=True, add_eos=False)
+                lp = response_token_logprobs(model, batch)
+            # exp of the mean over answers of each answer's NLL per token, as ``divergence_from_reference`` gives it
+            run[f"ppl_{key}"] = torch.exp(-length_normalized_logprob(lp, batch.response_mask).mean()).item()
+
+
+def judge(run: dict, min_gain: float, kl_budget: float) -> dict:
+    """The five criteria of the module docstring for one run: name -> (passed, value)."""
+    h = run["history"]
+    first, last = h[:3], h[-3:]
+    mean = lambda rows, k: statistics.fmean(r[k] for r in rows)  # noqa: E731
+    gain = statistics.fmean(run["reward_after"]) - statistics.fmean(run["reward_before"])
+    entropy = mean(last, "policy/entropy") - mean(first, "policy/entropy")
+    ev = mean(last, "value/explained_var")
+    kl = mean(last, "kl/ref")
+    fluency = run["ppl_after"] / run["ppl_before"]
+    return {"gain": (gain >= min_gain, gain), "entropy": (entropy <= 0.3, entropy), "value": (ev > 0, ev),
+            "kl": (kl <= kl_budget, kl), "readable": (fluency <= 2.0, fluency)}
+
+
+def run(args) -> int:
+    from . import ppo
+
+    preset_beta = ppo.PPOConfig.preset("cpu").kl_coef
+    out = Path(args.output)
+    if args.rejudge:
+        return report(json.loads(out.read_text())["runs"], preset_beta, args, out)
+    betas = args.kl_coefs or [preset_beta]
+    specs = [dict(seed=s, threads=t, kl_coef=preset_beta, steps=args.steps)
+             for s, t in itertools.product(args.seeds, args.threads)] if preset_beta in betas else []
+    specs += [dict(seed=args.seeds[0], threads=args.threads[0], kl_coef=b, steps=args.steps)
+              for b in betas if b != preset_beta]
+    specs.sort(key=lambda s: s["threads"])  # 1-thread runs first, so that --parallel 2 can pair them
+    out.parent.mkdir(parents=True, exist_ok=True)
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        pending = list(enumerate(specs))
+        while pending:
+            batch = [pending.pop(0)]
+            while pending and len(batch) < args.parallel and batch[0][1]["threads"] == 1 and pending[0][1]["threads"] == 1:
+                batch.append(pending.pop(0))
+            procs = []
+            for i, spec in batch:
+                path = Path(tmp) / f"{i}.json"
+                env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
+                procs.append((path, subprocess.Popen([sys.executable, "-m", "alignlib.ppo_check", "--worker",
+                                                      json.dumps(spec), str(path)], env=env)))
+            for path, proc in procs:
+                if proc.wait() != 0:
+                    raise RuntimeError(f"a PPO run failed (exit code {proc.returncode}); see its output above.")
+                runs.append(json.loads(path.read_text()))
+                print(f"done: seed {runs[-1]['seed']}, {runs[-1]['threads']} thread(s), beta {runs[-1]['kl_coef']}: "
+                      f"{runs[-1]['seconds']:.0f} s", flush=True)
+    return report(runs, preset_beta, args, out)
+
+
+def report(runs: list[dict], preset_beta: float, args, out: Path) -> int:
+    """Judge every run, print the table, write the JSON; 1 if a run at the preset's beta failed."""
+    reference_perplexity(runs)
+    failed = 0
+    names = ("gain", "entropy", "value", "kl", "readable")
+    print(f"\n{'seed':>4} {'thr':>3} {'beta':>5} " + " ".join(f"{n:>14}" for n in names) + "  distinct-2")
+    for r in runs:
+        verdict = judge(r, args.min_gain, args.kl_budget)
+        r["checks"] = {k: {"passed": bool(p), "value": v} for k, (p, v) in verdict.items()}
+        judged = r["kl_coef"] == preset_beta
+        failed += judged and not all(p for p, _ in verdict.values())
+        cells = " ".join(f"{v:+9.3f} {'ok' if p else ('FAIL' if judged else '-'):>4}" for p, v in verdict.values())
+        print(f"{r['seed']:>4} {r['threads']:>3} {r['kl_coef']:>5} {cells}  "
+              f"{r['distinct2_before']:.2f} -> {r['distinct2_after']:.2f}")
+    out.write_text(json.dumps({"criteria": {"min_gain": args.min_gain, "kl_budget": args.kl_budget},
+                               "preset_kl_coef": preset_beta, "runs": runs}, indent=1))
+    print(f"\n{len(runs)} runs, {failed} failed at the preset's beta; written to {out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        Path(sys.argv[3]).write_text(json.dumps(worker(json.loads(sys.argv[2]))))
+    else:
+        parser = argparse.ArgumentParser(prog="python -m alignlib ppo-check", description=__doc__.split("\n")[0])
+        add_arguments(parser)
+        sys.exit(run(parser.parse_args()))
