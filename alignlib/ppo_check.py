@@ -5,14 +5,14 @@ preset on the course's sentiment task: SmolLM2-135M-Instruct + LoRA answers the 
 VADER scores the answer) for several seeds, torch thread counts and KL coefficients beta, each run in its own
 process, and tests every run against the lecture's criteria:
 
-- ``gain``:     held-out reward (16 test openings, fixed sampling seed) rises by at least ``--min-gain``;
+- ``gain``:     held-out reward (40 test openings, 2 answers each, fixed sampling seed) rises by ``--min-gain``;
 - ``entropy``:  the policy's entropy per token does not climb (mean of the last 3 steps <= first 3 + 0.3);
 - ``value``:    the value head explains part of the returns (mean explained variance of the last 3 steps > 0);
 - ``kl``:       the summed KL to the reference stays inside ``--kl-budget`` nats per sequence (last 3 steps);
 - ``readable``: the held-out answers stay fluent English for the initial model: their perplexity under it (chat
   template, response tokens only) is at most twice that of the initial model's own answers to the same prompts.
 
-The variety of the answers (distinct-2 over the 16 held-out answers, before and after) is reported beside them,
+The variety of the answers (distinct-2 over the 80 held-out answers, before and after) is reported beside them,
 not judged: a policy that opens every answer with the same pleasant phrase is readable and still narrower, and
 lecture 01 shows that as what it is, the first step of reward hacking.
 
@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 
 EVAL_SEED = 1234
-N_EVAL = 16
+N_EVAL = 40          # all held-out openings
+EVAL_SAMPLES = 2     # answers per opening: the held-out reward of a prompt is the mean of its answers
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,8 +75,9 @@ def worker(spec: dict) -> dict:
 
     def evaluate():
         roll = generate(policy, tok, held_out, max_new_tokens=config.max_new_tokens, chat=config.chat,
-                        temperature=config.temperature, seed=EVAL_SEED)
-        return roll.responses, reward(roll.prompts, roll.responses).tolist()
+                        temperature=config.temperature, seed=EVAL_SEED, num_return_sequences=EVAL_SAMPLES)
+        per_prompt = reward(roll.prompts, roll.responses).view(len(held_out), EVAL_SAMPLES).mean(-1)  # (N,)
+        return roll.responses, per_prompt.tolist()
 
     before, r_before = evaluate()
     start = time.perf_counter()
@@ -84,7 +86,8 @@ def worker(spec: dict) -> dict:
     after, r_after = evaluate()
     keep = ("reward/mean", "kl/ref", "policy/entropy", "value/explained_var", "policy/clipfrac", "loss/value",
             "response/length", "time/step_s")
-    return {**spec, "seconds": seconds, "prompts": held_out, "before": before, "after": after,
+    answered = [p for p in held_out for _ in range(EVAL_SAMPLES)]  # the prompt of each answer
+    return {**spec, "seconds": seconds, "prompts": answered, "before": before, "after": after,
             "reward_before": r_before, "reward_after": r_after,
             "distinct2_before": distinct_n(before, 2), "distinct2_after": distinct_n(after, 2),
             "history": [{k: h[k] for k in keep if k in h} for h in history]}
