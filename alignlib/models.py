@@ -250,15 +250,21 @@ def load_model(name: str = DEFAULT_MODEL, device=None, dtype: torch.dtype | None
     model.to(device)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if lora is not None and lora is not False:
-        from peft import LoraConfig, get_peft_model
-
-        if lora is True:
-            lora = default_lora_config()
-        elif isinstance(lora, dict):
-            lora = LoraConfig(**{"target_modules": "all-linear", "task_type": "CAUSAL_LM", **lora})
-        with quiet_loading():
-            model = get_peft_model(model, lora)
+        model = with_lora(model, lora)
     return model, tokenizer
+
+
+def with_lora(model, lora=True):
+    """``model`` with fresh LoRA adapters: ``True`` (``default_lora_config()``), a dict of ``LoraConfig``
+    fields, or a ``peft.LoraConfig``. The one place alignlib calls ``get_peft_model``."""
+    from peft import LoraConfig, get_peft_model
+
+    if lora is True:
+        lora = default_lora_config()
+    elif isinstance(lora, dict):
+        lora = LoraConfig(**{"target_modules": "all-linear", "task_type": "CAUSAL_LM", **lora})
+    with quiet_loading():
+        return get_peft_model(model, lora)
 
 
 @contextmanager
