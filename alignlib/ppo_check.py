@@ -97,19 +97,18 @@ def reference_perplexity(runs: list[dict]) -> None:
     """Add ``ppl_before`` / ``ppl_after``: perplexity of each run's held-out answers under the initial model."""
     import torch
 
-    from .logprobs import length_normalized_logprob
+    from .logprobs import score_responses
     from .models import load_model
-    from .sft import encode_sft, response_token_logprobs
+    from .sft import encode_sft
 
     model, tok = load_model("smollm2-135m-instruct")
     model.eval()
     for run in runs:
         for key in ("before", "after"):
-            with torch.no_grad():
-                batch = encode_sft(tok, run["prompts"], run[key], chat=True, add_eos=False)
-                lp = response_token_logprobs(model, batch)
+            batch = encode_sft(tok, run["prompts"], run[key], chat=True, add_eos=False)
+            normalized = score_responses(model, batch.input_ids, batch.attention_mask, batch.response_mask)["normalized"]
             # exp of the mean over answers of each answer's NLL per token, as ``divergence_from_reference`` gives it
-            run[f"ppl_{key}"] = torch.exp(-length_normalized_logprob(lp, batch.response_mask).mean()).item()
+            run[f"ppl_{key}"] = torch.exp(-normalized.mean()).item()
 
 
 def judge(run: dict, min_gain: float, kl_budget: float) -> dict:

@@ -13,7 +13,7 @@ TEST_ONLY = {"preference_pairs_shift"}
 @pytest.mark.parametrize("name", sorted(COURSE_SETS))
 def test_course_sets_meet_the_schema_and_sizes(name):
     test = load_course_dataset(name, "test")
-    train = load_course_dataset(name, "test").select([]) if name in TEST_ONLY else load_course_dataset(name, "train")
+    train = test.select([]) if name in TEST_ONLY else load_course_dataset(name, "train")
     assert len(train) >= MINIMUM[name] and len(test) >= 20
     ids = list(train["id"]) + list(test["id"])
     assert len(set(ids)) == len(ids)
