@@ -119,15 +119,16 @@ def test_regenerating_never_overwrites_a_students_answers_without_force(tmp_path
 
 def test_checks_registry_of_exercise_00():
     checks = load_checks("00_logprobs")
-    assert sum(c.points for c in checks) == 10
+    assert sum(c.points for c in checks) == 12
     assert_registry("00_logprobs", {"token_logprobs_from_logits": 4, "sequence_logprob": 2,
-                                    "length_normalized_logprob": 2, "masked_mean": 2})
+                                    "length_normalized_logprob": 2, "masked_mean": 2,
+                                    "choose_temperature": 2})
     with pytest.raises(LookupError, match="no checks"):
         load_checks("99_missing")
 
 
 def test_solution_scores_full_marks():
-    assert_full_marks(SOLUTION, 10)
+    assert_full_marks(SOLUTION, 12)
 
 
 def test_exercise_scores_zero_on_every_check():
@@ -136,7 +137,7 @@ def test_exercise_scores_zero_on_every_check():
 
 def test_grade_command_prints_table(capsys):
     assert grade_command(SOLUTION) == 0
-    assert "Total 10/10" in capsys.readouterr().out
+    assert "Total 12/12" in capsys.readouterr().out
     assert grade_command(ROOT / "no_such_notebook.ipynb") == 2
 
 
@@ -173,7 +174,7 @@ def test_wrong_implementation_loses_points_on_the_right_checks(mistake, tmp_path
 
 
 def test_syntax_error_scores_zero_without_crashing(tmp_path):
-    assert_syntax_error_costs_only(SOLUTION, "sequence_logprob", "masked_mean", 10, tmp_path)
+    assert_syntax_error_costs_only(SOLUTION, "sequence_logprob", "masked_mean", 12, tmp_path)
 
 
 def test_function_imported_from_alignlib_is_not_accepted(tmp_path):

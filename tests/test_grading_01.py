@@ -10,11 +10,11 @@ from grading_helpers import (assert_full_marks, assert_import_not_accepted, asse
 
 SOLUTION = solution_path("01_ppo")
 EXERCISE = exercise_path("01_ppo")
-POINTS = {"kl_penalty": 3, "shaped_rewards": 3, "compute_gae": 4, "clipped_policy_loss": 4}
+POINTS = {"kl_penalty": 3, "shaped_rewards": 3, "compute_gae": 4, "clipped_policy_loss": 4, "choose_beta": 2}
 
 
 def test_checks_registry_of_exercise_01():
-    assert sum(POINTS.values()) == 14
+    assert sum(POINTS.values()) == 16
     assert_registry("01_ppo", POINTS)
 
 
@@ -27,7 +27,7 @@ def test_exercise_01_is_in_sync():
 
 
 def test_solution_scores_full_marks():
-    assert_full_marks(SOLUTION, 14)
+    assert_full_marks(SOLUTION, 16)
 
 
 def test_exercise_scores_zero_on_every_check():
@@ -146,7 +146,7 @@ def test_wrong_implementation_loses_points_on_the_right_checks(mistake, tmp_path
 
 
 def test_syntax_error_in_one_cell_keeps_the_other_marks(tmp_path):
-    assert_syntax_error_costs_only(SOLUTION, "compute_gae", "clipped_policy_loss", 14, tmp_path)
+    assert_syntax_error_costs_only(SOLUTION, "compute_gae", "clipped_policy_loss", 16, tmp_path)
 
 
 def test_functions_imported_from_alignlib_are_not_accepted(tmp_path):

@@ -10,7 +10,7 @@ from grading_helpers import (assert_full_marks, assert_import_not_accepted, asse
 
 SOLUTION = solution_path("02_rrhf")
 EXERCISE = exercise_path("02_rrhf")
-POINTS = {"rank_loss": 6, "best_response_loss": 4}
+POINTS = {"rank_loss": 6, "best_response_loss": 4, "choose_alpha": 2}
 
 
 def test_checks_registry_of_exercise_02():
@@ -26,7 +26,7 @@ def test_exercise_02_is_in_sync():
 
 
 def test_solution_scores_full_marks():
-    assert_full_marks(SOLUTION, 10)
+    assert_full_marks(SOLUTION, 12)
 
 
 def test_exercise_scores_zero_on_every_check():
@@ -134,7 +134,7 @@ def test_wrong_implementation_loses_points_on_the_right_checks(mistake, tmp_path
 
 
 def test_syntax_error_in_one_cell_keeps_the_other_marks(tmp_path):
-    assert_syntax_error_costs_only(SOLUTION, "rank_loss", "best_response_loss", 10, tmp_path)
+    assert_syntax_error_costs_only(SOLUTION, "rank_loss", "best_response_loss", 12, tmp_path)
 
 
 def test_functions_imported_from_alignlib_are_not_accepted(tmp_path):

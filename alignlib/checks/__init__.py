@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -147,6 +148,33 @@ def get_function(ns: Namespace, name: str) -> Callable:
                 raise AssertionError(f"`{name}`: {err}") from None
             raise
     return guarded
+
+
+def run_experiment(ns: Namespace, name: str):
+    """Call the student's experiment ``name()`` (a function of a graded cell) and return what it chose.
+
+    An experiment is graded on its outcome, not on how it was computed, so it runs unguarded: it may call any of
+    alignlib (``alignlib.tiny_lab`` measures through functions that the other checks grade).
+    """
+    fn = ns.get(name)
+    if fn is None:
+        failed = "; ".join(f"graded cell {i} failed with {msg}" for i, msg in sorted(ns.errors.items()))
+        raise AssertionError(f"`{name}` is not defined" + (f" ({failed})" if failed else
+                                                           " in the notebook's graded cells"))
+    code = getattr(fn, "__code__", None)
+    if code is None or not code.co_filename.startswith("<graded cell"):
+        raise AssertionError(f"`{name}` must be a function written (with `def`) in its graded cell.")
+    return fn()
+
+
+def as_number(value, what: str) -> float:
+    """``value`` as a finite float, or an AssertionError that says what the experiment returned."""
+    if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1:
+        value = value.item()
+    assert isinstance(value, (int, float)) and not isinstance(value, bool), \
+        f"{what} should be a number, got {type(value).__name__} {value!r}"
+    assert math.isfinite(value), f"{what} should be finite, got {value!r}"
+    return float(value)
 
 
 def assert_close(actual, expected: torch.Tensor, what: str, atol: float = 1e-5, rtol: float = 1e-5) -> None:

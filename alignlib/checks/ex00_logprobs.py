@@ -1,4 +1,4 @@
-"""Checks of exercise 00 (log-probs of a response), 10 points.
+"""Checks of exercise 00 (log-probs of a response, and a temperature chosen by experiment), 12 points.
 
 Each check compares the student's function with ``alignlib.logprobs`` on seeded random inputs laid out as
 in alignlib (left-padded prompts, then responses, then right padding), or tests an invariant that the
@@ -11,7 +11,9 @@ import torch
 
 from alignlib import logprobs as ref
 
-from . import assert_close, check, generator, get_function, rollout_masks
+from alignlib import tiny_lab
+
+from . import as_number, assert_close, check, generator, get_function, rollout_masks, run_experiment
 
 SHAPES = [(2, 6), (4, 10), (1, 3)]  # (B, T) of the random batches
 VOCAB = 11
@@ -159,3 +161,19 @@ def masked_mean_ignores_masked_values(ns):
     huge = torch.where(mask.bool(), values, 1e30 * torch.randn(4, 6, generator=gen).sign())
     assert_close(student(huge, mask.clone()), ref.masked_mean(values, mask),
                  "masked_mean with values of +-1e30 where mask is 0 (they must not count)")
+
+
+# ---------------------------------------------------------------- the graded experiment (2 points)
+
+ENTROPY_TARGET, ENTROPY_TOLERANCE = 2.0, 0.05   # nats
+
+
+@check(points=2, function="choose_temperature")
+def temperature_reaches_entropy(ns):
+    """the chosen temperature gives the tiny model a mean next-token entropy of 2.0 +- 0.05 nats"""
+    t = as_number(run_experiment(ns, "choose_temperature"), "choose_temperature()")
+    assert t > 0, f"choose_temperature() returned {t}; a temperature must be > 0"
+    h = tiny_lab.mean_entropy(t)
+    assert abs(h - ENTROPY_TARGET) <= ENTROPY_TOLERANCE, \
+        (f"at temperature {t:.4g} the mean entropy is {h:.3f} nats, not within {ENTROPY_TOLERANCE} of "
+         f"{ENTROPY_TARGET} (higher temperature, higher entropy)")

@@ -1,4 +1,4 @@
-"""Checks of exercise 01 (the pieces of PPO for language models), 14 points.
+"""Checks of exercise 01 (the pieces of PPO for language models, and a beta chosen by experiment), 16 points.
 
 Each check compares the student's function with ``alignlib.ppo`` on seeded random inputs laid out as in
 alignlib (left padding and prompt, a contiguous response, right padding), or tests an invariant that the
@@ -15,7 +15,9 @@ import torch
 from alignlib import ppo as ref
 from alignlib.logprobs import masked_mean
 
-from . import assert_close, check, generator, get_function, rollout_masks
+from alignlib import tiny_lab
+
+from . import as_number, assert_close, check, generator, get_function, rollout_masks, run_experiment
 
 SHAPES = [(2, 6), (4, 10), (1, 3), (3, 12)]  # (B, T) of the random batches
 
@@ -312,3 +314,18 @@ def clip_on_policy(ns):
     (grad,) = torch.autograd.grad(loss, logp)
     assert_close(grad, -advantages * mask / mask.sum(),
                  "d loss / d logp at ratio 1 (-A_t / number of response tokens on the mask, 0 off it)")
+
+
+# ---------------------------------------------------------------- the graded experiment (2 points)
+
+KL_TARGET, KL_TOLERANCE = 0.5, 0.02   # nats
+
+
+@check(points=2, function="choose_beta")
+def beta_reaches_kl_target(ns):
+    """the chosen beta puts the KL-regularised optimum at KL(pi* || rho) = 0.5 +- 0.02 nats"""
+    beta = as_number(run_experiment(ns, "choose_beta"), "choose_beta()")
+    assert beta > 0, f"choose_beta() returned {beta}; beta must be > 0"
+    kl = tiny_lab.tilted_optimum(beta)["kl"]
+    assert abs(kl - KL_TARGET) <= KL_TOLERANCE, \
+        f"at beta = {beta:.4g} the optimum's KL is {kl:.3f} nats, not within {KL_TOLERANCE} of {KL_TARGET} (smaller beta, larger KL)"

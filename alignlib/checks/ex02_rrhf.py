@@ -1,4 +1,4 @@
-"""Checks of exercise 02 (the two losses of RRHF), 10 points.
+"""Checks of exercise 02 (the two losses of RRHF, and a length penalty chosen by experiment), 12 points.
 
 Every tensor is (Q, k): one row per query, one column per candidate response. Each check compares the
 student's function with ``alignlib.rrhf`` on seeded random candidates, or tests a property the reference has
@@ -12,7 +12,9 @@ import torch
 
 from alignlib import rrhf as ref
 
-from . import assert_close, check, generator, get_function
+from alignlib import tiny_lab
+
+from . import as_number, assert_close, check, generator, get_function, run_experiment
 
 SHAPES = [(1, 2), (3, 4), (2, 6), (5, 3), (2, 1)]  # (Q, k) of the random batches; k = 1 has no pair
 
@@ -211,3 +213,17 @@ def best_sums_with_gradient(ns):
     expected[torch.arange(4), best] = 1.0
     assert_close(grad, expected, f"d best_response_loss / d nll with rewards {describe(rewards)} (1 on each query's "
                  f"best candidate, 0 elsewhere)")
+
+
+# ---------------------------------------------------------------- the graded experiment (2 points)
+
+MAX_CORRELATION = 0.02
+
+
+@check(points=2, function="choose_alpha")
+def alpha_removes_length_bias(ns):
+    """the chosen alpha makes the candidates' scores uncorrelated with their length (|r| <= 0.02)"""
+    alpha = as_number(run_experiment(ns, "choose_alpha"), "choose_alpha()")
+    r = tiny_lab.length_correlation(alpha)
+    assert abs(r) <= MAX_CORRELATION, \
+        f"at alpha = {alpha:.4g} the correlation of p_i with |y_i| is {r:+.3f}, not within +-{MAX_CORRELATION}"

@@ -1,4 +1,4 @@
-"""Checks of exercise 03 (RAFT's ranking step and the distinct-n diversity metric), 10 points.
+"""Checks of exercise 03 (RAFT's ranking step and the distinct-n diversity metric, and a best-of-k budget chosen by experiment), 12 points.
 
 Rewards are laid out as in ``alignlib.raft``: row p of a (P, k) tensor holds the k samples of prompt p, and a
 sample's flat index is p * k + j (row-major, the order in which ``generate`` returns them). Each check compares
@@ -12,7 +12,9 @@ import torch
 
 from alignlib import raft as ref
 
-from . import check, generator, get_function
+from alignlib import tiny_lab
+
+from . import as_number, check, generator, get_function, run_experiment
 
 LOCAL_SHAPES = [(4, 3), (1, 5), (6, 1), (3, 8), (1, 1)]          # (P, k)
 GLOBAL_CASES = [((4, 3), 3), ((10,), 2), ((5, 3), 4), ((3, 3), 9), ((7, 2), 2), ((2, 6), 5)]  # (shape, k)
@@ -248,3 +250,26 @@ def distinct_within_texts(ns):
     student = get_function(ns, "distinct_n")
     for texts, n, expected, why in WITHIN_CASES:
         assert_distinct(student, texts, n, expected, why)
+
+
+# ---------------------------------------------------------------- the graded experiment (2 points)
+
+FLUENCY_FLOOR = -3.0   # mean log-prob per token of the kept samples under the model at temperature 1
+REWARD_TARGET = 0.2    # mean vowel fraction of the kept samples
+
+
+@check(points=2, function="choose_k_and_temperature")
+def best_of_k_under_fluency_floor(ns):
+    """the chosen (k, temperature) keeps samples with reward >= 0.2 and fluency >= -3.0 nats per token"""
+    out = run_experiment(ns, "choose_k_and_temperature")
+    assert isinstance(out, tuple) and len(out) == 2, \
+        f"choose_k_and_temperature() should return a tuple (k, temperature), got {out!r}"
+    k, t = out
+    assert isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= 8, f"k should be an int from 1 to 8, got {k!r}"
+    t = as_number(t, "the temperature")
+    assert t > 0, f"the temperature must be > 0, got {t}"
+    got = tiny_lab.best_of_k(k, t)
+    assert got["fluency"] >= FLUENCY_FLOOR, \
+        f"k = {k}, temperature {t:.3g}: fluency {got['fluency']:.2f} is below the floor {FLUENCY_FLOOR}"
+    assert got["reward"] >= REWARD_TARGET, \
+        f"k = {k}, temperature {t:.3g}: reward {got['reward']:.3f} is below the target {REWARD_TARGET}"

@@ -1,0 +1,148 @@
+"""Small, exact experiments on the tiny random model: the graded experiments of the exercises.
+
+Each exercise ends with a choice a practitioner makes by experiment (a temperature, a KL coefficient, a length
+penalty, a best-of-k budget). The measurements live here so that a student's search and the grader see the
+same numbers: every function is deterministic (fixed prompts, fixed weights, fixed sampling seeds) and takes
+well under a second on a CPU. The model is ``tiny-random`` (2 layers, 64 wide, byte-level tokens): its text is
+gibberish, but its distributions are peaked like a language model's, so the trade-offs have the same shape.
+
+- ``mean_entropy(T)``: mean entropy (nats) of the next-token distribution softmax(z / T) over ``PROMPTS``.
+- ``tilted_optimum(beta)``: the KL-regularised optimum pi*(a) = rho(a) exp(R(a) / beta) / Z over the next
+  token, with R(a) = 1 for a vowel and 0 otherwise; its exact KL(pi* || rho) and expected reward.
+- ``length_correlation(alpha)``: RRHF's score p_i = log pi(y_i | x) / |y_i|^alpha of candidates of 4-32
+  tokens; its Pearson correlation with the length |y_i|.
+- ``best_of_k(k, T)``: RAFT's selection step: k samples per prompt at temperature T, the best kept by the
+  vowel reward; the kept samples' mean reward and their fluency (mean log-prob per token at T = 1).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+PROMPTS = ["The film was", "I think that", "Once upon a time", "The answer is", "My favourite meal",
+           "In the morning", "She said that", "We went to the"]
+VOWELS = "aeiouAEIOU"
+LENGTHS = (4, 8, 16, 32)     # candidate lengths of length_correlation
+SAMPLE_SEED = 2024
+RAFT_TOKENS = 12             # new tokens per sample in best_of_k
+
+
+@functools.lru_cache(maxsize=1)
+def model_and_tokenizer():
+    """The tiny random model (weights seed 0) in eval mode, loaded once per process."""
+    from .models import load_model
+
+    model, tok = load_model("tiny-random")
+    return model.eval(), tok
+
+
+@functools.lru_cache(maxsize=1)
+def next_token_logits() -> torch.Tensor:
+    """(P, V) logits of the token after each of ``PROMPTS`` (raw text, no chat template)."""
+    model, tok = model_and_tokenizer()
+    with torch.no_grad():
+        rows = [model(**tok(p, return_tensors="pt")).logits[0, -1] for p in PROMPTS]
+    return torch.stack(rows).float()
+
+
+def _check_positive(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def mean_entropy(temperature: float) -> float:
+    """Mean over ``PROMPTS`` of H(softmax(z / T)) in nats."""
+    t = _check_positive("temperature", temperature)
+    logp = torch.log_softmax(next_token_logits() / t, dim=-1)          # (P, V)
+    return float(-(logp.exp() * logp).sum(-1).mean())
+
+
+@functools.lru_cache(maxsize=1)
+def vowel_reward() -> torch.Tensor:
+    """(V,) reward of each token: 1.0 if it decodes to a single vowel letter, else 0.0."""
+    _, tok = model_and_tokenizer()
+    return torch.tensor([1.0 if tok.decode([i]) in VOWELS and tok.decode([i]) else 0.0 for i in range(len(tok))])
+
+
+def tilted_optimum(beta: float) -> dict:
+    """The optimum of E_pi[R] - beta KL(pi || rho) over next-token distributions, rho the tiny model.
+
+    pi*(a | x) = rho(a | x) exp(R(a) / beta) / Z(x). Returns the means over ``PROMPTS`` of ``kl`` (KL(pi* || rho),
+    nats), ``reward`` (E_pi*[R]) and ``reference_reward`` (E_rho[R]).
+    """
+    b = _check_positive("beta", beta)
+    ref = torch.log_softmax(next_token_logits().double(), dim=-1)       # (P, V) log rho
+    r = vowel_reward().double()                                         # (V,)
+    opt = torch.log_softmax(ref + r / b, dim=-1)                        # (P, V) log pi*
+    p = opt.exp()
+    return {"kl": float((p * (opt - ref)).sum(-1).mean()), "reward": float((p * r).sum(-1).mean()),
+            "reference_reward": float((ref.exp() * r).sum(-1).mean())}
+
+
+def _response_logprobs(model, roll) -> torch.Tensor:
+    """(B, T) log-probs of the response tokens, 0 elsewhere (no graded function is used: see ``checks``)."""
+    from .logprobs import token_logprobs
+
+    with torch.no_grad():
+        lp = token_logprobs(model, roll.input_ids, roll.attention_mask)
+    return lp * roll.response_mask
+
+
+@functools.lru_cache(maxsize=1)
+def candidate_scores() -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) sequence log-probs log pi(y | x) and (N,) lengths of sampled candidates, 2 per prompt and length."""
+    from .generation import generate
+
+    model, tok = model_and_tokenizer()
+    logps, lengths = [], []
+    for i, n in enumerate(LENGTHS):
+        roll = generate(model, tok, PROMPTS, max_new_tokens=n, chat=False,
+                        seed=SAMPLE_SEED + i, num_return_sequences=2)
+        logps.append(_response_logprobs(model, roll).sum(-1))
+        lengths.append(roll.response_mask.sum(-1).float())
+    return torch.cat(logps).double(), torch.cat(lengths).double()
+
+
+def length_correlation(alpha: float) -> float:
+    """Pearson correlation over the candidates of p_i = log pi(y_i | x) / |y_i|^alpha with |y_i|."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+    logp, length = candidate_scores()
+    p = logp / length ** alpha
+    return float(torch.corrcoef(torch.stack([p, length]))[0, 1])
+
+
+def best_of_k(k: int, temperature: float) -> dict:
+    """RAFT's ranking step on the tiny model: sample k answers per prompt at ``temperature``, keep the best.
+
+    The reward of a sample is the fraction of its tokens that are vowels (``vowel_reward``). Returns, over the
+    kept samples (one per prompt): ``reward`` (mean), ``fluency`` (mean log-prob per token under the model at
+    temperature 1: how far the kept text is from what the model would write) and ``distinct2`` (distinct token
+    bigrams over all bigrams: tokens, not words as in ``alignlib.raft.distinct_n``, since the tiny model's
+    bytes form few words).
+    """
+    from .generation import generate
+
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 8:
+        raise ValueError(f"k must be an integer from 1 to 8, got {k!r}")
+    t = _check_positive("temperature", temperature)
+    model, tok = model_and_tokenizer()
+    roll = generate(model, tok, PROMPTS, max_new_tokens=RAFT_TOKENS, chat=False, temperature=t,
+                    seed=SAMPLE_SEED, num_return_sequences=k)
+    mask = roll.response_mask.float()                                                   # (P*k, T)
+    n = mask.sum(-1)                                                                    # (P*k,)
+    reward = (vowel_reward()[roll.input_ids] * mask).sum(-1) / n                        # (P*k,)
+    fluency = _response_logprobs(model, roll).sum(-1) / n                               # (P*k,)
+    rows = torch.arange(len(PROMPTS)) * k + reward.view(len(PROMPTS), k).argmax(-1)    # (P,) flat, ties: first
+    pairs = [pair for r in rows.tolist() for pair in _token_bigrams(roll.input_ids[r], roll.response_mask[r])]
+    return {"reward": float(reward[rows].mean()), "fluency": float(fluency[rows].mean()),
+            "distinct2": len(set(pairs)) / max(len(pairs), 1)}
+
+
+def _token_bigrams(ids: torch.Tensor, mask: torch.Tensor) -> list[tuple[int, int]]:
+    """Consecutive pairs of response tokens of one row (byte tokens: the tiny model's text has few spaces)."""
+    tokens = ids[mask.bool()].tolist()
+    return list(zip(tokens, tokens[1:]))
