@@ -54,7 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--reward", help="override the reward: sentiment | length | rm:<model>")
         cmd.add_argument("--steps", type=int, help="override the number of steps (RAFT: stages)")
         cmd.add_argument("--seed", type=int, default=0)
-        cmd.add_argument("--output", default=f"runs/{method}", help="directory for history.json and the LoRA adapter")
+        cmd.add_argument("--output", default=f"runs/{method}",
+                         help="run directory: history.json, checkpoints/ and the LoRA adapter")
+        cmd.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+        cmd.add_argument("--overwrite", action="store_true", help="delete the run in --output and start again")
+        cmd.add_argument("--checkpoint-every", type=int, default=5, metavar="N",
+                         help="checkpoint every N steps (0: only at the end and when stopped); default 5")
 
     grade = sub.add_parser("grade", help="grade an exercise notebook and print the score table")
     grade.add_argument("notebook", help="path to an exercises/NN_*.ipynb (or solutions/) notebook")

@@ -1,20 +1,26 @@
-"""Full runs behind the CLI's method commands: load the preset's pieces, train, evaluate, save.
+"""Full runs behind the CLI's method commands: load the preset's pieces, train with checkpoints, evaluate, save.
 
-Each ``run_<method>(args)`` writes ``<output>/history.json`` (one dict of metrics per step, plus the config and
-before/after evaluation) and the trained LoRA adapter (safetensors) to ``<output>/adapter``.
+Every method writes the same run directory (``alignlib.checkpoint``): ``<output>/history.json`` (config, task,
+held-out evaluation before and after, one dict of metrics per step, status), rewritten at every checkpoint;
+``<output>/checkpoints/`` (the newest complete checkpoint, every ``--checkpoint-every`` steps, at the end and on
+SIGINT/SIGTERM); and ``<output>/adapter`` (the trained LoRA adapter, safetensors) at the end. An existing run
+directory is refused unless ``--resume`` (continue from its checkpoint) or ``--overwrite`` is given, and the
+directory is checked before the model is loaded.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
+from .checkpoint import graceful_stop, load_checkpoint, prepare_output, read_record, save_checkpoint, write_record
 from .generation import generate
 from .models import load_model
 from .presets import build_reward, get_task, load_task_prompts
 from .utils import seed_everything
+
+DEFAULT_CHECKPOINT_EVERY = 5
 
 
 @torch.no_grad()
@@ -27,15 +33,6 @@ def evaluate(model, tokenizer, reward_fn, prompts: list[str], max_new_tokens: in
     return {"reward/mean": rewards.mean().item(), "samples": list(zip(roll.prompts[:4], roll.responses[:4]))}
 
 
-def save_run(output: str | Path, model, record: dict) -> Path:
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "history.json").write_text(json.dumps(record, indent=1, default=str))
-    if hasattr(model, "save_pretrained"):
-        model.save_pretrained(out / "adapter", safe_serialization=True)
-    return out
-
-
 def prepare(args):
     """The preset's task, a LoRA policy, the reward function, train prompts and held-out prompts."""
     task = get_task(args.preset)
@@ -46,25 +43,65 @@ def prepare(args):
     return task, model, tokenizer, reward_fn, held_out
 
 
+def train_steps(trainer, out, total: int, every: int, record: dict, progress: bool = True) -> int | None:
+    """Step ``trainer`` until its history holds ``total`` steps; checkpoint every ``every`` steps (0: never in
+    between), after the last one, and when SIGINT/SIGTERM asks to stop. Returns the signal number if stopped."""
+    step = trainer.stage if hasattr(trainer, "stage") else trainer.step   # RAFT counts stages
+    bar = tqdm(total=total, initial=len(trainer.history), desc=record["method"].upper(), disable=not progress)
+    with graceful_stop() as stop:
+        while len(trainer.history) < total:
+            metrics = step()
+            metrics = metrics[0] if isinstance(metrics, tuple) else metrics          # PPO also returns its rollout
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward/mean']:+.3f}")
+            done = len(trainer.history)
+            if stop.signum or done == total or (every and done % every == 0):
+                save_checkpoint(out, trainer)
+                status = "interrupted" if stop.signum and done < total else "training"
+                write_record(out, {**record, "history": trainer.history, "status": status})
+            if stop.signum:
+                return stop.signum
+    bar.close()
+    return None
+
+
 def run_method(name: str, args, make_trainer) -> dict:
-    """Evaluate, train with ``make_trainer(task, model, tokenizer, reward_fn) -> (trainer, config)``, evaluate,
-    save. The same before/after protocol for every method, so their ``history.json`` files compare."""
+    """Check the output, evaluate, train with ``make_trainer(task, model, tokenizer, reward_fn) -> (trainer, config)``
+    and checkpoints, evaluate, save. The same protocol for every method, so their run directories compare."""
+    resume, overwrite = getattr(args, "resume", False), getattr(args, "overwrite", False)
+    every = getattr(args, "checkpoint_every", DEFAULT_CHECKPOINT_EVERY)
+    if every is None or every < 0:
+        raise ValueError(f"--checkpoint-every must be >= 0 (0: only at the end and when stopped), got {every}.")
+    out = prepare_output(args.output, resume=resume, overwrite=overwrite)   # before minutes of loading
     task, model, tokenizer, reward_fn, held_out = prepare(args)
     trainer, config = make_trainer(task, model, tokenizer, reward_fn)
-    before = evaluate(model, tokenizer, reward_fn, held_out, config.max_new_tokens, task.chat,
-                      temperature=config.temperature)
-    print(f"[{name}] held-out reward before: {before['reward/mean']:+.3f}")
-    history = trainer.train()
+    total = config.stages if name == "raft" else config.steps
+    if resume:
+        before = read_record(out)["before"]
+        print(f"[{name}] resuming {out} after step {load_checkpoint(out, trainer)} of {total}")
+    else:
+        before = evaluate(model, tokenizer, reward_fn, held_out, config.max_new_tokens, task.chat,
+                          temperature=config.temperature)
+        print(f"[{name}] held-out reward before: {before['reward/mean']:+.3f}")
+    record = {"method": name, "config": asdict(config), "task": asdict(task), "before": before}
+    write_record(out, {**record, "history": trainer.history, "status": "training"})
+    signum = train_steps(trainer, out, total, every, record)
+    if signum is not None:
+        print(f"[{name}] stopped after step {len(trainer.history)} of {total}; checkpoint written to {out}. "
+              f"Run the same command with --resume to continue.", flush=True)
+        raise SystemExit(128 + signum)
+    history = trainer.history
     after = evaluate(model, tokenizer, reward_fn, held_out, config.max_new_tokens, task.chat,
                      temperature=config.temperature)
     last = history[-1]
     print(f"[{name}] held-out reward after {len(history)} steps: {after['reward/mean']:+.3f} "
           f"(KL to reference {last.get('kl/ref', float('nan')):.2f} nats, peak memory {last['memory/peak_mb']:.0f} MB, "
           f"{sum(h['time/step_s'] for h in history):.0f} s)")
-    record = {"method": name, "config": asdict(config), "task": asdict(task), "before": before, "after": after,
-              "history": history}
-    out = save_run(args.output, model, record)
-    print(f"[{name}] wrote {out}/history.json and {out}/adapter")
+    record.update(after=after, history=history, status="finished")
+    write_record(out, record)
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(out / "adapter", safe_serialization=True)
+    print(f"[{name}] wrote {out}/history.json, {out}/adapter and {out}/checkpoints")
     return record
 
 

@@ -28,6 +28,7 @@ def test_method_run_writes_history_and_adapter(tmp_path, method, field):
     assert len(saved["history"]) == 2 and saved["config"][field] == 2
     assert "reward/mean" in saved["before"] and "reward/mean" in saved["after"]
     assert (tmp_path / method / "adapter" / "adapter_model.safetensors").exists()
+    assert saved["status"] == "finished" and (tmp_path / method / "checkpoints" / "step-000002").is_dir()
     assert record["history"][-1]["kl/ref"] == saved["history"][-1]["kl/ref"]
 
 

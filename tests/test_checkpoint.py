@@ -1,0 +1,127 @@
+"""The run protocol: checkpoints that resume exactly, run directories that are never replaced silently, and a
+clean stop on SIGTERM."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+import torch
+
+from alignlib.checkpoint import (RunDirectoryError, latest_checkpoint, load_checkpoint, prepare_output,
+                                 read_record, trained_module)
+from alignlib.models import load_model
+from alignlib.runs import train_steps
+from alignlib.utils import seed_everything
+
+PROMPTS = ["Hello", "Name a colour.", "What is 2 + 2?", "Say something nice."]
+VOLATILE = ("time/", "memory/")   # wall-clock and memory metrics differ between any two runs
+
+
+def build(method: str):
+    """A fresh trainer of ``method`` on the tiny model, as a resumed process would build it."""
+    from alignlib.ppo import PPOConfig, PPOTrainer
+    from alignlib.raft import RAFTConfig, RAFTTrainer
+    from alignlib.rrhf import RRHFConfig, RRHFTrainer
+
+    seed_everything(0)                     # as `prepare` does before loading: the same LoRA initialisation
+    model, tok = load_model("tiny-random", lora=True)
+    if method == "ppo":
+        config = PPOConfig(steps=3, batch_size=4, mini_batch_size=2, max_new_tokens=6, adaptive_kl=True)
+        return PPOTrainer(model, tok, vowels, PROMPTS, config)
+    if method == "rrhf":
+        config = RRHFConfig(steps=3, batch_size=2, policy_samples=2, initial_samples=1, max_new_tokens=6, lr=1e-2)
+        return RRHFTrainer(model, tok, vowels, [{"prompt": p} for p in PROMPTS], config)
+    config = RAFTConfig(stages=3, batch_size=2, k=2, max_new_tokens=6, lr=1e-2)
+    return RAFTTrainer(model, tok, vowels, PROMPTS, config)
+
+
+def stable(history: list[dict]) -> str:
+    """The history without wall-clock and memory metrics, as JSON (so that NaN equals NaN)."""
+    return json.dumps([{k: v for k, v in h.items() if not k.startswith(VOLATILE)} for h in history], sort_keys=True)
+
+
+def vowels(prompts, responses) -> torch.Tensor:
+    """A reward that differs between the tiny model's candidates (their lengths are all equal)."""
+    return torch.tensor([float(sum(c in "aeiou" for c in r)) for r in responses])
+
+
+@pytest.mark.parametrize("method", ["ppo", "rrhf", "raft"])
+def test_a_resumed_run_ends_exactly_where_the_uninterrupted_run_does(method, tmp_path):
+    record = {"method": method}
+    whole = build(method)
+    train_steps(whole, tmp_path / "whole", 3, every=0, record=record, progress=False)
+
+    first = build(method)
+    train_steps(first, tmp_path / "cut", 2, every=0, record=record, progress=False)   # then the process dies
+    del first
+    resumed = build(method)
+    assert load_checkpoint(tmp_path / "cut", resumed) == 2
+    train_steps(resumed, tmp_path / "cut", 3, every=0, record=record, progress=False)
+
+    assert stable(resumed.history) == stable(whole.history)
+    a = dict(trained_module(whole).named_parameters())
+    b = dict(trained_module(resumed).named_parameters())
+    changed = [n for n, p in a.items() if p.requires_grad]
+    assert changed and all(torch.equal(a[n], b[n]) for n in changed)
+    assert latest_checkpoint(tmp_path / "cut").name == "step-000003"
+    assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir() if p.is_dir()] == ["step-000003"]
+
+
+def test_an_existing_run_is_refused_unless_resumed_or_overwritten(tmp_path):
+    out = tmp_path / "run"
+    (out / "adapter").mkdir(parents=True)
+    (out / "adapter" / "stale.safetensors").write_text("old")
+    with pytest.raises(RunDirectoryError, match="--resume.*--overwrite"):
+        prepare_output(out)
+    with pytest.raises(RunDirectoryError, match="no complete checkpoint"):
+        prepare_output(out, resume=True)
+    with pytest.raises(ValueError, match="exclude each other"):
+        prepare_output(out, resume=True, overwrite=True)
+    prepare_output(out, overwrite=True)
+    assert out.is_dir() and not any(out.iterdir())        # nothing stale is left beside the new run
+    prepare_output(tmp_path / "fresh" / "nested")         # a new directory is created
+
+
+def test_an_unwritable_output_fails_before_training(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(RunDirectoryError, match="cannot write to the output directory"):
+        prepare_output(blocker / "run")
+
+
+def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_run(tmp_path):
+    out = tmp_path / "ppo"
+    base = [sys.executable, "-m", "alignlib", "ppo", "--model", "tiny-random", "--reward", "length",
+            "--output", str(out), "--checkpoint-every", "0"]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(base + ["--steps", "500"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:   # wait until training has started
+        record = read_record(out) if (out / "history.json").exists() else None
+        if record and record["status"] == "training":
+            break
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, log
+    assert "--resume" in log
+    record = read_record(out)
+    done = len(record["history"])
+    assert record["status"] == "interrupted" and 1 <= done < 500
+    assert latest_checkpoint(out).name == f"step-{done:06d}"
+
+    from alignlib.runs import run_ppo                      # resumed in this process: same protocol, no start-up
+    args = types.SimpleNamespace(preset="cpu", model="tiny-random", reward="length", steps=done + 1, seed=0,
+                                 output=str(out), resume=True, overwrite=False, checkpoint_every=0)
+    run_ppo(args)
+    record = json.loads((out / "history.json").read_text())
+    assert record["status"] == "finished" and len(record["history"]) == done + 1
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
