@@ -2,17 +2,20 @@
 
 The slides claim RRHF needs 1-2 models where PPO needs 4, and that RAFT's training phase is plain SFT. This
 benchmark measures what that buys on one machine, for one model and one task: each method runs its ``cpu``
-preset on the sentiment task (continue movie-review openings, VADER reward) with the same number of prompts
-per step and the same response length, each in a fresh process (so a peak belongs to one method), one after
-the other. Reported per method:
+preset on the course's sentiment task (chat answers to movie-review openings at temperature 0.7, VADER reward)
+with the same number of steps and the same response length, each in a fresh process (so a peak belongs to one
+method), one after the other; ``--seeds`` repeats the three runs per seed. Reported per method:
 
 - seconds per step (median after the first step) and of its training phase (``time/train_s``: PPO's epochs over
   mini-batches, RRHF's ranking backward pass, RAFT's SFT on the kept samples);
 - peak memory of the whole run, and peak memory of the training phase alone (on Linux the kernel's high-water
   mark is reset before each training phase), both as resident set size on a CPU (weights, Python and torch
   included) and ``torch.cuda.max_memory_allocated`` on a GPU; plus the growth over the memory after loading;
-- the training reward per step against cumulative wall-clock seconds, the held-out reward before and after, and
-  the seconds each method needed to reach PPO's final reward (3-step running mean).
+- the training reward per step against cumulative wall-clock seconds, and the seconds each method needed to
+  reach PPO's final reward (3-step running mean);
+- the slides' Fig. 4 at course scale: held-out reward (40 test openings, 2 answers each, fixed sampling seed)
+  and the perplexity of those answers under the initial model, for the initial model and after each method,
+  with distinct-2 beside them.
 
 ``--mode lora`` (default, how the course trains): every method trains LoRA adapters on one copy of the model;
 PPO's reference is the adapter switched off and its value head shares the trunk, so PPO holds one model too.
@@ -38,7 +41,21 @@ import torch
 from .models import DEFAULT_MODEL
 
 METHODS = ("ppo", "rrhf", "raft")
-FULL_LR = 1e-5  # learning rate of every method in --mode full
+FULL_LR = 1e-5       # learning rate of every method in --mode full
+TEMPERATURE = 0.7    # the task's sampling temperature (PPO's cpu preset), for every method and the evaluation
+EVAL_SEED = 1234
+EVAL_SAMPLES = 2     # answers per held-out prompt
+
+
+def held_out_answers(model, tokenizer, reward, prompts: list[str], max_new_tokens: int) -> dict:
+    """``EVAL_SAMPLES`` answers per prompt at ``TEMPERATURE``, fixed seed: the answers, each prompt's mean reward."""
+    from .generation import generate
+
+    with torch.random.fork_rng(devices=[]):
+        roll = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, chat=True, temperature=TEMPERATURE,
+                        seed=EVAL_SEED, num_return_sequences=EVAL_SAMPLES)
+    per_prompt = reward(roll.prompts, roll.responses).float().view(len(prompts), EVAL_SAMPLES).mean(-1)  # (N,)
+    return {"answers": roll.responses, "reward": per_prompt.tolist()}
 
 
 class PhaseProbe:
@@ -76,14 +93,13 @@ def _current_mb(device: torch.device) -> float | None:
     return torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else _status_mb("VmRSS")
 
 
-def bench_method(method: str, model_name: str = DEFAULT_MODEL, steps: int = 8, mode: str = "lora",
-                 threads: int | None = None, seed: int = 0, held_out: int = 16, progress: bool = True) -> dict:
+def bench_method(method: str, model_name: str = DEFAULT_MODEL, steps: int = 10, mode: str = "lora",
+                 threads: int | None = None, seed: int = 0, held_out: int = 40, progress: bool = True) -> dict:
     """Train one method for ``steps`` steps in this process; return its timings, memory and rewards."""
     from .data import load_prompts
     from .models import load_model
-    from .peer_bench import held_out_reward
     from .ppo import PPOConfig, PPOTrainer
-    from .raft import RAFTConfig, RAFTTrainer
+    from .raft import RAFTConfig, RAFTTrainer, distinct_n
     from .rewards import SentimentReward
     from .rrhf import RRHFConfig, RRHFTrainer
     from .utils import get_device, peak_memory_mb, seed_everything
@@ -102,11 +118,13 @@ def bench_method(method: str, model_name: str = DEFAULT_MODEL, steps: int = 8, m
             ref = copy.deepcopy(model).eval().requires_grad_(False)
     reward = SentimentReward()
     prompts, held = load_prompts("movie_openings", "train"), load_prompts("movie_openings", "test", n=held_out)
-    before = held_out_reward(model, tok, reward, held, 16)
+    max_new_tokens = PPOConfig.preset("cpu").max_new_tokens
+    before = held_out_answers(model, tok, reward, held, max_new_tokens)
     loaded_mb = _current_mb(device)
     probe = PhaseProbe(device)
     # the presets' lr (3e-3) is for LoRA adapters; every weight at once needs a far smaller step
-    common = dict(chat=False, seed=seed, **({"lr": FULL_LR} if mode == "full" else {}))
+    common = dict(seed=seed, temperature=TEMPERATURE, max_new_tokens=max_new_tokens,
+                  **({"lr": FULL_LR} if mode == "full" else {}))
     if method == "ppo":
         config = PPOConfig.preset("cpu", steps=steps, value_model="separate" if mode == "full" else "shared",
                                   **common)
@@ -133,7 +151,7 @@ def bench_method(method: str, model_name: str = DEFAULT_MODEL, steps: int = 8, m
         if progress:
             print(f"[{method}] step {i + 1}/{steps}: {metrics['time/step_s']:.1f} s, reward {metrics['reward/mean']:+.3f}",
                   file=sys.stderr, flush=True)
-    after = held_out_reward(policy(), tok, reward, held, 16)
+    after = held_out_answers(policy(), tok, reward, held, max_new_tokens)
     peak = max(probe.process_peak, peak_memory_mb(device))
     step_s = [h["time/step_s"] for h in history]
     train_s = [h["time/train_s"] for h in history]
@@ -146,7 +164,11 @@ def bench_method(method: str, model_name: str = DEFAULT_MODEL, steps: int = 8, m
         "median_step_s": statistics.median(step_s[1:] or step_s),
         "median_train_s": statistics.median(train_s[1:] or train_s),
         "peak_mb": peak, "train_peak_mb": max(probe.peaks) if probe.peaks else None, "loaded_mb": loaded_mb,
-        "held_out_before": before, "held_out_after": after, "history": history,
+        "held_out_before": statistics.fmean(before["reward"]), "held_out_after": statistics.fmean(after["reward"]),
+        "prompts": [p for p in held for _ in range(EVAL_SAMPLES)], "before": before["answers"],
+        "after": after["answers"], "reward_before": before["reward"], "reward_after": after["reward"],
+        "distinct2_before": distinct_n(before["answers"], 2), "distinct2_after": distinct_n(after["answers"], 2),
+        "history": history,
         "wall_s": time.perf_counter() - t_start,
     }
 
@@ -221,29 +243,64 @@ def format_table(results: dict, summary: dict) -> str:
     return "\n".join(lines)
 
 
+def fig4_table(runs: dict[int, dict]) -> str:
+    """The slides' Fig. 4 at course scale: held-out reward and perplexity under the initial model, mean and the
+    range over seeds, for the initial model and after each method."""
+    def cell(values: list[float], spec: str) -> str:
+        m = statistics.fmean(values)
+        return f"{m:{spec}} [{min(values):{spec}}, {max(values):{spec}}]" if len(values) > 1 else f"{m:{spec}}"
+
+    seeds = sorted(runs)
+    first = runs[seeds[0]][next(iter(runs[seeds[0]]))]
+    rows = [("initial model", [first["held_out_before"]], [first["ppl_before"]], [first["distinct2_before"]])]
+    for m in METHODS:
+        if m in runs[seeds[0]]:
+            rs = [runs[s][m] for s in seeds]
+            rows.append((m.upper(), [r["held_out_after"] for r in rs], [r["ppl_after"] for r in rs],
+                         [r["distinct2_after"] for r in rs]))
+    lines = [f"{'':16}{'held-out reward':>26}{'perplexity (initial model)':>30}{'distinct-2':>24}"]
+    lines += [f"{name:16}{cell(r, '+.3f'):>26}{cell(p, '.2f'):>30}{cell(d, '.2f'):>24}" for name, r, p, d in rows]
+    lines.append(f"mean [min, max] over seeds {', '.join(map(str, seeds))}; {len(first['prompts']) // EVAL_SAMPLES} "
+                 f"held-out prompts, {EVAL_SAMPLES} answers each at temperature {TEMPERATURE}")
+    return "\n".join(lines)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model name, Hub id or directory (tests: tiny-random)")
-    parser.add_argument("--steps", type=int, default=8, help="steps (RAFT: stages) per method")
+    parser.add_argument("--steps", type=int, default=10, help="steps (RAFT: stages) per method")
     parser.add_argument("--mode", choices=["lora", "full"], default="lora", help="LoRA adapters or every weight")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run of every method per seed")
+    parser.add_argument("--held-out", type=int, default=40, help="held-out prompts (2 answers each)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     return parser
 
 
 def run(args) -> dict:
+    from .ppo_check import reference_perplexity
+
     if "ppo" not in args.methods:
         raise ValueError("--methods must include ppo: every ratio is relative to PPO.")
-    opts = {"model_name": args.model, "steps": args.steps, "mode": args.mode, "threads": args.threads,
-            "seed": args.seed}
-    results = {}
-    for method in METHODS:
-        if method in args.methods:
-            print(f"[method-bench] {method} in a subprocess ...", file=sys.stderr, flush=True)
-            results[method] = run_subprocess(method, opts)
-    summary = summarize(results)
-    print(format_table(results, summary))
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}.")
+    if args.json:  # checked before an hour of runs, not after
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).touch()
+    runs = {}
+    for seed in args.seeds:
+        opts = {"model_name": args.model, "steps": args.steps, "mode": args.mode, "threads": args.threads,
+                "seed": seed, "held_out": args.held_out}
+        results = {}
+        for method in METHODS:
+            if method in args.methods:
+                print(f"[method-bench] seed {seed}: {method} in a subprocess ...", file=sys.stderr, flush=True)
+                results[method] = run_subprocess(method, opts)
+        reference_perplexity(list(results.values()), args.model)
+        runs[seed] = results
+        print(f"\nseed {seed}\n" + format_table(results, summarize(results)), flush=True)
+    print("\n" + fig4_table(runs))
+    out = {"runs": {str(s): r for s, r in runs.items()}, "summary": {str(s): summarize(r) for s, r in runs.items()}}
     if args.json:
-        Path(args.json).write_text(json.dumps({"results": results, "summary": summary}, indent=1))
-    return {"results": results, "summary": summary}
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return out

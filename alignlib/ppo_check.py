@@ -16,8 +16,16 @@ The variety of the answers (distinct-2 over the 80 held-out answers, before and 
 not judged: a policy that opens every answer with the same pleasant phrase is readable and still narrower, and
 lecture 01 shows that as what it is, the first step of reward hacking.
 
+``--task reward-model`` closes the RLHF loop instead (lecture 01's last part): each run trains two Bradley-Terry
+reward models (MiniLM, the ``cpu`` preset with 3 epochs, the run's seed) on disjoint halves of the course's
+preference pairs, then runs PPO on the helpful prompts against the first (the *proxy*), with rewards whitened per
+batch, 24 new tokens and 8 steps. The second (the *judge*) never reaches PPO: it scores the held-out answers
+beside the proxy, so a proxy gain the judge does not share shows where the proxy is exploited. ``gain`` is then
+the proxy's held-out gain (default threshold 0.02: Bradley-Terry scores here span about +-0.5); the judge's gain
+is reported, not judged, as are both reward models' accuracies on held-out and on shifted preference pairs.
+
 The JSON it writes (``--output``) holds every run's history, held-out rewards and samples; lecture 01 reads the
-stored copy in ``lectures/results/`` to show the spread over seeds and the effect of beta. Exit code 1 if any
+stored copies in ``lectures/results/`` to show the spread over seeds and the effect of beta. Exit code 1 if any
 run at the preset's beta fails a criterion (runs at other betas are reported, not judged: beta = 0 is expected
 to break the KL budget).
 """
@@ -37,6 +45,8 @@ from pathlib import Path
 EVAL_SEED = 1234
 N_EVAL = 40          # all held-out openings
 EVAL_SAMPLES = 2     # answers per opening: the held-out reward of a prompt is the mean of its answers
+TASKS = ("sentiment", "reward-model")
+MIN_GAIN = {"sentiment": 0.1, "reward-model": 0.02}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,12 +55,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kl-coefs", type=float, nargs="+", default=None,
                         help="beta values (default: the preset's); extra values run at the first seed and thread count")
     parser.add_argument("--steps", type=int, default=None, help="PPO steps per run (default: the cpu preset's)")
-    parser.add_argument("--min-gain", type=float, default=0.1, help="required rise of the held-out reward")
+    parser.add_argument("--task", choices=TASKS, default="sentiment",
+                        help="sentiment: VADER on movie openings; reward-model: PPO against a learned reward model")
+    parser.add_argument("--min-gain", type=float, default=None,
+                        help="required rise of the held-out reward (default 0.1 for sentiment, 0.02 for reward-model)")
     parser.add_argument("--kl-budget", type=float, default=12.0, help="nats per sequence")
     parser.add_argument("--parallel", type=int, default=1, help="runs at once (only 1-thread runs are paired)")
     parser.add_argument("--output", default="runs/ppo_check.json")
     parser.add_argument("--rejudge", action="store_true",
                         help="run nothing: score and judge the runs stored in --output again, and rewrite it")
+
+
+def train_reward_models(seed: int) -> tuple[dict, dict]:
+    """Proxy and judge Bradley-Terry models on disjoint halves of the training pairs; their accuracies."""
+    from . import reward_model as rm
+    from .data import load_course_dataset
+
+    config = rm.RewardModelConfig.preset("cpu", epochs=3, seed=seed)
+    pairs = load_course_dataset("preference_pairs", "train")
+    tests = {"held_out": load_course_dataset("preference_pairs", "test"),
+             "shifted": load_course_dataset("preference_pairs_shift", "test")}
+    models, accuracy = {}, {}
+    for name, start in (("proxy", 0), ("judge", 1)):
+        model, tok = rm.load_reward_model(config.model, seed=seed)
+        rm.train_reward_model(model, tok, pairs.select(range(start, len(pairs), 2)), config, progress=False)
+        models[name] = rm.as_reward_function(model, tok)
+        accuracy[name] = {k: rm.pairwise_accuracy(model, tok, v)["accuracy"] for k, v in tests.items()}
+    return models, accuracy
 
 
 def worker(spec: dict) -> dict:
@@ -67,41 +98,54 @@ def worker(spec: dict) -> dict:
     from .utils import seed_everything
 
     seed_everything(spec["seed"])
-    config = ppo.PPOConfig.preset("cpu", seed=spec["seed"], kl_coef=spec["kl_coef"],
-                                  **({"steps": spec["steps"]} if spec.get("steps") else {}))
+    task = spec.get("task", "sentiment")
+    overrides = {"steps": spec["steps"]} if spec.get("steps") else {}
+    extra, judges = {}, {}
+    if task == "reward-model":
+        models, extra["rm_accuracy"] = train_reward_models(spec["seed"])
+        reward, judges = models["proxy"], {"judge": models["judge"]}
+        prompt_set = "helpful_prompts"
+        overrides = {"steps": 8, "max_new_tokens": 24, "whiten_rewards": True, **overrides}
+    else:
+        reward, prompt_set = SentimentReward(), "movie_openings"
+    seed_everything(spec["seed"])
+    config = ppo.PPOConfig.preset("cpu", seed=spec["seed"], kl_coef=spec["kl_coef"], **overrides)
     policy, tok = load_model("smollm2-135m-instruct", lora=True)
-    reward = SentimentReward()
-    train, held_out = load_prompts("movie_openings", "train"), load_prompts("movie_openings", "test", n=N_EVAL)
+    train, held_out = load_prompts(prompt_set, "train"), load_prompts(prompt_set, "test", n=N_EVAL)
 
-    def evaluate():
+    def evaluate(key):
         roll = generate(policy, tok, held_out, max_new_tokens=config.max_new_tokens, chat=config.chat,
                         temperature=config.temperature, seed=EVAL_SEED, num_return_sequences=EVAL_SAMPLES)
-        per_prompt = reward(roll.prompts, roll.responses).view(len(held_out), EVAL_SAMPLES).mean(-1)  # (N,)
-        return roll.responses, per_prompt.tolist()
+        for name, fn in {"reward": reward, **judges}.items():
+            per_answer = fn(roll.prompts, roll.responses)                      # (N * EVAL_SAMPLES,)
+            extra[f"{name}_{key}"] = per_answer.view(len(held_out), EVAL_SAMPLES).mean(-1).tolist()  # (N,)
+            extra[f"{name}_answers_{key}"] = per_answer.tolist()
+        return roll.responses
 
-    before, r_before = evaluate()
+    before = evaluate("before")
     start = time.perf_counter()
     history = ppo.PPOTrainer(policy, tok, reward, train, config).train(progress=False)
     seconds = time.perf_counter() - start
-    after, r_after = evaluate()
+    after = evaluate("after")
     keep = ("reward/mean", "kl/ref", "policy/entropy", "value/explained_var", "policy/clipfrac", "loss/value",
             "response/length", "time/step_s")
     answered = [p for p in held_out for _ in range(EVAL_SAMPLES)]  # the prompt of each answer
-    return {**spec, "seconds": seconds, "prompts": answered, "before": before, "after": after,
-            "reward_before": r_before, "reward_after": r_after,
-            "distinct2_before": distinct_n(before, 2), "distinct2_after": distinct_n(after, 2),
+    return {**spec, "task": task, "seconds": seconds, "prompts": answered, "before": before, "after": after,
+            **extra, "distinct2_before": distinct_n(before, 2), "distinct2_after": distinct_n(after, 2),
             "history": [{k: h[k] for k in keep if k in h} for h in history]}
 
 
-def reference_perplexity(runs: list[dict]) -> None:
-    """Add ``ppl_before`` / ``ppl_after``: perplexity of each run's held-out answers under the initial model."""
+def reference_perplexity(runs: list[dict], model_name: str = "smollm2-135m-instruct") -> None:
+    """Add ``ppl_before`` / ``ppl_after``: perplexity of each run's held-out answers under the initial model.
+
+    A run is a dict with ``prompts`` and the answers ``before`` and ``after`` (one prompt per answer)."""
     import torch
 
     from .logprobs import score_responses
     from .models import load_model
     from .sft import encode_sft
 
-    model, tok = load_model("smollm2-135m-instruct")
+    model, tok = load_model(model_name)
     model.eval()
     for run in runs:
         for key in ("before", "after"):
@@ -130,12 +174,15 @@ def run(args) -> int:
 
     preset_beta = ppo.PPOConfig.preset("cpu").kl_coef
     out = Path(args.output)
+    if args.min_gain is None:
+        args.min_gain = MIN_GAIN[args.task]
     if args.rejudge:
         return report(json.loads(out.read_text())["runs"], preset_beta, args, out)
     betas = args.kl_coefs or [preset_beta]
-    specs = [dict(seed=s, threads=t, kl_coef=preset_beta, steps=args.steps)
+    common = dict(steps=args.steps, task=args.task)
+    specs = [dict(seed=s, threads=t, kl_coef=preset_beta, **common)
              for s, t in itertools.product(args.seeds, args.threads)] if preset_beta in betas else []
-    specs += [dict(seed=args.seeds[0], threads=args.threads[0], kl_coef=b, steps=args.steps)
+    specs += [dict(seed=args.seeds[0], threads=args.threads[0], kl_coef=b, **common)
               for b in betas if b != preset_beta]
     specs.sort(key=lambda s: s["threads"])  # 1-thread runs first, so that --parallel 2 can pair them
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -173,9 +220,12 @@ def report(runs: list[dict], preset_beta: float, args, out: Path) -> int:
         judged = r["kl_coef"] == preset_beta
         failed += judged and not all(p for p, _ in verdict.values())
         cells = " ".join(f"{v:+9.3f} {'ok' if p else ('FAIL' if judged else '-'):>4}" for p, v in verdict.values())
+        judged_by = (f"  judge gain {statistics.fmean(r['judge_after']) - statistics.fmean(r['judge_before']):+.3f}"
+                     if "judge_after" in r else "")
         print(f"{r['seed']:>4} {r['threads']:>3} {r['kl_coef']:>5} {cells}  "
-              f"{r['distinct2_before']:.2f} -> {r['distinct2_after']:.2f}")
-    out.write_text(json.dumps({"criteria": {"min_gain": args.min_gain, "kl_budget": args.kl_budget},
+              f"{r['distinct2_before']:.2f} -> {r['distinct2_after']:.2f}{judged_by}")
+    out.write_text(json.dumps({"task": runs[0].get("task", "sentiment") if runs else args.task,
+                               "criteria": {"min_gain": args.min_gain, "kl_budget": args.kl_budget},
                                "preset_kl_coef": preset_beta, "runs": runs}, indent=1))
     print(f"\n{len(runs)} runs, {failed} failed at the preset's beta; written to {out}")
     return 1 if failed else 0

@@ -1,7 +1,7 @@
 """The PPO / RRHF / RAFT benchmark: one method in-process on the tiny model, and the side-by-side summary."""
 import pytest
 
-from alignlib.method_bench import bench_method, format_table, summarize, time_to_reach
+from alignlib.method_bench import bench_method, fig4_table, format_table, summarize, time_to_reach
 
 
 @pytest.mark.parametrize("method,mode", [("ppo", "lora"), ("rrhf", "full"), ("raft", "lora")])
@@ -12,6 +12,8 @@ def test_bench_method_reports_time_memory_and_reward(method, mode):
     assert r["peak_mb"] >= r["loaded_mb"] > 0
     assert r["train_peak_mb"] is None or r["train_peak_mb"] > 0
     assert r["trainable_params"] > 0
+    assert len(r["reward_before"]) == 2 and len(r["before"]) == len(r["after"]) == len(r["prompts"]) == 4
+    assert 0 <= r["distinct2_after"] <= 1 and r["config"]["temperature"] == 0.7
 
 
 def test_time_to_reach_and_summary():
@@ -26,3 +28,14 @@ def test_time_to_reach_and_summary():
     assert summary["rrhf"]["peak_ratio"] == 0.5 and summary["raft"]["step_ratio"] == 0.5
     table = format_table(fake, summary)
     assert "0.50x" in table and "RAFT" in table
+
+
+def test_fig4_table_gives_the_initial_model_and_each_method_over_seeds():
+    def result(after, ppl):
+        return {"held_out_before": 0.1, "held_out_after": after, "ppl_before": 5.0, "ppl_after": ppl,
+                "distinct2_before": 0.8, "distinct2_after": 0.6, "prompts": ["p"] * 80}
+    runs = {0: {"ppo": result(0.5, 7.0), "raft": result(0.9, 9.0)}, 1: {"ppo": result(0.3, 6.0), "raft": result(0.7, 8.0)}}
+    table = fig4_table(runs)
+    assert "initial model" in table and "+0.100" in table
+    assert "+0.400 [+0.300, +0.500]" in table and "8.50 [8.00, 9.00]" in table   # RAFT's perplexity over 2 seeds
+    assert "40 held-out prompts" in table and "RRHF" not in table
