@@ -46,7 +46,8 @@ from tqdm.auto import tqdm
 from .generation import Rollout, generate
 from .logprobs import length_normalized_logprob, masked_mean, position_ids_from_mask, token_entropy_from_logits, token_logprobs_from_logits
 from .models import maybe_reference
-from .utils import PresetMixin, check_finite, peak_memory_mb, seed_everything, timer
+from .rewards import score
+from .utils import PresetMixin, check_finite, guarded_step, peak_memory_mb, seed_everything, timer
 
 
 # ---------------------------------------------------------------- configuration
@@ -352,7 +353,7 @@ class PPOTrainer:
             roll = generate(unwrapped.policy, self.tokenizer, self.sample_prompts(), max_new_tokens=cfg.max_new_tokens,
                             temperature=cfg.temperature, chat=cfg.chat)
         with timer(metrics, "time/reward_s"):
-            scores = self.reward_fn(roll.prompts, roll.responses).float().to(roll.input_ids.device)  # (B,)
+            scores = score(self.reward_fn, roll.prompts, roll.responses).to(roll.input_ids.device)  # (B,)
         raw_scores = scores.clone()
         if cfg.missing_eos_penalty:
             scores = scores - cfg.missing_eos_penalty * (~roll.finished).float()
@@ -422,9 +423,7 @@ class PPOTrainer:
                 check_finite(loss, "PPO loss")
                 self.optimizer.zero_grad(set_to_none=True)
                 self.accelerator.backward(loss)
-                if cfg.max_grad_norm:
-                    self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-                self.optimizer.step()
+                guarded_step(self.optimizer, cfg.max_grad_norm, "PPO", clip=self.accelerator.clip_grad_norm_)
                 for k, v in {"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), "loss/total": loss.item(),
                              **pg_stats, **vf_stats}.items():
                     stats.setdefault(k, []).append(v)

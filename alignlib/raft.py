@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .generation import check_prompts, generate
+from .rewards import score
 from .logprobs import divergence_from_reference
 from .sft import SFTConfig, make_optimizer, train_sft
 from .utils import PresetMixin, peak_memory_mb, seed_everything, timer
@@ -181,7 +182,7 @@ class RAFTTrainer:
             roll = generate(self.policy, self.tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
                             temperature=cfg.temperature, chat=cfg.chat, num_return_sequences=cfg.k)
         with timer(metrics, "time/reward_s"):
-            rewards = self.reward_fn(roll.prompts, roll.responses).float().cpu()       # (b*k,)
+            rewards = score(self.reward_fn, roll.prompts, roll.responses).cpu()       # (b*k,)
         # 2. data ranking
         idx = raft_select(rewards.view(len(prompts), cfg.k), cfg.selection).tolist()
         kept = [{"stage": metrics["stage"], "prompt": roll.prompts[i], "response": roll.responses[i],

@@ -18,6 +18,28 @@ class RewardFn(Protocol):
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor: ...
 
 
+def score(reward_fn: Callable, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+    """Call a reward function the way every trainer does, and check what it returns: a finite float tensor (B,).
+
+    A reward of shape (1,) or (B, 1) would broadcast silently over the batch, a NaN would train on nothing; both
+    stop here with the name of the function and the fix.
+    """
+    name = getattr(reward_fn, "__name__", type(reward_fn).__name__)
+    out = reward_fn(prompts, responses)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"the reward function {name} returned {type(out).__name__}; it must return a torch.Tensor "
+                        f"of shape ({len(responses)},), one float per response.")
+    if out.shape != (len(responses),):
+        raise ValueError(f"the reward function {name} returned shape {tuple(out.shape)} for {len(responses)} "
+                         f"responses; it must return shape ({len(responses)},), one reward per response.")
+    out = out.float()
+    if not torch.isfinite(out).all():
+        bad = (~torch.isfinite(out)).nonzero().flatten()[:3].tolist()
+        raise ValueError(f"the reward function {name} returned non-finite rewards (at responses {bad}: "
+                         f"{[out[i].item() for i in bad]}); fix the reward or clip its output.")
+    return out
+
+
 def check_pairs(prompts, responses) -> tuple[list[str], list[str]]:
     """Validate a reward call: two lists of strings of one length (empty responses are allowed)."""
     if isinstance(prompts, str) or isinstance(responses, str):

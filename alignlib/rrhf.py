@@ -48,7 +48,8 @@ from .generation import generate
 from .logprobs import divergence_from_reference, length_normalized_logprob
 from .models import maybe_reference
 from .sft import SFTBatch, encode_sft, make_optimizer, response_token_logprobs
-from .utils import PresetMixin, check_finite, peak_memory_mb, seed_everything, timer
+from .rewards import score
+from .utils import PresetMixin, check_finite, guarded_step, peak_memory_mb, seed_everything, timer
 
 
 # ---------------------------------------------------------------- pure functions (graded in exercise 02)
@@ -305,7 +306,7 @@ class RRHFTrainer:
         with timer(metrics, "time/generate_s"):
             cands = self.candidates(queries)
         with timer(metrics, "time/reward_s"):
-            rewards = self.reward_fn(cands.prompts, cands.responses).float().view(len(queries), self.k)  # (Q, k)
+            rewards = score(self.reward_fn, cands.prompts, cands.responses).view(len(queries), self.k)  # (Q, k)
         device = next(self.policy.parameters()).device
         batch = encode_sft(self.tokenizer, cands.prompts, cands.responses, cfg.chat, add_eos=cands.finished).to(device)
         rewards = rewards.to(device)
@@ -324,10 +325,7 @@ class RRHFTrainer:
             self.policy.train()
             self.optimizer.zero_grad(set_to_none=True)
             metrics.update(self.backward(batch, rewards, len(queries)))
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_([p for p in self.policy.parameters() if p.requires_grad],
-                                               cfg.max_grad_norm)
-            self.optimizer.step()
+            guarded_step(self.optimizer, cfg.max_grad_norm, "RRHF")
             self.policy.eval()
         metrics.update({
             "reward/candidates_mean": rewards.mean().item(),

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .generation import check_prompts, format_prompts
 from .logprobs import masked_mean, position_ids_from_mask, token_logprobs_from_logits
-from .utils import check_finite, seed_everything
+from .utils import check_finite, guarded_step, seed_everything
 
 
 @dataclass
@@ -179,9 +179,7 @@ def train_sft(model, tokenizer, prompts: Sequence[str], responses: Sequence[str]
         check_finite(loss, "SFT loss")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.max_grad_norm)
-        optimizer.step()
+        guarded_step(optimizer, config.max_grad_norm, "SFT")
         record = {"step": step, "loss/sft": loss.item(), "tokens": int(batch.response_mask.sum()),
                   "epoch": step * config.batch_size // len(prompts)}
         history.append(record)

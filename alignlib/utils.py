@@ -95,9 +95,39 @@ def check_finite(value: torch.Tensor, name: str) -> None:
     """Stop before a non-finite loss corrupts the weights."""
     if not torch.isfinite(value).all():
         raise FloatingPointError(
-            f"{name} is not finite ({value.detach().flatten()[:4].tolist()}). Lower the learning rate, "
-            "check the reward scale, or enable gradient clipping; the weights were not updated."
+            f"{name} is not finite ({value.detach().flatten()[:4].tolist()}). This step did not update the weights, "
+            "but earlier steps may have driven them to extreme values: resume from the run directory's last "
+            "checkpoint, or start again, with a lower learning rate, a checked reward scale or gradient clipping."
         )
+
+
+def guarded_step(optimizer, max_grad_norm: float = 0.0, name: str = "training", clip=None) -> float:
+    """Clip, check and take one optimizer step; stop with a true message if anything is not finite.
+
+    Checks the gradient norm before the step (a non-finite one: nothing is updated) and every updated parameter
+    after it (a non-finite weight: the step already happened, so the run's last checkpoint is the good copy).
+    ``clip(params, max_norm)`` replaces ``torch.nn.utils.clip_grad_norm_`` (``accelerator.clip_grad_norm_`` for
+    sharded models). Returns the gradient norm before clipping.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_grad_norm:
+        norm = torch.as_tensor((clip or torch.nn.utils.clip_grad_norm_)(params, max_grad_norm))
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+    if not torch.isfinite(norm):
+        raise FloatingPointError(f"{name}: the gradient is not finite (norm {norm.item()}); the weights were not "
+                                 "updated. Lower the learning rate or check the reward scale.")
+    optimizer.step()
+    with torch.no_grad():
+        bad = next((p for p in params if not torch.isfinite(p).all()), None)
+    if bad is not None:
+        raise FloatingPointError(f"{name}: a weight became non-finite in this optimizer step (shape "
+                                 f"{tuple(bad.shape)}). The weights in memory are lost; the run directory's last "
+                                 "checkpoint was written before this step. Lower the learning rate and --resume, "
+                                 "or start again.")
+    return float(norm)
 
 
 class PresetMixin:

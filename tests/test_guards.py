@@ -1,0 +1,69 @@
+"""Faults that used to pass silently: a reward of the wrong shape or NaN, and weights that diverge."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignlib.models import load_model
+from alignlib.rewards import score
+from alignlib.utils import guarded_step, seed_everything
+
+PROMPTS = ["Hello", "Name a colour.", "What is 2 + 2?", "Say something nice."]
+
+
+def test_score_accepts_a_finite_vector_and_names_every_other_output():
+    assert score(lambda p, r: torch.ones(len(r), dtype=torch.float64), ["a", "b"], ["x", "y"]).dtype == torch.float32
+    cases = [(lambda p, r: torch.ones(1), ValueError, r"shape \(1,\) for 2 responses"),
+             (lambda p, r: torch.ones(2, 1), ValueError, r"shape \(2, 1\)"),
+             (lambda p, r: [1.0, 2.0], TypeError, "returned list"),
+             (lambda p, r: torch.tensor([1.0, float("nan")]), ValueError, r"non-finite rewards \(at responses \[1\]")]
+    for fn, error, message in cases:
+        with pytest.raises(error, match=message):
+            score(fn, ["a", "b"], ["x", "y"])
+
+
+@pytest.mark.parametrize("method", ["ppo", "rrhf", "raft"])
+def test_every_trainer_rejects_a_reward_broadcast_over_the_batch(method):
+    from alignlib.ppo import PPOConfig, PPOTrainer
+    from alignlib.raft import RAFTConfig, RAFTTrainer
+    from alignlib.rrhf import RRHFConfig, RRHFTrainer
+
+    seed_everything(0)
+    model, tok = load_model("tiny-random", lora=True)
+    one = lambda prompts, responses: torch.ones(1)  # noqa: E731
+    if method == "ppo":
+        trainer = PPOTrainer(model, tok, one, PROMPTS, PPOConfig(steps=1, batch_size=4, mini_batch_size=2, max_new_tokens=4))
+    elif method == "rrhf":
+        trainer = RRHFTrainer(model, tok, one, [{"prompt": p} for p in PROMPTS],
+                              RRHFConfig(steps=1, batch_size=2, policy_samples=1, initial_samples=1, max_new_tokens=4))
+    else:
+        trainer = RAFTTrainer(model, tok, one, PROMPTS, RAFTConfig(stages=1, batch_size=2, k=2, max_new_tokens=4))
+    with pytest.raises(ValueError, match="one reward per response"):
+        trainer.train(progress=False)
+
+
+def test_a_diverging_ppo_run_stops_instead_of_finishing_with_broken_weights():
+    from alignlib.ppo import PPOConfig, PPOTrainer
+
+    seed_everything(0)
+    model, tok = load_model("tiny-random", lora=True)
+    config = PPOConfig(steps=3, batch_size=4, mini_batch_size=2, max_new_tokens=4, lr=1e30, value_head_lr=1e30,
+                       max_grad_norm=0.0)
+    trainer = PPOTrainer(model, tok, lambda p, r: torch.randn(len(r)), PROMPTS, config)
+    with pytest.raises(FloatingPointError, match="not finite|non-finite"):
+        trainer.train(progress=False)
+
+
+def test_guarded_step_checks_the_gradient_before_and_the_weights_after():
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=1.0)
+    w.grad = torch.tensor([1.0, float("inf"), 0.0])
+    with pytest.raises(FloatingPointError, match="weights were not updated"):
+        guarded_step(opt, max_grad_norm=1.0)
+    assert torch.equal(w.detach(), torch.ones(3))                 # true: nothing moved
+    w.grad = torch.tensor([1.0, 0.0, 0.0])
+    assert guarded_step(opt) == pytest.approx(1.0) and w[0].item() == 0.0
+    big = torch.optim.SGD([w], lr=float("inf"))
+    w.grad = torch.tensor([1.0, 0.0, 0.0])
+    with pytest.raises(FloatingPointError, match="last\\s+checkpoint"):
+        guarded_step(big)
