@@ -16,6 +16,14 @@ fails (a syntax error, say) is recorded and skipped, so its exercise scores zero
 The checks of notebook ``NN_name`` live in ``alignlib.checks.exNN_name`` (see ``alignlib.checks``); each is
 worth some points and passes unless it raises. ``grade`` runs them and ``print_table`` shows the scores.
 
+Isolation
+---------
+``python -m alignlib grade`` grades in a separate process (``grade_in_subprocess``), so a student's cell can
+neither hang nor crash the caller. Inside, every graded cell and every check runs under a time limit
+(``CHECK_TIMEOUT`` seconds; an endless loop scores zero on its checks and the rest still count), and the
+grader's own code (the checks, alignlib's reference implementations, ``torch``) is fingerprinted before the
+student's cells run and compared after each step: a cell that patches any of it scores zero on everything.
+
 Command line::
 
     python -m alignlib grade exercises/00_logprobs.ipynb
@@ -28,8 +36,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib
 import io
 import json
+import signal
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +57,58 @@ GRADED_TAG = "graded"
 STUB_LINE = 'raise NotImplementedError("Exercise: replace this line with your code, then re-run the cell.")'
 ANSWER_PLACEHOLDER = "_Your answer here._"
 CELL_FILENAME = "<graded cell {index}>"  # the filename of code compiled from a graded cell
+CHECK_TIMEOUT = 60.0   # seconds for one graded cell to run, and for one check
+# the modules a student's cell could patch to make a wrong answer pass (checks are added per exercise)
+GUARDED_MODULES = ("torch", "torch.testing", "torch.nn.functional", "alignlib.checks", "alignlib.logprobs",
+                   "alignlib.ppo", "alignlib.rrhf", "alignlib.raft", "alignlib.tiny_lab", "math")
+
+
+class GraderTampered(RuntimeError):
+    """A graded cell changed the grader's own code."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None, what: str):
+    """Raise ``TimeoutError`` in the block after ``seconds`` (main thread only; elsewhere no limit)."""
+    import threading
+
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TimeoutError(f"{what} did not finish within {seconds:g} s (an endless loop?)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def fingerprint(module_names) -> dict:
+    """Identity of every global of the grader's modules (and each function's code object); submodules, which
+    appear as attributes when they are first imported, are left out."""
+    import types
+
+    prints = {}
+    for name in module_names:
+        module = importlib.import_module(name)
+        for key, value in list(vars(module).items()):
+            if not isinstance(value, types.ModuleType):
+                prints[f"{name}.{key}"] = (id(value), id(getattr(value, "__code__", None)))
+    return prints
+
+
+def _tampered(before: dict, modules) -> list[str]:
+    """Globals of the grader that were replaced or deleted, and new globals in alignlib's own modules (which
+    could shadow a builtin that a check uses); new attributes of torch (its lazy caches) do not count."""
+    after = fingerprint(modules)
+    changed = [k for k in before if before[k] != after.get(k)]
+    added = [k for k in after.keys() - before.keys() if k.startswith("alignlib.")]
+    return sorted(changed + added)
 
 
 # ---------------------------------------------------------------- solutions -> exercises
@@ -141,11 +204,11 @@ def sync_exercises(solutions_dir: str | Path = "solutions", exercises_dir: str |
 
 # ---------------------------------------------------------------- loading and grading a notebook
 
-def load_functions(notebook_path: str | Path) -> Namespace:
+def load_functions(notebook_path: str | Path, cell_timeout: float | None = CHECK_TIMEOUT) -> Namespace:
     """Run the ``graded`` code cells of a notebook, in order, in a fresh namespace, and return it.
 
-    A cell that raises while running (syntax error, a missing import, ...) is recorded in
-    ``namespace.errors`` (cell index -> one-line message) and skipped; the others still run.
+    A cell that raises while running (syntax error, a missing import, ...) or runs longer than ``cell_timeout``
+    seconds is recorded in ``namespace.errors`` (cell index -> one-line message) and skipped; the others still run.
     Output printed by the cells is swallowed so the score table stays readable.
     """
     nb = nbformat.read(Path(notebook_path), as_version=4)
@@ -156,7 +219,7 @@ def load_functions(notebook_path: str | Path) -> Namespace:
             continue
         try:
             code = compile(cell.source, CELL_FILENAME.format(index=index), "exec")
-            with contextlib.redirect_stdout(io.StringIO()):
+            with contextlib.redirect_stdout(io.StringIO()), time_limit(cell_timeout, f"graded cell {index}"):
                 exec(code, scope)
         except BaseException as err:  # noqa: BLE001 - a student's cell may raise anything, even SystemExit
             if isinstance(err, KeyboardInterrupt):
@@ -180,21 +243,31 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
-def grade(notebook_path: str | Path, exercise: str | None = None) -> list[Result]:
-    """Grade a notebook: load its graded functions and run every check of its exercise.
+def grade(notebook_path: str | Path, exercise: str | None = None,
+          check_timeout: float | None = CHECK_TIMEOUT) -> list[Result]:
+    """Grade a notebook in this process: load its graded functions and run every check of its exercise.
 
     ``exercise`` names the checks to use (``"00_logprobs"``); by default the notebook's file stem, so
-    ``exercises/00_logprobs.ipynb`` is graded by ``alignlib.checks.ex00_logprobs``.
+    ``exercises/00_logprobs.ipynb`` is graded by ``alignlib.checks.ex00_logprobs``. Each cell and each check
+    runs under ``check_timeout`` seconds; if a cell patched the grader, every check scores zero.
     """
     path = Path(notebook_path)
     if not path.exists():
         raise FileNotFoundError(f"notebook {path} not found.")
     checks = load_checks(exercise or path.stem)
-    namespace = load_functions(path)
+    modules = GUARDED_MODULES + tuple(sorted({c.run.__module__ for c in checks}))
+    importlib.import_module("torch._dynamo")   # which wraps torch.manual_seed when first imported
+    before = fingerprint(modules)
+    namespace = load_functions(path, cell_timeout=check_timeout)
     results = []
     for chk in checks:
+        changed = _tampered(before, modules)
+        if changed:
+            message = f"a graded cell modified the grader ({', '.join(changed[:3])}); nothing can be scored"
+            return [Result(c.name, 0, c.points, message) for c in checks]
         try:
-            chk.run(namespace)
+            with time_limit(check_timeout, "the check"):
+                chk.run(namespace)
         except NotImplementedError:
             results.append(Result(chk.name, 0, chk.points, "not implemented"))
         except AssertionError as err:
@@ -203,7 +276,36 @@ def grade(notebook_path: str | Path, exercise: str | None = None) -> list[Result
             results.append(Result(chk.name, 0, chk.points, _one_line(err)))
         else:
             results.append(Result(chk.name, chk.points, chk.points, "ok"))
+    changed = _tampered(before, modules)
+    if changed:   # patched during the last check
+        message = f"a graded cell modified the grader ({', '.join(changed[:3])}); nothing can be scored"
+        return [Result(c.name, 0, c.points, message) for c in checks]
     return results
+
+
+def grade_in_subprocess(notebook_path: str | Path, exercise: str | None = None,
+                        check_timeout: float = CHECK_TIMEOUT, timeout: float | None = None) -> list[Result]:
+    """``grade`` in a fresh Python process, killed after ``timeout`` seconds (default: a limit per check plus
+    two minutes); a check that never reported scores zero with the reason."""
+    path = Path(notebook_path)
+    if not path.exists():
+        raise FileNotFoundError(f"notebook {path} not found.")
+    checks = load_checks(exercise or path.stem)
+    timeout = timeout or (len(checks) + 2) * check_timeout + 120
+    cmd = [sys.executable, "-m", "alignlib.grading", "_worker", str(path), exercise or path.stem, str(check_timeout)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        out, reason = proc.stdout, (f"the grading process exited with code {proc.returncode}: "
+                                    f"{' '.join(proc.stderr.split()[-30:])}")
+    except subprocess.TimeoutExpired as err:
+        out = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+        reason = f"the grading process was stopped after {timeout:g} s"
+    reported = {}
+    for line in out.splitlines():
+        if line.startswith("RESULT "):
+            r = Result(**json.loads(line[len("RESULT "):]))
+            reported[r.name] = r
+    return [reported.get(c.name) or Result(c.name, 0, c.points, f"not graded: {reason}") for c in checks]
 
 
 def print_table(results: list[Result], file=None) -> None:
@@ -222,7 +324,7 @@ def print_table(results: list[Result], file=None) -> None:
 def grade_command(path: str | Path, exercise: str | None = None) -> int:
     """``python -m alignlib grade NOTEBOOK``: print the score table. 0 once graded, 2 on a usage error."""
     try:
-        results = grade(path, exercise)
+        results = grade_in_subprocess(path, exercise)
     except (FileNotFoundError, LookupError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -263,8 +365,20 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return parser
 
 
+def _worker(path: str, exercise: str, check_timeout: str) -> int:
+    """The process behind ``grade_in_subprocess``: one ``RESULT {json}`` line per check, as soon as it is known."""
+    from dataclasses import asdict
+
+    for r in grade(path, exercise, check_timeout=float(check_timeout)):
+        print("RESULT " + json.dumps(asdict(r)), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: ``grade NOTEBOOK [--exercise NAME]`` or ``exercises [--check]``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_worker"]:
+        return _worker(*argv[1:4])
     args = build_parser().parse_args(argv)
     if args.command == "grade":
         return grade_command(args.notebook, args.exercise)

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import nbformat
 import pytest
+import torch
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
 from alignlib.checks import load_checks
-from alignlib.grading import (ANSWER_PLACEHOLDER, BEGIN_CODE, END_CODE, exercises_command, grade_command,
-                              strip_solutions, sync_exercises)
+from alignlib.grading import (ANSWER_PLACEHOLDER, BEGIN_CODE, END_CODE, exercises_command, grade, grade_command,
+                              load_functions, strip_solutions, sync_exercises)
 from grading_helpers import (ROOT, assert_full_marks, assert_import_not_accepted, assert_loses_exactly,
                              assert_registry, assert_scores_zero, assert_syntax_error_costs_only, exercise_path,
                              solution_path, with_solution)
@@ -179,3 +180,57 @@ def test_syntax_error_scores_zero_without_crashing(tmp_path):
 
 def test_function_imported_from_alignlib_is_not_accepted(tmp_path):
     assert_import_not_accepted(SOLUTION, "masked_mean", "alignlib.logprobs", tmp_path)
+
+
+# ---------------------------------------------------------------- isolation: time limits and tampering
+
+def test_an_endless_function_scores_zero_on_its_checks_only(tmp_path):
+    path = with_solution(SOLUTION, "masked_mean", "while True:\n    pass", tmp_path)
+    results = grade(path, check_timeout=1.0)
+    lost = [r for r in results if r.points == 0]
+    assert lost and all(r.name.startswith("masked_mean:") and "did not finish within 1 s" in r.message for r in lost)
+    assert sum(r.points for r in results) == 12 - sum(r.max_points for r in lost)
+
+
+def test_an_endless_graded_cell_is_skipped_with_the_reason(tmp_path):
+    nb = nbformat.read(SOLUTION, as_version=4)
+    cell = next(c for c in nb.cells if "def masked_mean(" in c.source)
+    cell.source = "while True:\n    pass\n" + cell.source
+    path = tmp_path / SOLUTION.name
+    nbformat.write(nb, path)
+    namespace = load_functions(path, cell_timeout=1.0)
+    assert "masked_mean" not in namespace and any("did not finish" in m for m in namespace.errors.values())
+
+
+@pytest.mark.parametrize("patch", [
+    "import torch\ntorch.allclose = lambda *args, **kwargs: True",
+    "import alignlib.checks.ex00_logprobs as grader\ngrader.assert_close = lambda *args, **kwargs: None",
+    "import alignlib.logprobs as reference\nreference.masked_mean = lambda values, mask, dim=None: values.mean()",
+])
+def test_a_cell_that_patches_the_grader_scores_zero(patch, tmp_path):
+    nb = nbformat.read(SOLUTION, as_version=4)
+    cell = next(c for c in nb.cells if "def masked_mean(" in c.source)
+    cell.source = cell.source + "\n\n" + patch
+    path = tmp_path / SOLUTION.name
+    nbformat.write(nb, path)
+    import alignlib.checks.ex00_logprobs as grader
+    import alignlib.logprobs as reference
+    saved = (torch.allclose, grader.assert_close, reference.masked_mean)
+    try:
+        results = grade(path)
+    finally:   # undo the patch for the other tests in this process
+        torch.allclose, grader.assert_close, reference.masked_mean = saved
+    assert all(r.points == 0 and "modified the grader" in r.message for r in results)
+
+
+def test_the_grade_command_grades_in_a_separate_process_with_a_deadline(tmp_path):
+    from alignlib.grading import grade_in_subprocess
+
+    results = grade_in_subprocess(SOLUTION)
+    assert sum(r.points for r in results) == 12
+    path = with_solution(SOLUTION, "masked_mean", "import os\nos._exit(3)", tmp_path)   # kills its process
+    results = grade_in_subprocess(path)
+    assert all(r.points == 0 and "exited with code 3" in r.message for r in results if r.name.startswith("masked"))
+    path = with_solution(SOLUTION, "masked_mean", "import time\ntime.sleep(60)", tmp_path)
+    results = grade_in_subprocess(path, timeout=20)
+    assert any("stopped after 20 s" in r.message for r in results)
