@@ -299,8 +299,8 @@ def run(args) -> dict:
         reference_perplexity(list(results.values()), args.model)
         runs[seed] = results
         print(f"\nseed {seed}\n" + format_table(results, summarize(results)), flush=True)
+        out = {"runs": {str(s): r for s, r in runs.items()}, "summary": {str(s): summarize(r) for s, r in runs.items()}}
+        if args.json:  # after every seed: a later failure loses only the runs after it
+            Path(args.json).write_text(json.dumps(out, indent=1))
     print("\n" + fig4_table(runs))
-    out = {"runs": {str(s): r for s, r in runs.items()}, "summary": {str(s): summarize(r) for s, r in runs.items()}}
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
     return out
