@@ -7,6 +7,7 @@ tokens and ``response_mask`` 1 on response tokens up to and including the first 
 """
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 
@@ -277,6 +278,18 @@ def fast_decode(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: in
 
 
 @torch.no_grad()
+def check_context(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> None:
+    """Refuse a prompt plus ``max_new_tokens`` longer than the model's context, before any cache is sized to it."""
+    limit = getattr(getattr(_causal_lm(model), "config", None), "max_position_embeddings", None)
+    if not limit:
+        return
+    longest = int(mask.sum(-1).max())                 # the longest prompt of the batch, in tokens (no padding)
+    if longest + max_new_tokens > limit:
+        raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's "
+                         f"context of {limit} tokens; shorten the prompt or lower max_new_tokens (nothing is "
+                         f"truncated silently).")
+
+
 def generate(model, tokenizer, prompts, max_new_tokens: int = 48, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, do_sample: bool = True, num_return_sequences: int = 1, chat: bool = True,
              system: str | None = None, seed: int | None = None, batch_size: int | None = None,
@@ -294,10 +307,14 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 48, temperature: f
             architecture allows; ``False`` (or an unsupported model) uses transformers' ``model.generate``.
     """
     prompts = check_prompts(prompts)
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if do_sample and temperature <= 0:
-        raise ValueError("temperature must be > 0 when sampling; use do_sample=False for greedy decoding.")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if do_sample and not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0 when sampling, got {temperature!r}; use "
+                         "do_sample=False for greedy decoding.")
+    for name, value in (("num_return_sequences", num_return_sequences), ("batch_size", batch_size or 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if seed is not None:
         torch.manual_seed(seed)
     device = next(model.parameters()).device
@@ -316,6 +333,7 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 48, temperature: f
     for start in tqdm(starts, desc="generate", disable=not progress):
         chunk = prompts[start:start + batch_size]
         ids, mask = tokenize_prompts(tokenizer, format_prompts(tokenizer, chunk, chat, system), chat, device)
+        check_context(model, ids, mask, max_new_tokens)
         if fast and fast_decode_supported(model, ids.shape[1] + max_new_tokens):
             resp = fast_decode(model, ids, mask, max_new_tokens, eos, tokenizer.pad_token_id, num_return_sequences,
                                do_sample, temperature, top_k, top_p)  # (b*k, R)

@@ -83,3 +83,26 @@ def test_diverse_beam_search_one_group_is_beam_search(tiny):
     greedy = generate(model, tok, ["Tell me"], max_new_tokens=6, do_sample=False)
     beam = diverse_beam_search(model, tok, ["Tell me"], num_beams=1, num_groups=1, max_new_tokens=6)
     assert beam.responses == greedy.responses
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"temperature": float("nan")}, "temperature must be a finite number > 0"),
+    ({"temperature": 0.0}, "temperature must be a finite number > 0"),
+    ({"max_new_tokens": 2_000_000}, "exceeds the model's context of 1024 tokens"),
+    ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer"),
+    ({"num_return_sequences": 0}, "num_return_sequences must be an integer >= 1"),
+])
+def test_bad_sampling_arguments_are_refused_before_decoding(kwargs, message):
+    from alignlib.models import load_model
+
+    model, tok = load_model("tiny-random", device="cpu")
+    with pytest.raises(ValueError, match=message):
+        generate(model, tok, ["Hello"], **kwargs)
+
+
+def test_a_prompt_longer_than_the_context_raises_instead_of_decoding():
+    from alignlib.models import load_model
+
+    model, tok = load_model("tiny-random", device="cpu")
+    with pytest.raises(ValueError, match="shorten the prompt"):
+        generate(model, tok, ["x" * 1100], max_new_tokens=4, chat=False)

@@ -226,11 +226,9 @@ def test_a_cell_that_patches_the_grader_scores_zero(patch, tmp_path):
 def test_the_grade_command_grades_in_a_separate_process_with_a_deadline(tmp_path):
     from alignlib.grading import grade_in_subprocess
 
-    results = grade_in_subprocess(SOLUTION)
-    assert sum(r.points for r in results) == 12
     path = with_solution(SOLUTION, "masked_mean", "import os\nos._exit(3)", tmp_path)   # kills its process
     results = grade_in_subprocess(path)
     assert all(r.points == 0 and "exited with code 3" in r.message for r in results if r.name.startswith("masked"))
     path = with_solution(SOLUTION, "masked_mean", "import time\ntime.sleep(60)", tmp_path)
-    results = grade_in_subprocess(path, timeout=20)
-    assert any("stopped after 20 s" in r.message for r in results)
+    results = grade_in_subprocess(path, timeout=10)   # full marks through the command: test_grade_command_prints_table
+    assert any("stopped after 10 s" in r.message for r in results)
