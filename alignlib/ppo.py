@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .generation import Rollout, generate
+from .generation import Rollout, check_prompts, generate
 from .logprobs import length_normalized_logprob, masked_mean, position_ids_from_mask, token_entropy_from_logits, token_logprobs_from_logits
 from .models import maybe_reference
 from .rewards import score
@@ -319,8 +319,7 @@ class PPOTrainer:
     def __post_init__(self):
         from accelerate import Accelerator
 
-        if not self.prompts:
-            raise ValueError("prompts is empty: PPO needs prompts to sample from.")
+        self.prompts = check_prompts(self.prompts)   # a list of strings, not one string, not empty
         if self.ref_model is None and not hasattr(self.policy, "disable_adapter"):
             raise TypeError("policy has no LoRA adapter; load it with lora=True or pass ref_model=a frozen copy.")
         seed_everything(self.config.seed)

@@ -37,7 +37,7 @@ from .generation import check_prompts, generate
 from .rewards import score
 from .logprobs import divergence_from_reference
 from .sft import SFTConfig, make_optimizer, train_sft
-from .utils import PresetMixin, peak_memory_mb, seed_everything, timer
+from .utils import PresetMixin, check_sampling_fields, peak_memory_mb, seed_everything, timer
 
 
 # ---------------------------------------------------------------- pure functions (graded in exercise 03)
@@ -131,6 +131,7 @@ class RAFTConfig(PresetMixin):
             raise ValueError(f"selection must be 'local' or 'global', got {self.selection!r}.")
         if self.k < 1 or self.batch_size < 1 or self.stages < 1:
             raise ValueError(f"need k >= 1 ({self.k}), batch_size >= 1 ({self.batch_size}), stages >= 1 ({self.stages}).")
+        check_sampling_fields(self)
 
 
 # ---------------------------------------------------------------- the loop

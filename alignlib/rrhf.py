@@ -49,7 +49,7 @@ from .logprobs import divergence_from_reference, length_normalized_logprob
 from .models import maybe_reference
 from .sft import SFTBatch, encode_sft, make_optimizer, response_token_logprobs
 from .rewards import score
-from .utils import PresetMixin, check_finite, guarded_step, peak_memory_mb, seed_everything, timer
+from .utils import PresetMixin, check_finite, check_sampling_fields, guarded_step, peak_memory_mb, seed_everything, timer
 
 
 # ---------------------------------------------------------------- pure functions (graded in exercise 02)
@@ -163,6 +163,7 @@ class RRHFConfig(PresetMixin):
             raise ValueError(f"steps must be >= 1, got {self.steps}.")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"chunk_size must be None or >= 1, got {self.chunk_size}.")
+        check_sampling_fields(self)
 
 
 # ---------------------------------------------------------------- candidates and the training loop

@@ -4,6 +4,7 @@ Everything here is used by every method module; nothing here knows about a parti
 """
 from __future__ import annotations
 
+import math
 import os
 import random
 import resource
@@ -128,6 +129,20 @@ def guarded_step(optimizer, max_grad_norm: float = 0.0, name: str = "training", 
                                  "checkpoint was written before this step. Lower the learning rate and --resume, "
                                  "or start again.")
     return float(norm)
+
+
+def check_sampling_fields(config) -> None:
+    """Shared up-front checks of a trainer config: ``max_new_tokens`` an integer >= 1, ``temperature`` finite and
+    > 0, ``lr`` finite and >= 0 (each only if the config has the field)."""
+    tokens = getattr(config, "max_new_tokens", 1)
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {tokens!r}.")
+    temperature = getattr(config, "temperature", 1.0)
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}; 1.0 samples the policy.")
+    lr = getattr(config, "lr", 0.0)
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}.")
 
 
 class PresetMixin:

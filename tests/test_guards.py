@@ -67,3 +67,22 @@ def test_guarded_step_checks_the_gradient_before_and_the_weights_after():
     w.grad = torch.tensor([1.0, 0.0, 0.0])
     with pytest.raises(FloatingPointError, match="last\\s+checkpoint"):
         guarded_step(big)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: __import__("alignlib.rrhf", fromlist=["x"]).RRHFConfig(temperature=float("nan")), "temperature"),
+    (lambda: __import__("alignlib.rrhf", fromlist=["x"]).RRHFConfig(max_new_tokens=0), "max_new_tokens"),
+    (lambda: __import__("alignlib.raft", fromlist=["x"]).RAFTConfig(lr=float("inf")), "lr must be"),
+    (lambda: __import__("alignlib.raft", fromlist=["x"]).RAFTConfig(max_new_tokens=2.5), "max_new_tokens"),
+])
+def test_configs_are_checked_up_front(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_a_bare_string_is_not_taken_for_a_list_of_prompts():
+    from alignlib.ppo import PPOConfig, PPOTrainer
+
+    model, tok = load_model("tiny-random", lora=True)
+    with pytest.raises(TypeError, match="one string"):
+        PPOTrainer(model, tok, lambda p, r: torch.zeros(len(r)), "Hello there", PPOConfig(steps=1))
