@@ -1,5 +1,5 @@
-"""Command line: ``python -m alignlib {tour, download, bench, peer-bench, method-bench, ppo-check, ppo, rrhf, raft, grade,
-exercises}``."""
+"""Command line: ``python -m alignlib {tour, download, bench, peer-bench, method-bench, ppo-check, reward-model, ppo,
+rrhf, raft, grade, exercises}``."""
 from __future__ import annotations
 
 import argparse
@@ -46,6 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .ppo_check import add_arguments as add_ppo_check_arguments
 
     add_ppo_check_arguments(check)
+
+    rmp = sub.add_parser("reward-model", help="train Bradley-Terry reward models; accuracy on held-out and shifted pairs")
+    rmp.add_argument("--preset", default="cpu", choices=["cpu", "lab-gpu"])
+    rmp.add_argument("--seeds", type=int, nargs="+", default=[0], help="one reward model per seed")
+    rmp.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
+    rmp.add_argument("--max-train-pairs", type=int, default=None, help="train on the first N pairs only")
+    rmp.add_argument("--model", default=None, help="override the preset's backbone (tests: tiny-random)")
+    rmp.add_argument("--max-length", type=int, default=None, help="override the preset's token limit per pair")
 
     for method, title in METHODS.items():
         cmd = sub.add_parser(method, help=title)
@@ -97,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         from .ppo_check import run as run_ppo_check
 
         return run_ppo_check(args)
+    elif args.command == "reward-model":
+        from .reward_model import accuracy_over_seeds
+
+        accuracy_over_seeds(args.preset, args.seeds, epochs=args.epochs, max_train_pairs=args.max_train_pairs,
+                            model=args.model, max_length=args.max_length)
     elif args.command in METHODS:
         from .runs import RUNS
 

@@ -549,3 +549,26 @@ def run(config: RewardModelConfig | None = None, device=None, progress: bool = T
                                max_length=config.max_length)
     return {"model": model, "tokenizer": tokenizer, "history": history, "test": result}
 
+
+def accuracy_over_seeds(preset: str = "cpu", seeds=(0,), epochs: int | None = None,
+                        max_train_pairs: int | None = None, model: str | None = None,
+                        max_length: int | None = None) -> list[dict]:
+    """``python -m alignlib reward-model``: train one reward model per seed (``run``) and print its pairwise accuracy
+    on the test split and, for the course data, on the shifted pairs written unlike the training set."""
+    from .data import load_course_dataset
+
+    overrides = {k: v for k, v in (("epochs", epochs), ("max_train_pairs", max_train_pairs), ("model", model),
+                                          ("max_length", max_length)) if v is not None}
+    rows = []
+    for seed in seeds:
+        config = RewardModelConfig.preset(preset, seed=seed, **overrides)
+        out = run(config, progress=False)
+        row = {"seed": seed, "test": out["test"]["accuracy"]}
+        if config.dataset == "preference_pairs":
+            shifted = load_course_dataset("preference_pairs_shift", "test")
+            row["shifted"] = pairwise_accuracy(out["model"], out["tokenizer"], shifted,
+                                               max_length=config.max_length)["accuracy"]
+        rows.append(row)
+        print(f"seed {seed}: accuracy on the test split {row['test']:.3f}"
+              + (f", on the shifted pairs {row['shifted']:.3f}" if "shifted" in row else ""), flush=True)
+    return rows

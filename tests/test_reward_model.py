@@ -208,3 +208,12 @@ def test_smollm2_backbone_pools_the_last_real_token():
     together = reward(["Hi", "Tell me a joke"], ["Hello!", "Why did the chicken cross the road? To get across."])
     alone = reward(["Hi"], ["Hello!"])
     assert together.shape == (2,) and together[0] == pytest.approx(alone[0].item(), abs=1e-4)  # padding ignored
+
+
+def test_reward_model_command_reports_test_and_shifted_accuracy(capsys):
+    from alignlib.cli import main
+
+    assert main(["reward-model", "--seeds", "0", "--epochs", "1", "--max-train-pairs", "8", "--model", "tiny-random",
+                 "--max-length", "1024"]) == 0
+    out = capsys.readouterr().out
+    assert "seed 0: accuracy on the test split" in out and "on the shifted pairs" in out
