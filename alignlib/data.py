@@ -130,6 +130,10 @@ def load_hub_dataset(name: str, split: str = "train", path: str | Path | None = 
     if name not in HUB_SETS:
         raise ValueError(f"unknown Hub data set {name!r}; supported: {sorted(HUB_SETS)}.")
     if path is None:
+        from .hub import hub_kwargs
+
+        hub_kwargs("data set", name, "pass path= to a local copy in the Hub's format (JSONL or Parquet), or set "
+                                     "HF_HUB_OFFLINE=1 to use a copy already in the datasets cache.")
         raw = datasets.load_dataset(name, split=split)
     else:
         path = Path(path)

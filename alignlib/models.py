@@ -228,6 +228,16 @@ def resolve(name: str) -> str:
     )
 
 
+def _hub_kwargs(kind: str, path: str) -> dict:
+    """``hub.hub_kwargs`` for a Hub id; nothing for a local directory."""
+    from .hub import hub_kwargs
+
+    if Path(path).expanduser().is_dir():
+        return {}
+    return hub_kwargs(kind, path, "offline, use 'smollm2-135m-instruct' or a local directory; on a lab machine, check "
+                                  "the network, or set HF_HUB_OFFLINE=1 to load a copy already in the cache.")
+
+
 def load_tokenizer(name: str = DEFAULT_MODEL):
     """The tokenizer for ``name``, left-padding (generation batches prompts on the left)."""
     source = resolve(name)
@@ -235,7 +245,8 @@ def load_tokenizer(name: str = DEFAULT_MODEL):
         tok = tiny_tokenizer()
     else:
         path = str(ensure_default_model()) if source == DEFAULT_MODEL else source
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        extra = _hub_kwargs("tokenizer", path)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False, **extra)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -273,8 +284,9 @@ def load_model(name: str = DEFAULT_MODEL, device=None, dtype: torch.dtype | None
                   f"Fix: offline, use '{DEFAULT_MODEL}' or a local directory; on a lab machine, check the Hub id "
                   f"and your HF token.")
         try:
+            extra = _hub_kwargs("model", path)
             with quiet_loading():
-                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False, **extra)
         except Exception as err:   # missing files, a corrupt safetensors header, a config it cannot read, ...
             raise ModelCacheError(f"Could not load model {name!r} from {path!r}: {err}\n{repair}") from err
         bad = next((n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()),

@@ -233,10 +233,13 @@ def load_reward_model(name: str = MINILM, device=None, dtype: torch.dtype | None
             else:
                 path = resolve(name)
             try:
+                from .models import _hub_kwargs
+
+                extra = _hub_kwargs("reward model", path)
                 with quiet_loading():
-                    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+                    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, **extra)
                     model = AutoModelForSequenceClassification.from_pretrained(
-                        path, num_labels=1, dtype=dtype, trust_remote_code=False)
+                        path, num_labels=1, dtype=dtype, trust_remote_code=False, **extra)
             except OSError as err:
                 raise ModelCacheError(
                     f"Could not load reward model {name!r} from {path!r}: {err}\nFix: offline, use one of "
