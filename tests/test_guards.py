@@ -86,3 +86,14 @@ def test_a_bare_string_is_not_taken_for_a_list_of_prompts():
     model, tok = load_model("tiny-random", lora=True)
     with pytest.raises(TypeError, match="one string"):
         PPOTrainer(model, tok, lambda p, r: torch.zeros(len(r)), "Hello there", PPOConfig(steps=1))
+
+
+def test_a_diverging_reward_model_stops_instead_of_finishing_with_broken_weights():
+    from alignlib import reward_model as rm
+
+    model, tok = rm.load_reward_model("tiny-random")
+    pairs = [{"prompt": "Say hi.", "chosen": "Hello there!", "rejected": "No."}] * 8
+    config = rm.RewardModelConfig(model="tiny-random", lr=1e30, epochs=5, batch_size=4, max_length=64,
+                                  warmup_ratio=0.0)
+    with pytest.raises(FloatingPointError, match="not finite|non-finite"):
+        rm.train_reward_model(model, tok, pairs, config, progress=False)
