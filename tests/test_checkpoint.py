@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 import types
 
 import pytest
@@ -95,33 +92,34 @@ def test_an_unwritable_output_fails_before_training(tmp_path):
         prepare_output(blocker / "run")
 
 
-def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_run(tmp_path):
-    out = tmp_path / "ppo"
-    base = [sys.executable, "-m", "alignlib", "ppo", "--model", "tiny-random", "--reward", "length",
-            "--output", str(out), "--checkpoint-every", "0"]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen(base + ["--steps", "500"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:   # wait until training has started
-        record = read_record(out) if (out / "history.json").exists() else None
-        if record and record["status"] == "training":
-            break
-        time.sleep(0.2)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGTERM)
-    log = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 128 + signal.SIGTERM, log
-    assert "--resume" in log
-    record = read_record(out)
-    done = len(record["history"])
-    assert record["status"] == "interrupted" and 1 <= done < 500
-    assert latest_checkpoint(out).name == f"step-{done:06d}"
+def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_run(tmp_path, monkeypatch):
+    from alignlib.ppo import PPOTrainer
+    from alignlib.runs import run_ppo
 
-    from alignlib.runs import run_ppo                      # resumed in this process: same protocol, no start-up
-    args = types.SimpleNamespace(preset="cpu", model="tiny-random", reward="length", steps=done + 1, seed=0,
-                                 output=str(out), resume=True, overwrite=False, checkpoint_every=0)
-    run_ppo(args)
+    real_step, calls = PPOTrainer.step, []
+
+    def step_then_signal(self):               # SIGTERM arrives while the second step is running
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self)
+
+    monkeypatch.setattr(PPOTrainer, "step", step_then_signal)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "ppo"
+    args = types.SimpleNamespace(preset="cpu", model="tiny-random", reward="length", steps=6, seed=0,
+                                 output=str(out), resume=False, overwrite=False, checkpoint_every=0)
+    with pytest.raises(SystemExit) as stop:
+        run_ppo(args)
+    assert stop.value.code == 128 + signal.SIGTERM
+    record = read_record(out)
+    assert record["status"] == "interrupted" and len(record["history"]) == 2   # the running step finished
+    assert latest_checkpoint(out).name == "step-000002"
+    assert signal.getsignal(signal.SIGTERM) == handler_before            # the run's handler is removed again
+
+    with pytest.raises(RunDirectoryError, match="--resume"):
+        run_ppo(args)                                            # the interrupted run is not replaced silently
+    run_ppo(types.SimpleNamespace(**{**vars(args), "steps": 3, "resume": True}))
     record = json.loads((out / "history.json").read_text())
-    assert record["status"] == "finished" and len(record["history"]) == done + 1
+    assert record["status"] == "finished" and len(record["history"]) == 3
     assert (out / "adapter" / "adapter_model.safetensors").exists()
