@@ -127,8 +127,8 @@ def forbid_reference_calls():
 
 # ---------------------------------------------------------------- helpers for writing checks
 
-def get_function(ns: Namespace, name: str) -> Callable:
-    """The student's function ``name``, which must be defined in a graded cell of the notebook."""
+def _graded_function(ns: Namespace, name: str) -> Callable:
+    """The student's function ``name`` as defined (with ``def``) in a graded cell, or an AssertionError saying why not."""
     fn = ns.get(name)
     if fn is None:
         failed = "; ".join(f"graded cell {i} failed with {msg}" for i, msg in sorted(ns.errors.items()))
@@ -137,6 +137,12 @@ def get_function(ns: Namespace, name: str) -> Callable:
     code = getattr(fn, "__code__", None)
     if code is None or not code.co_filename.startswith("<graded cell"):
         raise AssertionError(f"`{name}` must be a function written (with `def`) in its graded cell.")
+    return fn
+
+
+def get_function(ns: Namespace, name: str) -> Callable:
+    """The student's function ``name``, which must be defined in a graded cell of the notebook."""
+    fn = _graded_function(ns, name)
 
     @functools.wraps(fn)
     def guarded(*args, **kwargs):
@@ -156,15 +162,7 @@ def run_experiment(ns: Namespace, name: str):
     An experiment is graded on its outcome, not on how it was computed, so it runs unguarded: it may call any of
     alignlib (``alignlib.tiny_lab`` measures through functions that the other checks grade).
     """
-    fn = ns.get(name)
-    if fn is None:
-        failed = "; ".join(f"graded cell {i} failed with {msg}" for i, msg in sorted(ns.errors.items()))
-        raise AssertionError(f"`{name}` is not defined" + (f" ({failed})" if failed else
-                                                           " in the notebook's graded cells"))
-    code = getattr(fn, "__code__", None)
-    if code is None or not code.co_filename.startswith("<graded cell"):
-        raise AssertionError(f"`{name}` must be a function written (with `def`) in its graded cell.")
-    return fn()
+    return _graded_function(ns, name)()
 
 
 def as_number(value, what: str) -> float:
