@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
+from pathlib import Path
 from urllib.parse import urlparse
 
 PROBE_TIMEOUT_S = 3.0
@@ -44,9 +45,15 @@ def model_is_cached(repo_id: str) -> bool:
     return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
-def hub_kwargs(kind: str, repo_id: str, fix: str) -> dict:
-    """Extra keyword arguments for ``from_pretrained(repo_id)``; raises ``HubUnreachable`` if it cannot work."""
-    if offline_by_choice() or hub_reachable():
+MODEL_FIX = ("offline, use 'smollm2-135m-instruct' or a local directory; on a lab machine, check the network, or set "
+             "HF_HUB_OFFLINE=1 to load a copy already in the cache.")
+
+
+def hub_kwargs(kind: str, repo_id: str, fix: str = MODEL_FIX) -> dict:
+    """Extra keyword arguments for ``from_pretrained(repo_id)``; raises ``HubUnreachable`` if it cannot work.
+
+    A local directory needs nothing (no probe)."""
+    if Path(repo_id).expanduser().is_dir() or offline_by_choice() or hub_reachable():
         return {}
     if kind != "data set" and model_is_cached(repo_id):
         return {"local_files_only": True}

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
+from .hub import hub_kwargs
 from .utils import cache_dir, default_dtype, get_device, quiet_loading
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -228,16 +229,6 @@ def resolve(name: str) -> str:
     )
 
 
-def _hub_kwargs(kind: str, path: str) -> dict:
-    """``hub.hub_kwargs`` for a Hub id; nothing for a local directory."""
-    from .hub import hub_kwargs
-
-    if Path(path).expanduser().is_dir():
-        return {}
-    return hub_kwargs(kind, path, "offline, use 'smollm2-135m-instruct' or a local directory; on a lab machine, check "
-                                  "the network, or set HF_HUB_OFFLINE=1 to load a copy already in the cache.")
-
-
 def load_tokenizer(name: str = DEFAULT_MODEL):
     """The tokenizer for ``name``, left-padding (generation batches prompts on the left)."""
     source = resolve(name)
@@ -245,7 +236,7 @@ def load_tokenizer(name: str = DEFAULT_MODEL):
         tok = tiny_tokenizer()
     else:
         path = str(ensure_default_model()) if source == DEFAULT_MODEL else source
-        extra = _hub_kwargs("tokenizer", path)
+        extra = hub_kwargs("tokenizer", path)
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False, **extra)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -284,7 +275,7 @@ def load_model(name: str = DEFAULT_MODEL, device=None, dtype: torch.dtype | None
                   f"Fix: offline, use '{DEFAULT_MODEL}' or a local directory; on a lab machine, check the Hub id "
                   f"and your HF token.")
         try:
-            extra = _hub_kwargs("model", path)
+            extra = hub_kwargs("model", path)
             with quiet_loading():
                 model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False, **extra)
         except Exception as err:   # missing files, a corrupt safetensors header, a config it cannot read, ...

@@ -234,9 +234,9 @@ def load_reward_model(name: str = MINILM, device=None, dtype: torch.dtype | None
             else:
                 path = resolve(name)
             try:
-                from .models import _hub_kwargs
+                from .hub import hub_kwargs
 
-                extra = _hub_kwargs("reward model", path)
+                extra = hub_kwargs("reward model", path)
                 with quiet_loading():
                     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, **extra)
                     model = AutoModelForSequenceClassification.from_pretrained(
