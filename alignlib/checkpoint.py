@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+CHECKPOINT_EVERY = 5   # default steps between checkpoints of the method commands (``--checkpoint-every``)
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 RECORD = "history.json"

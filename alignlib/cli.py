@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from .checkpoint import CHECKPOINT_EVERY
 from .models import DEFAULT_MODEL
 
 
@@ -66,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="run directory: history.json, checkpoints/ and the LoRA adapter")
         cmd.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
         cmd.add_argument("--overwrite", action="store_true", help="delete the run in --output and start again")
-        cmd.add_argument("--checkpoint-every", type=int, default=5, metavar="N",
-                         help="checkpoint every N steps (0: only at the end and when stopped); default 5")
+        cmd.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY, metavar="N",
+                         help=f"checkpoint every N steps (0: only at the end and when stopped); default {CHECKPOINT_EVERY}")
 
     grade = sub.add_parser("grade", help="grade an exercise notebook and print the score table")
     grade.add_argument("notebook", help="path to an exercises/NN_*.ipynb (or solutions/) notebook")

@@ -39,12 +39,11 @@ from pathlib import Path
 import torch
 
 from .models import DEFAULT_MODEL
+from .ppo_check import EVAL_SAMPLES, EVAL_SEED, reference_perplexity  # ppo-check's held-out evaluation: they compare
 
 METHODS = ("ppo", "rrhf", "raft")
 FULL_LR = 1e-5       # learning rate of every method in --mode full
 TEMPERATURE = 0.7    # the task's sampling temperature (PPO's cpu preset), for every method and the evaluation
-EVAL_SEED = 1234
-EVAL_SAMPLES = 2     # answers per held-out prompt
 
 
 def held_out_answers(model, tokenizer, reward, prompts: list[str], max_new_tokens: int) -> dict:
@@ -278,8 +277,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args) -> dict:
-    from .ppo_check import reference_perplexity
-
     if "ppo" not in args.methods:
         raise ValueError("--methods must include ppo: every ratio is relative to PPO.")
     if args.steps < 1:

@@ -14,14 +14,12 @@ from dataclasses import asdict
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import graceful_stop, load_checkpoint, prepare_output, read_record, save_checkpoint, write_record
+from .checkpoint import (CHECKPOINT_EVERY, graceful_stop, load_checkpoint, prepare_output, read_record, save_checkpoint,
+                         write_record)
 from .generation import generate
 from .models import load_model
 from .presets import build_reward, get_task, load_task_prompts
 from .utils import seed_everything
-
-DEFAULT_CHECKPOINT_EVERY = 5
-
 
 @torch.no_grad()
 def evaluate(model, tokenizer, reward_fn, prompts: list[str], max_new_tokens: int, chat: bool, seed: int = 1234,
@@ -69,7 +67,7 @@ def run_method(name: str, args, make_trainer) -> dict:
     """Check the output, evaluate, train with ``make_trainer(task, model, tokenizer, reward_fn) -> (trainer, config)``
     and checkpoints, evaluate, save. The same protocol for every method, so their run directories compare."""
     resume, overwrite = getattr(args, "resume", False), getattr(args, "overwrite", False)
-    every = getattr(args, "checkpoint_every", DEFAULT_CHECKPOINT_EVERY)
+    every = getattr(args, "checkpoint_every", CHECKPOINT_EVERY)
     if every is None or every < 0:
         raise ValueError(f"--checkpoint-every must be >= 0 (0: only at the end and when stopped), got {every}.")
     out = prepare_output(args.output, resume=resume, overwrite=overwrite)   # before minutes of loading
