@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--overwrite", action="store_true", help="delete the run in --output and start again")
         cmd.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY, metavar="N",
                          help=f"checkpoint every N steps (0: only at the end and when stopped); default {CHECKPOINT_EVERY}")
+        cmd.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"],
+                         help="also log every step's metrics: tensorboard (offline, into <output>/tensorboard) or wandb")
+        cmd.add_argument("--gradient-checkpointing", action="store_true",
+                         help="recompute activations in the backward pass: less memory, about a third more compute")
 
     grade = sub.add_parser("grade", help="grade an exercise notebook and print the score table")
     grade.add_argument("notebook", help="path to an exercises/NN_*.ipynb (or solutions/) notebook")

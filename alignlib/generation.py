@@ -8,13 +8,14 @@ tokens and ``response_mask`` 1 on response tokens up to and including the first 
 from __future__ import annotations
 
 import math
+from typing import Sequence
 import sys
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from .logprobs import gather_logprobs, position_ids_from_mask
 
@@ -162,7 +163,7 @@ def fast_decode_supported(model, length: int | None = None) -> bool:
 
 
 def sample_next_token(logits: torch.Tensor, do_sample: bool = True, temperature: float = 1.0, top_k: int = 0,
-                      top_p: float = 1.0) -> torch.Tensor:
+                      top_p: float = 1.0, generators: list | None = None) -> torch.Tensor:
     """The next token of each row: logits (B, V) -> (B,).
 
     Greedy: argmax. Sampling: temperature, then top-k, then top-p (nucleus) filtering, exactly as transformers'
@@ -170,6 +171,8 @@ def sample_next_token(logits: torch.Tensor, do_sample: bool = True, temperature:
     probabilities (``searchsorted``). ``torch.multinomial`` draws one exponential random number per vocabulary
     entry instead (49152 per row for SmolLM2), which costs ~20 ms per step at batch 16 on a 2-core CPU.
     Tokens of probability 0 are never drawn: their cumulative sum equals their predecessor's.
+    ``generators`` (one ``torch.Generator`` per row) draw each row's u from its own stream, so a row's sample
+    does not depend on which other rows share the batch (or the process).
     """
     logits = logits.float()
     if not do_sample:
@@ -185,7 +188,11 @@ def sample_next_token(logits: torch.Tensor, do_sample: bool = True, temperature:
         drop[:, -1] = False                                                   # keep the most likely token
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     cdf = logits.softmax(-1).cumsum(-1)                                       # (B, V)
-    u = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]          # (B, 1)
+    if generators is None:
+        u = torch.rand(cdf.shape[0], 1, device=cdf.device)                    # (B, 1)
+    else:
+        u = torch.cat([torch.rand(1, 1, generator=g, device=g.device) for g in generators]).to(cdf.device)
+    u = u * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).clamp_(max=vocab - 1).squeeze(-1)
 
 
@@ -226,7 +233,7 @@ def _decoder_forward(base, ids, positions, cache, start: int, attn_mask, copies:
 @torch.no_grad()
 def fast_decode(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos: list[int], pad: int,
                 num_return_sequences: int = 1, do_sample: bool = True, temperature: float = 1.0, top_k: int = 0,
-                top_p: float = 1.0) -> torch.Tensor:
+                top_p: float = 1.0, generators: list | None = None) -> torch.Tensor:
     """Decode continuations of left-padded prompts ``ids``/``mask`` (b, P) -> (b * k, R), R <= max_new_tokens.
 
     The same tokens as ``model.generate`` for greedy decoding (same logits up to float rounding), and the same
@@ -265,7 +272,7 @@ def fast_decode(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: in
     unfinished = torch.ones(rows, dtype=torch.bool, device=ids.device)
     out = []
     for t in range(max_new_tokens):
-        token = sample_next_token(logits, do_sample, temperature, top_k, top_p)  # (rows,)
+        token = sample_next_token(logits, do_sample, temperature, top_k, top_p, generators)  # (rows,)
         token = torch.where(unfinished, token, torch.full_like(token, pad))
         out.append(token)
         unfinished &= ~torch.isin(token, eos_t)
@@ -290,10 +297,28 @@ def check_context(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: 
                          f"truncated silently).")
 
 
+class RowStreamSampler(LogitsProcessor):
+    """For ``model.generate`` (sharded models, other architectures): draw each row's token from its own stream
+    with ``sample_next_token`` and leave only that token possible, so greedy decoding emits it."""
+
+    def __init__(self, generators: list, temperature: float, top_k: int, top_p: float):
+        self.generators, self.temperature, self.top_k, self.top_p = generators, temperature, top_k, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        token = sample_next_token(scores, True, self.temperature, self.top_k, self.top_p, self.generators)
+        only = torch.full_like(scores, float("-inf"))
+        return only.scatter_(-1, token[:, None], 0.0)
+
+
+def row_stream(seed: int, sample: int, device) -> torch.Generator:
+    """The random stream of sample ``sample`` of a prompt with seed ``seed`` (see ``generate(row_seeds=...)``)."""
+    return torch.Generator(device).manual_seed((int(seed) * 1_000_003 + sample) % (2 ** 63))
+
+
 def generate(model, tokenizer, prompts, max_new_tokens: int = 48, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, do_sample: bool = True, num_return_sequences: int = 1, chat: bool = True,
              system: str | None = None, seed: int | None = None, batch_size: int | None = None,
-             progress: bool = False, fast: bool = True) -> Rollout:
+             progress: bool = False, fast: bool = True, row_seeds: Sequence[int] | None = None) -> Rollout:
     """Sample (or greedily decode) responses to ``prompts``.
 
     Args:
@@ -305,6 +330,9 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 48, temperature: f
         top_k: keep the k most likely tokens when sampling; 0 keeps all. top_p: nucleus sampling, 1.0 is off.
         fast: decode with ``fast_decode`` (a lean loop, about 2x faster on a CPU; same greedy output) where the
             architecture allows; ``False`` (or an unsupported model) uses transformers' ``model.generate``.
+        row_seeds: one seed per prompt; sample j of prompt i then comes from its own random stream
+            (``row_stream``), the same whichever prompts share its batch or process. Distributed PPO, RRHF and
+            RAFT use it so that two processes sample what one process would.
     """
     prompts = check_prompts(prompts)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -315,6 +343,8 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 48, temperature: f
     for name, value in (("num_return_sequences", num_return_sequences), ("batch_size", batch_size or 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if row_seeds is not None and len(row_seeds) != len(prompts):
+        raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {len(prompts)} prompts; give one per prompt.")
     if seed is not None:
         torch.manual_seed(seed)
     device = next(model.parameters()).device
@@ -334,9 +364,21 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 48, temperature: f
         chunk = prompts[start:start + batch_size]
         ids, mask = tokenize_prompts(tokenizer, format_prompts(tokenizer, chunk, chat, system), chat, device)
         check_context(model, ids, mask, max_new_tokens)
+        streams = None
+        if row_seeds is not None:
+            streams = [row_stream(s, j, device) for s in row_seeds[start:start + batch_size]
+                       for j in range(num_return_sequences)]
         if fast and fast_decode_supported(model, ids.shape[1] + max_new_tokens):
             resp = fast_decode(model, ids, mask, max_new_tokens, eos, tokenizer.pad_token_id, num_return_sequences,
-                               do_sample, temperature, top_k, top_p)  # (b*k, R)
+                               do_sample, temperature, top_k, top_p, streams)  # (b*k, R)
+        elif streams is not None:   # model.generate draws from one stream: choose each token ourselves
+            draw = RowStreamSampler(streams, temperature, top_k, top_p)
+            resp = model.generate(input_ids=ids.repeat_interleave(num_return_sequences, 0),
+                                  attention_mask=mask.repeat_interleave(num_return_sequences, 0),
+                                  generation_config=GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
+                                                                     eos_token_id=eos,
+                                                                     pad_token_id=tokenizer.pad_token_id),
+                                  logits_processor=LogitsProcessorList([draw]))[:, ids.shape[1]:]
         else:
             resp = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1]:]
         ids = ids.repeat_interleave(num_return_sequences, 0)

@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .distributed import gather_tensor, mean_over_processes, query_seeds, shard, world
 from .generation import Rollout, check_prompts, generate
 from .logprobs import length_normalized_logprob, masked_mean, position_ids_from_mask, token_entropy_from_logits, token_logprobs_from_logits
 from .models import maybe_reference
@@ -109,6 +110,9 @@ class PPOConfig(PresetMixin):
     of the base model with its own LoRA adapter carries the value head (twice the memory, no interference)."""
     seed: int = 0
     """Seeds sampling, shuffling and the value head's initialisation."""
+    seed_per_query: bool = False
+    """Sample each prompt from its own random stream (``generate(row_seeds=...)``): needed under ``accelerate
+    launch`` with N processes, where each process rolls out its 1/N of the batch. Needs the fast decoder."""
 
     PRESETS = {
         # lecture 01's run: SmolLM2 answers movie-review openings (chat), VADER reward. Chosen with
@@ -229,6 +233,16 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
     return loss, stats
 
 
+def whiten_across(values: torch.Tensor, mask: torch.Tensor, accelerator) -> torch.Tensor:
+    """``whiten`` with the mean and variance of the masked positions of every process (the global batch)."""
+    def total(x):
+        return accelerator.reduce(x.detach().clone(), reduction="sum")
+    count = total(mask.sum())
+    mean = total((values * mask).sum()) / count
+    var = total((((values - mean) ** 2) * mask).sum()) / count
+    return (values - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
 class AdaptiveKLController:
     """beta_{n+1} = beta_n * (1 + clip(KL / target - 1, -0.2, 0.2) * n_samples / horizon)  (Ziegler et al. 2019)."""
 
@@ -306,6 +320,11 @@ class PPOTrainer:
     """Holds the policy (+ value head), the reward function and the optimiser; ``train()`` returns a history.
 
     ``policy`` must be a LoRA model (``load_model(..., lora=True)``): its adapter-off base is the reference.
+    Under ``accelerate launch`` with N processes each process rolls out and learns on its 1/N of every batch and
+    mini-batch (``alignlib.distributed``); reward and advantage whitening and the token means of the losses are
+    taken over the whole batch, so N processes with one mini-batch per epoch compute what one process does. With
+    several mini-batches, each process shuffles its own rows into them. ``sampler`` is the rollout's generation
+    (``generate``'s signature), the one function a serving engine replaces.
     """
 
     policy: nn.Module
@@ -315,6 +334,7 @@ class PPOTrainer:
     config: PPOConfig = field(default_factory=PPOConfig)
     ref_model: nn.Module | None = None  # pass a frozen copy to train a full (non-LoRA) policy
     accelerator: object = None
+    sampler: Callable = generate       # the rollout's generation: (model, tokenizer, prompts, **kw) -> Rollout
 
     def __post_init__(self):
         from accelerate import Accelerator
@@ -324,6 +344,13 @@ class PPOTrainer:
             raise TypeError("policy has no LoRA adapter; load it with lora=True or pass ref_model=a frozen copy.")
         seed_everything(self.config.seed)
         self.accelerator = self.accelerator or Accelerator()
+        processes = world(self.accelerator)[1]
+        if processes > 1 and not self.config.seed_per_query:
+            raise ValueError("PPO on several processes needs seed_per_query=True, so that each prompt is sampled "
+                             "the same way whichever process holds it.")
+        if self.config.mini_batch_size % processes:
+            raise ValueError(f"mini_batch_size={self.config.mini_batch_size} does not split over {processes} "
+                             f"processes; use a multiple of {processes}.")
         self.model = PolicyWithValue(self.policy, self.config.value_model)
         head = list(self.model.value_head.parameters())
         head_ids = {id(p) for p in head}
@@ -341,23 +368,28 @@ class PPOTrainer:
         return self.kl_ctl.value if self.kl_ctl else self.config.kl_coef
 
     def sample_prompts(self) -> list[str]:
-        """A batch of prompts for this process (each process of a multi-GPU run draws its own)."""
+        """The step's global batch of prompts (the same in every process: each then takes its share)."""
         return [self.rng.choice(self.prompts) for _ in range(self.config.batch_size)]
 
     @torch.no_grad()
     def rollout(self, metrics: dict) -> tuple[Rollout, PPOBatch, torch.Tensor]:
         cfg = self.config
         unwrapped = self.accelerator.unwrap_model(self.model)
+        prompts = self.sample_prompts()
+        streams = ({"row_seeds": shard(query_seeds(cfg.seed, len(self.history), len(prompts)), self.accelerator)}
+                   if cfg.seed_per_query else {})
         with timer(metrics, "time/generate_s"):
-            roll = generate(unwrapped.policy, self.tokenizer, self.sample_prompts(), max_new_tokens=cfg.max_new_tokens,
-                            temperature=cfg.temperature, chat=cfg.chat)
+            roll = self.sampler(unwrapped.policy, self.tokenizer, shard(prompts, self.accelerator),
+                                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, chat=cfg.chat,
+                                **streams)
         with timer(metrics, "time/reward_s"):
             scores = score(self.reward_fn, roll.prompts, roll.responses).to(roll.input_ids.device)  # (B,)
         raw_scores = scores.clone()
         if cfg.missing_eos_penalty:
             scores = scores - cfg.missing_eos_penalty * (~roll.finished).float()
-        if cfg.whiten_rewards and len(scores) > 1:
-            scores = (scores - scores.mean()) / (scores.std() + 1e-8)
+        if cfg.whiten_rewards and len(prompts) > 1:   # over the global batch
+            everyone = gather_tensor(scores, self.accelerator)
+            scores = (scores - everyone.mean()) / (everyone.std() + 1e-8)
         keep = roll.input_ids.shape[1] - roll.prompt_width + 1  # logits that predict response tokens
         with timer(metrics, "time/score_s"):
             self.model.eval()
@@ -369,10 +401,12 @@ class PPOTrainer:
         kl = kl_penalty(logp, ref_logp, cfg.kl_estimator) * mask
         rewards = shaped_rewards(scores, kl, mask, self.kl_coef)
         advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.lam)
-        advantages = whiten(advantages, mask)
+        advantages = whiten(advantages, mask) if world(self.accelerator)[1] == 1 else \
+            whiten_across(advantages, mask, self.accelerator)
         seq_kl = (kl_penalty(logp, ref_logp, "k1") * mask).sum(-1)  # (B,) summed k1 per sequence
+        raw_all = gather_tensor(raw_scores, self.accelerator)
         metrics.update({
-            "reward/mean": raw_scores.mean().item(), "reward/std": raw_scores.std().item() if len(raw_scores) > 1 else 0.0,
+            "reward/mean": raw_all.mean().item(), "reward/std": raw_all.std().item() if len(raw_all) > 1 else 0.0,
             "reward/shaped_mean": scores.mean().item(),
             "kl/ref": seq_kl.mean().item(), "kl/coef": self.kl_coef,
             "ppl/ref": (-length_normalized_logprob(ref_logp, mask)).mean().exp().item(),  # as RRHF and RAFT log it
@@ -380,6 +414,8 @@ class PPOTrainer:
             "response/length": mask.sum(-1).mean().item(), "response/eos_frac": roll.finished.float().mean().item(),
             "value/mean": masked_mean(values, mask).item(), "returns/mean": masked_mean(returns, mask).item(),
         })
+        local = ("kl/ref", "ppl/ref", "policy/entropy", "response/length", "response/eos_frac", "value/mean", "returns/mean")
+        metrics.update(mean_over_processes({k: metrics[k] for k in local}, self.accelerator))
         batch = PPOBatch(roll.input_ids, roll.attention_mask, mask, logp, values, advantages, returns, keep)
         return roll, batch, seq_kl
 
@@ -406,10 +442,12 @@ class PPOTrainer:
         self.model.train()
         stats: dict[str, list[float]] = {}
         n = batch.input_ids.shape[0]
+        processes = world(self.accelerator)[1]
+        size = cfg.mini_batch_size // processes         # this process's share of a mini-batch
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(n)
-            for start in range(0, n, cfg.mini_batch_size):
-                mb = batch.select(order[start:start + cfg.mini_batch_size])
+            for start in range(0, n, size):
+                mb = batch.select(order[start:start + size])
                 logits, values = self.model(mb.input_ids, mb.attention_mask, logits_to_keep=mb.logits_to_keep)
                 logits = logits / cfg.temperature  # the same tempered policy as the rollout's old log-probs
                 logp = token_logprobs_from_logits(logits, mb.input_ids)
@@ -420,13 +458,16 @@ class PPOTrainer:
                     ent = masked_mean(token_entropy_from_logits(logits, mb.input_ids.shape[1]), mb.mask)
                     loss = loss - cfg.ent_coef * ent
                 check_finite(loss, "PPO loss")
+                if processes > 1:  # token means over the whole mini-batch: local share times N, then averaged
+                    tokens = mb.mask.sum()
+                    loss = loss * tokens * processes / self.accelerator.reduce(tokens.clone(), reduction="sum")
                 self.optimizer.zero_grad(set_to_none=True)
                 self.accelerator.backward(loss)
-                guarded_step(self.optimizer, cfg.max_grad_norm, "PPO", clip=self.accelerator.clip_grad_norm_)
-                for k, v in {"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), "loss/total": loss.item(),
+                norm = guarded_step(self.optimizer, cfg.max_grad_norm, "PPO", clip=self.accelerator.clip_grad_norm_)
+                for k, v in {"grad/norm": norm, "loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), "loss/total": loss.item(),
                              **pg_stats, **vf_stats}.items():
                     stats.setdefault(k, []).append(v)
-        metrics.update({k: sum(v) / len(v) for k, v in stats.items()})
+        metrics.update(mean_over_processes({k: sum(v) / len(v) for k, v in stats.items()}, self.accelerator))
         var_returns = masked_mean((batch.returns - masked_mean(batch.returns, batch.mask)) ** 2, batch.mask)
         resid = masked_mean((batch.returns - batch.old_values - masked_mean(batch.returns - batch.old_values, batch.mask)) ** 2, batch.mask)
         metrics["value/explained_var"] = (1 - resid / var_returns).item() if var_returns > 0 else float("nan")
@@ -438,7 +479,8 @@ class PPOTrainer:
         with timer(metrics, "time/train_s"):
             self.learn(batch, metrics)
         if self.kl_ctl:
-            self.kl_ctl.update(seq_kl.mean().item(), len(seq_kl))
+            everyone = gather_tensor(seq_kl, self.accelerator)
+            self.kl_ctl.update(everyone.mean().item(), len(everyone))
         metrics["time/step_s"] = time.perf_counter() - start
         metrics["memory/peak_mb"] = peak_memory_mb(self.accelerator.device)
         self.history.append(metrics)

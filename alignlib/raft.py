@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .distributed import gather_objects, mean_over_processes, query_seeds, shard, world
 from .generation import check_prompts, generate
 from .rewards import score
 from .logprobs import divergence_from_reference
@@ -117,6 +118,9 @@ class RAFTConfig(PresetMixin):
     """Gradient clipping threshold; 0 disables."""
     seed: int = 0
     """Seeds sampling and the choice of prompts."""
+    seed_per_query: bool = False
+    """Sample each prompt from its own random stream (``generate(row_seeds=...)``): a run under ``accelerate launch``
+    with N processes then samples, ranks and learns what one process does. Needs the fast decoder."""
 
     PRESETS = {
         # measured on 2 CPU cores (see the README): the sentiment task of lecture 01
@@ -138,7 +142,13 @@ class RAFTConfig(PresetMixin):
 
 @dataclass
 class RAFTTrainer:
-    """Algorithm 1: ``train()`` runs the stages and returns a history with one record per stage."""
+    """Algorithm 1: ``train()`` runs the stages and returns a history with one record per stage.
+
+    Under ``accelerate launch`` each process samples its share of the stage's prompts; the samples are gathered,
+    ranked once (local or global ranking see every sample) and the kept set is fine-tuned on with each SFT batch
+    split over the processes. ``sampler`` is the data-collection step (``generate``'s signature), the one
+    function a serving engine replaces.
+    """
 
     policy: torch.nn.Module
     tokenizer: object
@@ -147,14 +157,23 @@ class RAFTTrainer:
     config: RAFTConfig = field(default_factory=RAFTConfig)
     ref_model: torch.nn.Module | None = None   # the initial model, for kl/ref of a full (non-LoRA) policy
     log_kl: bool = True                        # log kl/ref and ppl/ref (one extra scoring pass per stage)
+    accelerator: object = None                 # default: a new ``accelerate.Accelerator()``
+    sampler: Callable = generate               # data collection: (model, tokenizer, prompts, **kw) -> Rollout
 
     def __post_init__(self):
+        from accelerate import Accelerator
+
         self.prompts = check_prompts(self.prompts)
         if self.log_kl and self.ref_model is None and not hasattr(self.policy, "disable_adapter"):
             raise TypeError("log_kl needs a LoRA policy (lora=True) or ref_model=the initial model; "
                             "or pass log_kl=False.")
         seed_everything(self.config.seed)
-        self.optimizer = make_optimizer(self.policy, self.config.lr)
+        self.accelerator = self.accelerator or Accelerator()
+        if world(self.accelerator)[1] > 1 and not self.config.seed_per_query:
+            raise ValueError("RAFT on several processes needs seed_per_query=True, so that each prompt is sampled "
+                             "the same way whichever process holds it.")
+        # self.model: what computes gradients (DDP/FSDP-wrapped under accelerate); self.policy: the plain module
+        self.model, self.optimizer = self.accelerator.prepare(self.policy, make_optimizer(self.policy, self.config.lr))
         self.rng = random.Random(self.config.seed)
         self.history: list[dict] = []
         self.kept: list[dict] = []     # every kept (prompt, response, reward), stage by stage
@@ -170,32 +189,42 @@ class RAFTTrainer:
         cfg = self.config
         sft = SFTConfig(epochs=cfg.sft_epochs, batch_size=cfg.sft_batch_size, chat=cfg.chat,
                         max_grad_norm=cfg.max_grad_norm, seed=seed)
-        return train_sft(self.policy, self.tokenizer, [r["prompt"] for r in kept], [r["response"] for r in kept],
-                         sft, optimizer=self.optimizer, add_eos=[r["finished"] for r in kept])
+        return train_sft(self.model, self.tokenizer, [r["prompt"] for r in kept], [r["response"] for r in kept],
+                         sft, optimizer=self.optimizer, add_eos=[r["finished"] for r in kept],
+                         accelerator=self.accelerator)
 
     def stage(self) -> dict:
         cfg = self.config
         metrics: dict = {"stage": len(self.history)}
         start = time.perf_counter()
-        prompts = self.sample_prompts()
+        prompts = self.sample_prompts()                      # the global batch, the same in every process
+        seeds = query_seeds(cfg.seed, metrics["stage"], len(prompts)) if cfg.seed_per_query else None
+        local = shard(prompts, self.accelerator)
+        streams = {} if seeds is None else {"row_seeds": shard(seeds, self.accelerator)}
         # 1. data collection (no gradients; nothing of it is kept for backpropagation)
         with timer(metrics, "time/generate_s"), torch.no_grad():
-            roll = generate(self.policy, self.tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
-                            temperature=cfg.temperature, chat=cfg.chat, num_return_sequences=cfg.k)
+            roll = self.sampler(self.policy, self.tokenizer, local, max_new_tokens=cfg.max_new_tokens,
+                                temperature=cfg.temperature, chat=cfg.chat, num_return_sequences=cfg.k, **streams)
         with timer(metrics, "time/reward_s"):
-            rewards = score(self.reward_fn, roll.prompts, roll.responses).cpu()       # (b*k,)
+            local_rewards = score(self.reward_fn, roll.prompts, roll.responses).cpu()      # (b*k / processes,)
+        # every process's samples, in the global batch's order: ranking sees all b*k of them
+        samples = gather_objects([{"prompt": p, "response": r, "reward": x, "finished": f} for p, r, x, f in
+                                  zip(roll.prompts, roll.responses, local_rewards.tolist(), roll.finished.tolist())],
+                                 self.accelerator)
+        rewards = torch.tensor([x["reward"] for x in samples])                            # (b*k,)
+        responses = [x["response"] for x in samples]
         # 2. data ranking
         idx = raft_select(rewards.view(len(prompts), cfg.k), cfg.selection).tolist()
-        kept = [{"stage": metrics["stage"], "prompt": roll.prompts[i], "response": roll.responses[i],
-                 "reward": rewards[i].item(), "finished": bool(roll.finished[i])} for i in idx]
+        kept = [{"stage": metrics["stage"], "prompt": samples[i]["prompt"], "response": samples[i]["response"],
+                 "reward": samples[i]["reward"], "finished": bool(samples[i]["finished"])} for i in idx]
         self.kept.extend(kept)
         if self.log_kl:  # on the first sample of each prompt: an unbiased estimate at 1/k of the cost
             first = slice(0, len(roll), cfg.k)
             with timer(metrics, "time/score_s"):
                 div = divergence_from_reference(self.policy, roll.input_ids[first], roll.attention_mask[first],
                                                 roll.response_mask[first], self.ref_model)
-            metrics["kl/ref"] = div["kl"].mean().item()
-            metrics["ppl/ref"] = div["ref_nll"].mean().exp().item()
+            metrics.update(mean_over_processes({"kl/ref": div["kl"].mean().item(),
+                                                "ppl/ref": div["ref_nll"].mean().exp().item()}, self.accelerator))
         # 3. fine-tuning on the kept set (EOS is a target only where the sample really ended)
         with timer(metrics, "time/train_s"):
             steps = self.fine_tune(kept, seed=cfg.seed + metrics["stage"])
@@ -205,9 +234,11 @@ class RAFTTrainer:
             "reward/max": rewards.max().item(), "kept/count": len(kept),
             "kept/prompts": len({r["prompt"] for r in kept}),
             "loss/sft": sum(s["loss/sft"] for s in steps) / len(steps),
-            "diversity/distinct1": distinct_n(roll.responses, 1), "diversity/distinct2": distinct_n(roll.responses, 2),
-            "response/length": roll.response_mask.sum(-1).float().mean().item(),
-            "response/eos_frac": roll.finished.float().mean().item(),
+            "grad/norm": sum(s["grad/norm"] for s in steps) / len(steps),
+            "diversity/distinct1": distinct_n(responses, 1), "diversity/distinct2": distinct_n(responses, 2),
+            "response/eos_frac": sum(x["finished"] for x in samples) / len(samples),
+            **mean_over_processes({"response/length": roll.response_mask.sum(-1).float().mean().item()},
+                                  self.accelerator),
         })
         metrics["time/step_s"] = time.perf_counter() - start
         metrics["memory/peak_mb"] = peak_memory_mb(next(self.policy.parameters()).device)

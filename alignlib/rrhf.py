@@ -44,6 +44,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .distributed import gather_tensor, mean_over_processes, query_seeds, shard, world
 from .generation import generate
 from .logprobs import divergence_from_reference, length_normalized_logprob
 from .models import maybe_reference
@@ -146,6 +147,9 @@ class RRHFConfig(PresetMixin):
     """Candidates per backward pass (None: all Q*k at once). Bounds activation memory; exact same gradient."""
     seed: int = 0
     """Seeds sampling and the choice of queries."""
+    seed_per_query: bool = False
+    """Sample each query from its own random stream (``generate(row_seeds=...)``): a run under ``accelerate launch``
+    with N processes then samples, and learns, what one process does. Needs the fast decoder."""
 
     PRESETS = {
         # measured on 2 CPU cores (see the README): the sentiment task of lecture 01, 4 policy + initial samples
@@ -210,7 +214,11 @@ class Candidates:
 
 @dataclass
 class RRHFTrainer:
-    """The policy (LoRA: its adapter-off base is the "initial model" source), a reward function and queries."""
+    """The policy (LoRA: its adapter-off base is the "initial model" source), a reward function and queries.
+
+    Under ``accelerate launch`` each process takes its share of every step's queries (``alignlib.distributed``);
+    ``sampler`` is the rollout phase (``generate``'s signature), the one function a serving engine replaces.
+    """
 
     policy: torch.nn.Module
     tokenizer: object
@@ -219,8 +227,12 @@ class RRHFTrainer:
     config: RRHFConfig = field(default_factory=RRHFConfig)
     ref_model: torch.nn.Module | None = None   # the initial model for a full (non-LoRA) policy
     log_kl: bool = True                        # also log KL and reference perplexity of the policy's samples
+    accelerator: object = None                 # default: a new ``accelerate.Accelerator()``
+    sampler: Callable = generate               # the rollout phase: (model, tokenizer, prompts, **kw) -> Rollout
 
     def __post_init__(self):
+        from accelerate import Accelerator
+
         self.queries = as_queries(self.queries)
         cfg = self.config
         k = cfg.policy_samples + cfg.initial_samples
@@ -236,24 +248,31 @@ class RRHFTrainer:
             raise TypeError("initial_samples needs a LoRA policy (lora=True) or ref_model=the initial model.")
         self.k = k
         seed_everything(cfg.seed)
-        self.optimizer = make_optimizer(self.policy, cfg.lr)
+        self.accelerator = self.accelerator or Accelerator()
+        if world(self.accelerator)[1] > 1 and not cfg.seed_per_query:
+            raise ValueError("RRHF on several processes needs seed_per_query=True, so that each query is sampled "
+                             "the same way whichever process holds it.")
+        # self.model: what computes gradients (DDP/FSDP-wrapped under accelerate); self.policy: the plain module
+        self.model, self.optimizer = self.accelerator.prepare(self.policy, make_optimizer(self.policy, cfg.lr))
         self.rng = random.Random(cfg.seed)
         self.history: list[dict] = []
 
     @torch.no_grad()
-    def candidates(self, queries: list[Query]) -> Candidates:
-        """k candidates per query from the configured sources, grouped by query."""
+    def candidates(self, queries: list[Query], seeds: list[int] | None = None) -> Candidates:
+        """k candidates per query from the configured sources, grouped by query (``seeds``: one per query)."""
         cfg = self.config
         prompts = [q.prompt for q in queries]
         per_query: list[list[tuple[str, str, bool]]] = [[] for _ in queries]
         samplers = [("policy", cfg.policy_samples, nullcontext(self.policy)),
                     ("initial", cfg.initial_samples, maybe_reference(self.policy, self.ref_model))]
-        for source, n, model_context in samplers:
+        for offset, (source, n, model_context) in enumerate(samplers):
             if not n:
                 continue
+            streams = {} if seeds is None else {"row_seeds": [2 * s + offset for s in seeds]}  # one stream per source
             with model_context as model:
-                roll = generate(model, self.tokenizer, prompts, num_return_sequences=n, max_new_tokens=cfg.max_new_tokens,
-                                temperature=cfg.temperature, chat=cfg.chat)
+                roll = self.sampler(model, self.tokenizer, prompts, num_return_sequences=n,
+                                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, chat=cfg.chat,
+                                    **streams)
             for j, (text, done) in enumerate(zip(roll.responses, roll.finished.tolist())):
                 per_query[j // n].append((text, source, done))
         if cfg.data_responses:
@@ -283,8 +302,8 @@ class RRHFTrainer:
             return loss, {**stats, "loss/total": loss.item()}
 
         if chunk >= N:
-            loss, stats = objective(*candidate_scores(self.policy, batch, cfg.alpha))
-            loss.backward()
+            loss, stats = objective(*candidate_scores(self.model, batch, cfg.alpha))
+            self.accelerator.backward(loss)
             return stats
         with torch.no_grad():  # pass 1: the per-candidate numbers, no activations kept
             parts = [candidate_scores(self.policy, batch.select(slice(i, i + chunk)), cfg.alpha)
@@ -294,18 +313,23 @@ class RRHFTrainer:
         loss, stats = objective(p0, nll0)
         g_p, g_nll = torch.autograd.grad(loss, (p0, nll0))                      # (N,), (N,): dL/dp, dL/dnll
         for i in range(0, N, chunk):  # pass 2: sum_i g_i * p_i has the same gradient as L, chunk by chunk
-            p, nll = candidate_scores(self.policy, batch.select(slice(i, i + chunk)), cfg.alpha)
-            ((g_p[i:i + chunk] * p).sum() + (g_nll[i:i + chunk] * nll).sum()).backward()
+            last = i + chunk >= N     # processes average their gradients once, after the last chunk
+            with nullcontext() if last else self.accelerator.no_sync(self.model):
+                p, nll = candidate_scores(self.model, batch.select(slice(i, i + chunk)), cfg.alpha)
+                self.accelerator.backward((g_p[i:i + chunk] * p).sum() + (g_nll[i:i + chunk] * nll).sum())
         return stats
 
     def step(self) -> dict:
         cfg = self.config
         metrics: dict = {"step": len(self.history)}
         start = time.perf_counter()
-        queries = self.sample_queries()
+        queries = self.sample_queries()                      # the global batch, the same in every process
+        seeds = query_seeds(cfg.seed, metrics["step"], len(queries)) if cfg.seed_per_query else None
+        queries = shard(queries, self.accelerator)
+        seeds = seeds and shard(seeds, self.accelerator)
         self.policy.eval()
         with timer(metrics, "time/generate_s"):
-            cands = self.candidates(queries)
+            cands = self.candidates(queries, seeds)
         with timer(metrics, "time/reward_s"):
             rewards = score(self.reward_fn, cands.prompts, cands.responses).view(len(queries), self.k)  # (Q, k)
         device = next(self.policy.parameters()).device
@@ -320,14 +344,19 @@ class RRHFTrainer:
             with timer(metrics, "time/score_s"):
                 div = divergence_from_reference(self.policy, pol.input_ids, pol.attention_mask, pol.response_mask,
                                                 self.ref_model)
-            metrics["kl/ref"] = div["kl"].mean().item()
-            metrics["ppl/ref"] = div["ref_nll"].mean().exp().item()
+            metrics.update(mean_over_processes({"kl/ref": div["kl"].mean().item(),
+                                                "ppl/ref": div["ref_nll"].mean().exp().item()}, self.accelerator))
         with timer(metrics, "time/train_s"):
             self.policy.train()
             self.optimizer.zero_grad(set_to_none=True)
-            metrics.update(self.backward(batch, rewards, len(queries)))
-            guarded_step(self.optimizer, cfg.max_grad_norm, "RRHF")
+            metrics.update(mean_over_processes(self.backward(batch, rewards, len(queries)), self.accelerator))
+            metrics["grad/norm"] = guarded_step(self.optimizer, cfg.max_grad_norm, "RRHF",
+                                                clip=self.accelerator.clip_grad_norm_)
             self.policy.eval()
+        # the statistics of the global batch: every process's rows, in rank order
+        rewards = gather_tensor(rewards, self.accelerator)
+        by_source = {k: gather_tensor(v, self.accelerator) for k, v in by_source.items()}
+        src = by_source["policy"]
         metrics.update({
             "reward/candidates_mean": rewards.mean().item(),
             "reward/best_mean": rewards.max(-1).values.mean().item(),

@@ -6,12 +6,18 @@ held-out evaluation before and after, one dict of metrics per step, status), rew
 SIGINT/SIGTERM); and ``<output>/adapter`` (the trained LoRA adapter, safetensors) at the end. An existing run
 directory is refused unless ``--resume`` (continue from its checkpoint) or ``--overwrite`` is given, and the
 directory is checked before the model is loaded.
+
+Under ``accelerate launch`` (``accelerate launch [--config_file configs/accelerate/ddp.yaml] -m alignlib rrhf``)
+every process trains its share of each batch (``alignlib.distributed``, sampling seeded per prompt) and only the
+main process writes the run directory.
 """
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from .checkpoint import (CHECKPOINT_EVERY, graceful_stop, load_checkpoint, prepare_output, read_record, save_checkpoint,
@@ -36,16 +42,39 @@ def prepare(args):
     task = get_task(args.preset)
     seed_everything(args.seed)
     model, tokenizer = load_model(args.model or task.model, lora=True)
+    if getattr(args, "gradient_checkpointing", False):
+        model.enable_input_require_grads()       # LoRA: the frozen embeddings' output must carry gradients
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     reward_fn = build_reward(args.reward or task.reward)
     held_out = load_task_prompts(task.prompts, "test", n=task.eval_prompts)
     return task, model, tokenizer, reward_fn, held_out
 
 
-def train_steps(trainer, out, total: int, every: int, record: dict, progress: bool = True) -> int | None:
+def make_tracker(report_to: str, out: Path, record: dict):
+    """``--report-to``: accelerate's TensorBoard (offline, ``<output>/tensorboard``) or W&B tracker, or None."""
+    if report_to in (None, "none"):
+        return None
+    from accelerate.tracking import TensorBoardTracker, WandBTracker
+
+    if report_to == "tensorboard":
+        tracker = TensorBoardTracker(record["method"], out / "tensorboard")
+    elif report_to == "wandb":
+        tracker = WandBTracker(record["method"])
+    else:
+        raise ValueError(f"--report-to must be none, tensorboard or wandb, got {report_to!r}.")
+    tracker.start()
+    tracker.store_init_configuration({k: v for k, v in record["config"].items() if isinstance(v, (int, float, str, bool))})
+    return tracker
+
+
+def train_steps(trainer, out, total: int, every: int, record: dict, progress: bool = True, tracker=None) -> int | None:
     """Step ``trainer`` until its history holds ``total`` steps; checkpoint every ``every`` steps (0: never in
-    between), after the last one, and when SIGINT/SIGTERM asks to stop. Returns the signal number if stopped."""
+    between), after the last one, and when SIGINT/SIGTERM asks to stop. Returns the signal number if stopped.
+    Only the main process writes (the others hold the same weights)."""
     step = trainer.stage if hasattr(trainer, "stage") else trainer.step   # RAFT counts stages
-    bar = tqdm(total=total, initial=len(trainer.history), desc=record["method"].upper(), disable=not progress)
+    main = PartialState().is_main_process
+    bar = tqdm(total=total, initial=len(trainer.history), desc=record["method"].upper(),
+               disable=not (progress and main))
     with graceful_stop() as stop:
         while len(trainer.history) < total:
             metrics = step()
@@ -53,7 +82,9 @@ def train_steps(trainer, out, total: int, every: int, record: dict, progress: bo
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward/mean']:+.3f}")
             done = len(trainer.history)
-            if stop.signum or done == total or (every and done % every == 0):
+            if tracker is not None and main:
+                tracker.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=done)
+            if main and (stop.signum or done == total or (every and done % every == 0)):
                 save_checkpoint(out, trainer)
                 status = "interrupted" if stop.signum and done < total else "training"
                 write_record(out, {**record, "history": trainer.history, "status": status})
@@ -70,36 +101,45 @@ def run_method(name: str, args, make_trainer) -> dict:
     every = getattr(args, "checkpoint_every", CHECKPOINT_EVERY)
     if every is None or every < 0:
         raise ValueError(f"--checkpoint-every must be >= 0 (0: only at the end and when stopped), got {every}.")
-    out = prepare_output(args.output, resume=resume, overwrite=overwrite)   # before minutes of loading
+    state = PartialState()
+    main = state.is_main_process
+    out = prepare_output(args.output, resume=resume, overwrite=overwrite) if main else Path(args.output)
+    state.wait_for_everyone()                                                   # checked before minutes of loading
     task, model, tokenizer, reward_fn, held_out = prepare(args)
     trainer, config = make_trainer(task, model, tokenizer, reward_fn)
     total = config.stages if name == "raft" else config.steps
     if resume:
         before = read_record(out)["before"]
-        print(f"[{name}] resuming {out} after step {load_checkpoint(out, trainer)} of {total}")
+        state.print(f"[{name}] resuming {out} after step {load_checkpoint(out, trainer)} of {total}")
     else:
         before = evaluate(model, tokenizer, reward_fn, held_out, config.max_new_tokens, task.chat,
                           temperature=config.temperature)
-        print(f"[{name}] held-out reward before: {before['reward/mean']:+.3f}")
+        state.print(f"[{name}] held-out reward before: {before['reward/mean']:+.3f}")
     record = {"method": name, "config": asdict(config), "task": asdict(task), "before": before}
-    write_record(out, {**record, "history": trainer.history, "status": "training"})
-    signum = train_steps(trainer, out, total, every, record)
+    if main:
+        write_record(out, {**record, "history": trainer.history, "status": "training"})
+    tracker = make_tracker(getattr(args, "report_to", "none"), out, record) if main else None
+    signum = train_steps(trainer, out, total, every, record, tracker=tracker)
+    if tracker is not None:
+        tracker.finish()
     if signum is not None:
-        print(f"[{name}] stopped after step {len(trainer.history)} of {total}; checkpoint written to {out}. "
+        state.print(f"[{name}] stopped after step {len(trainer.history)} of {total}; checkpoint written to {out}. "
               f"Run the same command with --resume to continue.", flush=True)
         raise SystemExit(128 + signum)
     history = trainer.history
     after = evaluate(model, tokenizer, reward_fn, held_out, config.max_new_tokens, task.chat,
                      temperature=config.temperature)
     last = history[-1]
-    print(f"[{name}] held-out reward after {len(history)} steps: {after['reward/mean']:+.3f} "
+    state.print(f"[{name}] held-out reward after {len(history)} steps: {after['reward/mean']:+.3f} "
           f"(KL to reference {last.get('kl/ref', float('nan')):.2f} nats, peak memory {last['memory/peak_mb']:.0f} MB, "
           f"{sum(h['time/step_s'] for h in history):.0f} s)")
     record.update(after=after, history=history, status="finished")
-    write_record(out, record)
-    if hasattr(model, "save_pretrained"):
-        model.save_pretrained(out / "adapter", safe_serialization=True)
-    print(f"[{name}] wrote {out}/history.json, {out}/adapter and {out}/checkpoints")
+    if main:
+        write_record(out, record)
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(out / "adapter", safe_serialization=True)
+        state.print(f"[{name}] wrote {out}/history.json, {out}/adapter and {out}/checkpoints")
+    state.wait_for_everyone()
     return record
 
 
@@ -107,7 +147,8 @@ def run_ppo(args) -> dict:
     from .ppo import PPOConfig, PPOTrainer
 
     def make(task, model, tokenizer, reward_fn):
-        config = PPOConfig.preset(args.preset, chat=task.chat, seed=args.seed, **steps_override(args, "steps"))
+        config = PPOConfig.preset(args.preset, chat=task.chat, seed=args.seed, **steps_override(args, "steps"),
+                                  **several_processes())
         return PPOTrainer(model, tokenizer, reward_fn, load_task_prompts(task.prompts, "train"), config), config
 
     return run_method("ppo", args, make)
@@ -119,7 +160,8 @@ def run_rrhf(args) -> dict:
     from .rrhf import RRHFConfig, RRHFTrainer
 
     def make(task, model, tokenizer, reward_fn):
-        config = RRHFConfig.preset(args.preset, chat=task.chat, seed=args.seed, **steps_override(args, "steps"))
+        config = RRHFConfig.preset(args.preset, chat=task.chat, seed=args.seed, **steps_override(args, "steps"),
+                                   **several_processes())
         return RRHFTrainer(model, tokenizer, reward_fn, load_task_queries(task.prompts, "train"), config), config
 
     return run_method("rrhf", args, make)
@@ -129,10 +171,17 @@ def run_raft(args) -> dict:
     from .raft import RAFTConfig, RAFTTrainer
 
     def make(task, model, tokenizer, reward_fn):
-        config = RAFTConfig.preset(args.preset, chat=task.chat, seed=args.seed, **steps_override(args, "stages"))
+        config = RAFTConfig.preset(args.preset, chat=task.chat, seed=args.seed, **steps_override(args, "stages"),
+                                   **several_processes())
         return RAFTTrainer(model, tokenizer, reward_fn, load_task_prompts(task.prompts, "train"), config), config
 
     return run_method("raft", args, make)
+
+
+def several_processes() -> dict:
+    """Under ``accelerate launch`` with N > 1 processes, sample every prompt from its own stream (the run then
+    learns what one process with ``seed_per_query=True`` learns)."""
+    return {"seed_per_query": True} if PartialState().num_processes > 1 else {}
 
 
 def steps_override(args, field: str) -> dict:

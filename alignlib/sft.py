@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .distributed import mean_over_processes, shard, world
 from .generation import check_prompts, format_prompts
 from .logprobs import masked_mean, position_ids_from_mask, token_logprobs_from_logits
 from .utils import check_finite, guarded_step, seed_everything
@@ -147,11 +148,14 @@ def make_optimizer(model, lr: float) -> torch.optim.Optimizer:
 
 def train_sft(model, tokenizer, prompts: Sequence[str], responses: Sequence[str], config: SFTConfig | None = None,
               optimizer: torch.optim.Optimizer | None = None, add_eos: bool | Sequence[bool] = True,
-              progress: bool = False) -> list[dict]:
+              progress: bool = False, accelerator=None) -> list[dict]:
     """Fine-tune ``model`` on (prompt, response) pairs; return one record per optimizer step.
 
     Pass ``optimizer`` to keep its state across calls (RAFT does, one call per stage). Each record has
     ``loss/sft`` (mean NLL per response token of that batch), ``tokens`` and ``epoch``.
+    With an ``accelerator`` of N processes (``model`` and ``optimizer`` prepared by it), every process walks the
+    same batches and computes its 1/N of each: its NLL sum over the batch's token count T times N, which the
+    gradient averaging turns into the mean over all T tokens, the one-process loss.
     """
     config = config or SFTConfig()
     prompts = check_prompts(prompts)
@@ -161,6 +165,7 @@ def train_sft(model, tokenizer, prompts: Sequence[str], responses: Sequence[str]
                          "must have the same length.")
     device = next(model.parameters()).device
     optimizer = optimizer or make_optimizer(model, config.lr)
+    processes = world(accelerator)[1]
     rng = random.Random(config.seed)
     seed_everything(config.seed)
     history = []
@@ -175,12 +180,18 @@ def train_sft(model, tokenizer, prompts: Sequence[str], responses: Sequence[str]
         idx, order = order[:config.batch_size], order[config.batch_size:]
         batch = encode_sft(tokenizer, [prompts[i] for i in idx], [responses[i] for i in idx], config.chat,
                            add_eos=[flags[i] for i in idx], max_length=config.max_length).to(device)
-        loss = sft_loss(model, batch)
+        tokens = batch.response_mask.sum()                  # of the whole batch, whichever process holds it
+        if processes > 1:
+            batch = batch.select(torch.tensor(shard(range(len(idx)), accelerator, "the SFT batch size")))
+            loss = -(response_token_logprobs(model, batch) * batch.response_mask).sum() / tokens * processes
+        else:
+            loss = sft_loss(model, batch)
         check_finite(loss, "SFT loss")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        guarded_step(optimizer, config.max_grad_norm, "SFT")
-        record = {"step": step, "loss/sft": loss.item(), "tokens": int(batch.response_mask.sum()),
+        loss.backward() if accelerator is None else accelerator.backward(loss)
+        norm = guarded_step(optimizer, config.max_grad_norm, "SFT", clip=accelerator and accelerator.clip_grad_norm_)
+        record = {"step": step, "grad/norm": norm, **mean_over_processes({"loss/sft": loss.item()}, accelerator),
+                  "tokens": int(tokens),
                   "epoch": step * config.batch_size // len(prompts)}
         history.append(record)
         bar.set_postfix(loss=f"{record['loss/sft']:.3f}")

@@ -123,3 +123,21 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_run(tmp_path, monke
     record = json.loads((out / "history.json").read_text())
     assert record["status"] == "finished" and len(record["history"]) == 3
     assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_report_to_tensorboard_logs_every_step_offline_with_gradient_checkpointing(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from alignlib.runs import run_rrhf
+
+    out = tmp_path / "rrhf"
+    args = types.SimpleNamespace(preset="cpu", model="tiny-random", reward="length", steps=2, seed=0,
+                                 output=str(out), resume=False, overwrite=False, checkpoint_every=0,
+                                 report_to="tensorboard", gradient_checkpointing=True)
+    record = run_rrhf(args)
+    assert record["status"] == "finished"
+    events = EventAccumulator(str(next((out / "tensorboard").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("reward/mean")]
+    assert steps == [1, 2]
+    assert [e.value for e in events.Scalars("grad/norm")] == pytest.approx([h["grad/norm"] for h in record["history"]])

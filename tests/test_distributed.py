@@ -1,0 +1,138 @@
+"""Data parallelism: two processes under ``accelerate launch`` (gloo on CPU) equal one process, same global batch."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignlib.distributed import query_seeds, shard
+from alignlib.generation import generate
+
+SCRIPT = Path(__file__).with_name("distributed_run.py")
+CONFIGS = Path(__file__).parents[1] / "configs" / "accelerate"
+
+
+def run(out: Path, processes: int) -> None:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    # the shipped DDP file, with 2 CPU processes over gloo in fp32 instead of its 8 GPUs in bf16
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "ddp.yaml"),
+              "--num_processes", str(processes), "--mixed_precision", "no"]
+    cmd = (launch if processes > 1 else [sys.executable]) + [str(SCRIPT), str(out)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.distributed
+def test_two_processes_learn_what_one_process_learns(tmp_path):
+    run(tmp_path / "one", 1)
+    run(tmp_path / "two", 2)
+    for method in ("ppo", "rrhf", "raft"):
+        one, two = (json.loads((tmp_path / d / f"{method}.json").read_text()) for d in ("one", "two"))
+        assert (one["processes"], two["processes"]) == (1, 2)
+        for a, b in zip(one["history"], two["history"], strict=True):
+            assert a.keys() == b.keys()
+            for key in a:   # the gradient norm catches a loss normalised by the wrong count (Adam would not)
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (method, key)
+        w1, w2 = (load_file(tmp_path / d / f"{method}.safetensors") for d in ("one", "two"))
+        assert w1.keys() == w2.keys()
+        moved = max(w1[k].abs().max().item() for k in w1 if "lora_B" in k)
+        assert moved > 1e-3, f"{method} did not train, so equality would prove nothing"
+        for k in w1:
+            torch.testing.assert_close(w2[k], w1[k], atol=1e-4, rtol=1e-3, msg=f"{method}: {k}")
+
+
+def test_row_seeds_make_a_prompts_samples_independent_of_its_batch(tiny):
+    model, tokenizer = tiny
+    prompts = [f"Say something about number {i}." for i in range(4)]   # same token length: same padding
+    seeds = query_seeds(7, 0, 4)
+    both = generate(model, tokenizer, prompts, max_new_tokens=5, num_return_sequences=2, row_seeds=seeds)
+    alone = generate(model, tokenizer, prompts[2:3], max_new_tokens=5, num_return_sequences=2, row_seeds=seeds[2:3])
+    assert both.responses[4:6] == alone.responses
+    other = generate(model, tokenizer, prompts[2:3], max_new_tokens=5, num_return_sequences=2, row_seeds=[seeds[2] + 1])
+    assert other.responses != alone.responses or other.response_ids.tolist() != alone.response_ids.tolist()
+    with pytest.raises(ValueError, match="one per prompt"):
+        generate(model, tokenizer, prompts, max_new_tokens=3, row_seeds=seeds[:2])
+    # model.generate (sharded models, other architectures) draws the same tokens from the same streams
+    slow = generate(model, tokenizer, prompts, max_new_tokens=5, num_return_sequences=2, row_seeds=seeds, fast=False)
+    assert slow.response_ids.tolist() == both.response_ids.tolist()
+
+
+def test_shard_splits_evenly_or_says_how_to_fix_it():
+    class Acc:
+        process_index, num_processes = 1, 2
+    assert shard(list(range(6)), Acc()) == [3, 4, 5]
+    with pytest.raises(ValueError, match="multiple of 2"):
+        shard(list(range(5)), Acc())
+
+
+@pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("zero2", "DEEPSPEED"),
+                                        ("zero3", "DEEPSPEED")])
+def test_shipped_accelerate_configs_parse(name, kind):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(CONFIGS / f"{name}.yaml"))
+    assert config.distributed_type.value == kind and config.mixed_precision == "bf16"
+    if kind == "DEEPSPEED":
+        assert config.deepspeed_config["zero_stage"] == int(name[-1])
+
+
+def test_the_rollout_is_one_replaceable_function_in_every_trainer(tiny):
+    """A serving engine replaces ``sampler``; every trainer's sampling goes through it and nowhere else."""
+    from alignlib.models import load_model
+    from alignlib.ppo import PPOConfig, PPOTrainer
+    from alignlib.raft import RAFTConfig, RAFTTrainer
+    from alignlib.rrhf import RRHFConfig, RRHFTrainer
+
+    calls = []
+
+    def engine(model, tokenizer, prompts, **kw):
+        calls.append(len(prompts))
+        return generate(model, tokenizer, prompts, **kw)
+
+    model, tok = load_model("tiny-random", lora=True)
+    reward = lambda p, r: torch.tensor([float(len(x)) for x in r])  # noqa: E731
+    prompts = ["Hi", "Name a fruit."]
+    small = dict(max_new_tokens=4)
+    PPOTrainer(model, tok, reward, prompts, PPOConfig(batch_size=2, mini_batch_size=2, **small), sampler=engine).step()
+    RRHFTrainer(model, tok, reward, prompts, RRHFConfig(batch_size=2, **small), sampler=engine).step()
+    RAFTTrainer(model, tok, reward, prompts, RAFTConfig(batch_size=2, k=2, **small), sampler=engine).stage()
+    assert calls == [2, 2, 2, 2]   # PPO once; RRHF for its policy and initial samples; RAFT once
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state: clear it so this test may choose bf16, and so no later test
+    inherits bf16."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("method", ["ppo", "rrhf", "raft"])
+def test_each_trainer_takes_a_bf16_step_under_accelerate_mixed_precision(method, fresh_accelerate_state):
+    """The lab-gpu configs' bf16 autocast (here on CPU): no dtype mismatch anywhere, a finite step that trains."""
+    from accelerate import Accelerator
+
+    from alignlib.models import load_model
+    from alignlib.ppo import PPOConfig, PPOTrainer
+    from alignlib.raft import RAFTConfig, RAFTTrainer
+    from alignlib.rrhf import RRHFConfig, RRHFTrainer
+
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    model, tok = load_model("tiny-random", lora=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    reward = lambda p, r: torch.tensor([float(len(x)) for x in r])  # noqa: E731
+    trainer, config = {"ppo": (PPOTrainer, PPOConfig(batch_size=2, mini_batch_size=2, max_new_tokens=4)),
+                       "rrhf": (RRHFTrainer, RRHFConfig(batch_size=2, chunk_size=2, max_new_tokens=4)),
+                       "raft": (RAFTTrainer, RAFTConfig(batch_size=2, k=2, max_new_tokens=4))}[method]
+    trainer = trainer(model, tok, reward, ["Hi", "Name a fruit."], config, accelerator=accelerator)
+    metrics = trainer.stage() if method == "raft" else trainer.step()
+    metrics = metrics[0] if isinstance(metrics, tuple) else metrics
+    assert torch.isfinite(torch.tensor(metrics["grad/norm"])) and metrics["grad/norm"] > 0
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
