@@ -10,9 +10,28 @@ gathered list is the global batch in its original order.
 """
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
+
+
+def cpu_only() -> bool:
+    """No CUDA device: accelerate must be told, or ``accelerate launch`` on CPUs starts N one-process runs."""
+    return not torch.cuda.is_available()
+
+
+def make_accelerator(accelerator=None):
+    """``accelerator`` or a new ``Accelerator`` (gloo on CPU-only machines); refuses a launch whose N processes
+    did not join one group, which would otherwise train N independent copies of the run."""
+    from accelerate import Accelerator
+
+    accelerator = accelerator or Accelerator(cpu=cpu_only())
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and world(accelerator)[1] != launched:
+        raise RuntimeError(f"accelerate launch started {launched} processes but this Accelerator sees "
+                           f"{world(accelerator)[1]}; on a machine without CUDA pass Accelerator(cpu=True).")
+    return accelerator
 
 
 def world(accelerator) -> tuple[int, int]:

@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .distributed import gather_tensor, mean_over_processes, query_seeds, shard, world
+from .distributed import gather_tensor, make_accelerator, mean_over_processes, query_seeds, shard, world
 from .generation import Rollout, check_prompts, generate
 from .logprobs import length_normalized_logprob, masked_mean, position_ids_from_mask, token_entropy_from_logits, token_logprobs_from_logits
 from .models import maybe_reference
@@ -337,13 +337,11 @@ class PPOTrainer:
     sampler: Callable = generate       # the rollout's generation: (model, tokenizer, prompts, **kw) -> Rollout
 
     def __post_init__(self):
-        from accelerate import Accelerator
-
         self.prompts = check_prompts(self.prompts)   # a list of strings, not one string, not empty
         if self.ref_model is None and not hasattr(self.policy, "disable_adapter"):
             raise TypeError("policy has no LoRA adapter; load it with lora=True or pass ref_model=a frozen copy.")
         seed_everything(self.config.seed)
-        self.accelerator = self.accelerator or Accelerator()
+        self.accelerator = make_accelerator(self.accelerator)
         processes = world(self.accelerator)[1]
         if processes > 1 and not self.config.seed_per_query:
             raise ValueError("PPO on several processes needs seed_per_query=True, so that each prompt is sampled "

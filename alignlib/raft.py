@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .distributed import gather_objects, mean_over_processes, query_seeds, shard, world
+from .distributed import gather_objects, make_accelerator, mean_over_processes, query_seeds, shard, world
 from .generation import check_prompts, generate
 from .rewards import score
 from .logprobs import divergence_from_reference
@@ -161,14 +161,12 @@ class RAFTTrainer:
     sampler: Callable = generate               # data collection: (model, tokenizer, prompts, **kw) -> Rollout
 
     def __post_init__(self):
-        from accelerate import Accelerator
-
         self.prompts = check_prompts(self.prompts)
         if self.log_kl and self.ref_model is None and not hasattr(self.policy, "disable_adapter"):
             raise TypeError("log_kl needs a LoRA policy (lora=True) or ref_model=the initial model; "
                             "or pass log_kl=False.")
         seed_everything(self.config.seed)
-        self.accelerator = self.accelerator or Accelerator()
+        self.accelerator = make_accelerator(self.accelerator)
         if world(self.accelerator)[1] > 1 and not self.config.seed_per_query:
             raise ValueError("RAFT on several processes needs seed_per_query=True, so that each prompt is sampled "
                              "the same way whichever process holds it.")

@@ -44,7 +44,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .distributed import gather_tensor, mean_over_processes, query_seeds, shard, world
+from .distributed import gather_tensor, make_accelerator, mean_over_processes, query_seeds, shard, world
 from .generation import generate
 from .logprobs import divergence_from_reference, length_normalized_logprob
 from .models import maybe_reference
@@ -231,8 +231,6 @@ class RRHFTrainer:
     sampler: Callable = generate               # the rollout phase: (model, tokenizer, prompts, **kw) -> Rollout
 
     def __post_init__(self):
-        from accelerate import Accelerator
-
         self.queries = as_queries(self.queries)
         cfg = self.config
         k = cfg.policy_samples + cfg.initial_samples
@@ -248,7 +246,7 @@ class RRHFTrainer:
             raise TypeError("initial_samples needs a LoRA policy (lora=True) or ref_model=the initial model.")
         self.k = k
         seed_everything(cfg.seed)
-        self.accelerator = self.accelerator or Accelerator()
+        self.accelerator = make_accelerator(self.accelerator)
         if world(self.accelerator)[1] > 1 and not cfg.seed_per_query:
             raise ValueError("RRHF on several processes needs seed_per_query=True, so that each query is sampled "
                              "the same way whichever process holds it.")

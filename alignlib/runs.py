@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import (CHECKPOINT_EVERY, graceful_stop, load_checkpoint, prepare_output, read_record, save_checkpoint,
                          write_record)
+from .distributed import cpu_only
 from .generation import generate
 from .models import load_model
 from .presets import build_reward, get_task, load_task_prompts
@@ -72,7 +73,7 @@ def train_steps(trainer, out, total: int, every: int, record: dict, progress: bo
     between), after the last one, and when SIGINT/SIGTERM asks to stop. Returns the signal number if stopped.
     Only the main process writes (the others hold the same weights)."""
     step = trainer.stage if hasattr(trainer, "stage") else trainer.step   # RAFT counts stages
-    main = PartialState().is_main_process
+    main = PartialState(cpu=cpu_only()).is_main_process
     bar = tqdm(total=total, initial=len(trainer.history), desc=record["method"].upper(),
                disable=not (progress and main))
     with graceful_stop() as stop:
@@ -101,7 +102,7 @@ def run_method(name: str, args, make_trainer) -> dict:
     every = getattr(args, "checkpoint_every", CHECKPOINT_EVERY)
     if every is None or every < 0:
         raise ValueError(f"--checkpoint-every must be >= 0 (0: only at the end and when stopped), got {every}.")
-    state = PartialState()
+    state = PartialState(cpu=cpu_only())
     main = state.is_main_process
     out = prepare_output(args.output, resume=resume, overwrite=overwrite) if main else Path(args.output)
     state.wait_for_everyone()                                                   # checked before minutes of loading
@@ -181,7 +182,7 @@ def run_raft(args) -> dict:
 def several_processes() -> dict:
     """Under ``accelerate launch`` with N > 1 processes, sample every prompt from its own stream (the run then
     learns what one process with ``seed_per_query=True`` learns)."""
-    return {"seed_per_query": True} if PartialState().num_processes > 1 else {}
+    return {"seed_per_query": True} if PartialState(cpu=cpu_only()).num_processes > 1 else {}
 
 
 def steps_override(args, field: str) -> dict:

@@ -136,3 +136,47 @@ def test_each_trainer_takes_a_bf16_step_under_accelerate_mixed_precision(method,
     metrics = metrics[0] if isinstance(metrics, tuple) else metrics
     assert torch.isfinite(torch.tensor(metrics["grad/norm"])) and metrics["grad/norm"] > 0
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+
+
+@pytest.mark.parametrize("method", ["ppo", "rrhf", "raft"])
+def test_several_processes_without_per_prompt_seeds_are_refused(method, tiny):
+    from alignlib.ppo import PPOConfig, PPOTrainer
+    from alignlib.raft import RAFTConfig, RAFTTrainer
+    from alignlib.rrhf import RRHFConfig, RRHFTrainer
+
+    class TwoProcesses:
+        process_index, num_processes = 0, 2
+
+    model, tok = tiny
+    trainer, config = {"ppo": (PPOTrainer, PPOConfig()), "rrhf": (RRHFTrainer, RRHFConfig(initial_samples=0)),
+                       "raft": (RAFTTrainer, RAFTConfig())}[method]
+    with pytest.raises(ValueError, match="seed_per_query=True"):
+        trainer(model, tok, lambda p, r: torch.zeros(len(r)), ["Hi"], config, ref_model=model,
+                accelerator=TwoProcesses())
+
+
+def test_a_launch_whose_processes_did_not_join_one_group_is_refused(monkeypatch):
+    """N independent copies of a run, each believing it is alone, would be silently wrong."""
+    from alignlib.distributed import make_accelerator
+
+    class Alone:
+        process_index, num_processes = 0, 1
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="cpu=True"):
+        make_accelerator(Alone())
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert isinstance(make_accelerator(Alone()), Alone)
+
+
+@pytest.mark.distributed
+def test_the_cli_under_accelerate_launch_writes_one_run(tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "ddp.yaml"),
+           "--num_processes", "2", "--mixed_precision", "no", "-m", "alignlib", "raft", "--model", "tiny-random",
+           "--reward", "length", "--steps", "2", "--output", str(tmp_path / "raft")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("[raft] wrote") == 1          # only the main process writes and reports
+    record = json.loads((tmp_path / "raft" / "history.json").read_text())
+    assert record["status"] == "finished" and record["config"]["seed_per_query"] and len(record["history"]) == 2
