@@ -17,8 +17,9 @@ continues exactly as the uninterrupted run would have (tests/test_checkpoint.py 
 RAFT on the tiny model).
 
 A trainer is checkpointable if it has ``optimizer``, ``rng`` (a ``random.Random``), ``history`` and, optionally,
-``kl_ctl`` (an adaptive KL controller with a ``value``); ``trained_module(trainer)`` names the module whose
-trainable parameters are saved.
+``kl_ctl`` (an adaptive KL controller with a ``value``), ``scheduler`` (a learning-rate scheduler) and
+``extra_state()`` / ``load_extra_state(state)`` (anything else, as JSON); ``trained_module(trainer)`` names the
+module whose trainable parameters are saved.
 """
 from __future__ import annotations
 
@@ -98,7 +99,10 @@ def read_record(out: Path) -> dict | None:
 # ---------------------------------------------------------------- checkpoints
 
 def trained_module(trainer) -> torch.nn.Module:
-    """The module whose trainable parameters a checkpoint holds: PPO's policy with value head, else the policy."""
+    """The module whose trainable parameters a checkpoint holds: PPO's policy with value head, a reward model, or
+    the policy."""
+    if hasattr(trainer, "reward_model"):
+        return trainer.reward_model
     if hasattr(trainer, "accelerator") and hasattr(trainer, "model"):
         return trainer.accelerator.unwrap_model(trainer.model)
     return trainer.policy
@@ -127,12 +131,15 @@ def save_checkpoint(out: str | Path, trainer) -> Path:
     tmp.mkdir()
     weights = {k: v.detach().cpu().contiguous() for k, v in _trainable(trained_module(trainer)).items()}
     save_file(weights, str(tmp / "trainable.safetensors"))
+    scheduler = getattr(trainer, "scheduler", None)
     torch.save({"optimizer": trainer.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp / "state.pt")
     kl_ctl = getattr(trainer, "kl_ctl", None)
     state = {"step": len(trainer.history), "history": trainer.history,
              "trainer_rng": _jsonable(trainer.rng.getstate()), "python_rng": _jsonable(random.getstate()),
-             "numpy_rng": _jsonable(np.random.get_state()), "kl_coef": kl_ctl.value if kl_ctl else None}
+             "numpy_rng": _jsonable(np.random.get_state()), "kl_coef": kl_ctl.value if kl_ctl else None,
+             "extra": trainer.extra_state() if hasattr(trainer, "extra_state") else None}
     (tmp / "state.json").write_text(json.dumps(state, default=str))
     final = root / name
     shutil.rmtree(final, ignore_errors=True)
@@ -163,6 +170,8 @@ def load_checkpoint(out: str | Path, trainer) -> int:
             p.copy_(saved[name])
     blob = torch.load(path / "state.pt", weights_only=True)
     trainer.optimizer.load_state_dict(blob["optimizer"])
+    if blob.get("scheduler") is not None:
+        trainer.scheduler.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["torch_rng"])
     if blob["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(blob["cuda_rng"])
@@ -174,6 +183,8 @@ def load_checkpoint(out: str | Path, trainer) -> int:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     if getattr(trainer, "kl_ctl", None) is not None and state["kl_coef"] is not None:
         trainer.kl_ctl.value = state["kl_coef"]
+    if state.get("extra") is not None:
+        trainer.load_extra_state(state["extra"])
     return state["step"]
 
 

@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     rmp.add_argument("--max-train-pairs", type=int, default=None, help="train on the first N pairs only")
     rmp.add_argument("--model", default=None, help="override the preset's backbone (tests: tiny-random)")
     rmp.add_argument("--max-length", type=int, default=None, help="override the preset's token limit per pair")
+    rmp.add_argument("--output", default=None, help="run directories <output>/seed-N: history, checkpoints, model")
+    rmp.add_argument("--resume", action="store_true", help="continue the runs in --output from their checkpoints")
+    rmp.add_argument("--overwrite", action="store_true", help="delete the runs in --output and start again")
+    rmp.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY, metavar="N",
+                     help="with --output: checkpoint every N steps (0: only at the end and when stopped)")
 
     for method, title in METHODS.items():
         cmd = sub.add_parser(method, help=title)
@@ -114,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         from .reward_model import accuracy_over_seeds
 
         accuracy_over_seeds(args.preset, args.seeds, epochs=args.epochs, max_train_pairs=args.max_train_pairs,
-                            model=args.model, max_length=args.max_length)
+                            model=args.model, max_length=args.max_length, output=args.output, resume=args.resume,
+                            overwrite=args.overwrite, every=args.checkpoint_every)
     elif args.command in METHODS:
         from .runs import RUNS
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import CHECKPOINT_EVERY
 from .models import DEFAULT_MODEL, TINY_MODEL, ModelCacheError, ensure_default_model, resolve, tiny_tokenizer
 from .rewards import RewardModelReward, check_pairs
 from .utils import (PresetMixin, check_finite, default_dtype, get_device, guarded_step, peak_memory_mb, quiet_loading,
@@ -391,6 +393,123 @@ def pairwise_accuracy(model, tokenizer, pairs, batch_size: int = 16, max_length:
     return {**preference_metrics(r_c, r_r), "n": len(rows), "chosen": r_c, "rejected": r_r}
 
 
+class RewardModelTrainer:
+    """Bradley-Terry training one gradient step at a time (``step()``), so the run protocol of
+    ``alignlib.checkpoint`` (checkpoints, exact resume, clean stop) applies as to the policy trainers.
+
+    ``history`` holds one record per gradient step; ``evals`` the evaluations on ``eval_pairs`` (before training
+    and after each epoch); ``records()`` interleaves them as ``train_reward_model`` returns them.
+    """
+
+    def __init__(self, model, tokenizer, pairs, config: RewardModelConfig | None = None, eval_pairs=None,
+                 callback: Callable[[dict], None] | None = None):
+        self.config = config = config or RewardModelConfig()
+        rows = check_preference_pairs(pairs, "pairs")
+        eval_rows = check_preference_pairs(eval_pairs, "eval_pairs") if eval_pairs is not None else None
+        self.style = text_format(tokenizer)
+        self.rows, skipped = _check_lengths(model, tokenizer, rows, config, self.style)
+        self.info = {"data/pairs": len(self.rows), "data/skipped_pairs": skipped}
+        if eval_rows is not None:
+            eval_rows, self.info["data/eval_skipped_pairs"] = _check_lengths(model, tokenizer, eval_rows, config,
+                                                                             self.style, "eval_pairs")
+        self.eval_rows = eval_rows
+        self.reward_model, self.tokenizer, self.callback = model, tokenizer, callback
+        self.device = next(model.parameters()).device
+        seed_everything(config.seed)
+        counts = set_trainable(model, config.train_layers)
+        self.info.update({"params/trainable": counts["trainable"], "params/total": counts["total"]})
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.steps_per_epoch = math.ceil(len(self.rows) / config.batch_size)
+        self.total = config.epochs * self.steps_per_epoch
+        warmup = int(config.warmup_ratio * self.total)
+
+        def lr_factor(step: int) -> float:  # linear warm-up, then linear decay to 0
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return max(0.0, (self.total - step) / max(1, self.total - warmup))
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor)
+        self.rng = random.Random(config.seed)   # unused by training; part of every trainer's checkpoint
+        self.history: list[dict] = []
+        self.evals: list[dict] = []
+        self.train_s = 0.0
+        self._orders: dict[int, list[int]] = {}
+
+    def order(self, epoch: int) -> list[int]:
+        """The shuffled pair order of ``epoch`` (1-based): the epoch-th permutation drawn from the seed, so a
+        resumed run needs no generator state."""
+        if epoch not in self._orders:
+            generator = torch.Generator().manual_seed(self.config.seed)
+            for _ in range(epoch):
+                perm = torch.randperm(len(self.rows), generator=generator).tolist()
+            self._orders = {epoch: perm}
+        return self._orders[epoch]
+
+    def evaluate(self, step: int, epoch: int) -> dict:
+        m = pairwise_accuracy(self.reward_model, self.tokenizer, self.eval_rows, batch_size=2 * self.config.batch_size,
+                              max_length=self.config.max_length)
+        return {"step": step, "epoch": epoch, "eval/accuracy": m["accuracy"], "eval/margin": m["margin"],
+                "eval/loss": m["loss"], "time/train_s": self.train_s, "memory/peak_mb": peak_memory_mb(self.device)}
+
+    def _log(self, record: dict, to: list) -> dict:
+        if self.info:                                 # the data and parameter counts go into the first record
+            record, self.info = {**self.info, **record}, {}
+        to.append(record)
+        if self.callback is not None:
+            self.callback(record)
+        return record
+
+    def step(self) -> dict:
+        """One gradient step on the next batch of pairs (an evaluation before the first and after each epoch)."""
+        cfg, done = self.config, len(self.history)
+        if done >= self.total:
+            raise RuntimeError(f"all {self.total} steps ({cfg.epochs} epochs) are done.")
+        if done == 0 and self.eval_rows is not None and not self.evals:
+            self._log(self.evaluate(0, 0), self.evals)
+        epoch, start = done // self.steps_per_epoch + 1, (done % self.steps_per_epoch) * cfg.batch_size
+        self.reward_model.train()
+        t0 = time.perf_counter()
+        batch = [self.rows[i] for i in self.order(epoch)[start:start + cfg.batch_size]]
+        r_c, r_r = pair_rewards(self.reward_model, self.tokenizer, batch, cfg.max_length, self.style)  # (B,), (B,)
+        loss = bradley_terry_loss(r_c, r_r)
+        check_finite(loss, "loss/total (the Bradley-Terry loss)")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        lr = self.optimizer.param_groups[0]["lr"]
+        grad_norm = guarded_step(self.optimizer, cfg.max_grad_norm, "reward model")   # checks gradient and weights
+        self.scheduler.step()
+        self.train_s += time.perf_counter() - t0
+        m = preference_metrics(r_c, r_r)
+        record = self._log({"step": done + 1, "epoch": epoch, "loss/total": loss.item(),
+                            "reward/accuracy": m["accuracy"], "reward/margin": m["margin"],
+                            "reward/chosen": r_c.mean().item(), "reward/rejected": r_r.mean().item(),
+                            "grad/norm": grad_norm, "lr": lr, "time/train_s": self.train_s,
+                            "memory/peak_mb": peak_memory_mb(self.device)}, self.history)
+        if (done + 1) % self.steps_per_epoch == 0:
+            if self.eval_rows is not None:
+                self._log(self.evaluate(done + 1, epoch), self.evals)
+            self.reward_model.eval()
+        return record
+
+    def records(self) -> list[dict]:
+        """Evaluations and steps in the order they happened (an evaluation follows the step it is taken after)."""
+        out = [e for e in self.evals if e["epoch"] == 0]
+        after = {e["step"]: e for e in self.evals if e["epoch"] > 0}
+        for record in self.history:
+            out.append(record)
+            if record["step"] in after:
+                out.append(after[record["step"]])
+        return out
+
+    def extra_state(self) -> dict:
+        """What a checkpoint needs beyond weights, optimizer and RNGs (``alignlib.checkpoint``)."""
+        return {"evals": self.evals, "train_s": self.train_s, "info": self.info}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.evals[:], self.train_s, self.info = state["evals"], state["train_s"], state["info"]
+
+
 def train_reward_model(model, tokenizer, pairs, config: RewardModelConfig | None = None, eval_pairs=None,
                        progress: bool = True, callback: Callable[[dict], None] | None = None) -> list[dict]:
     """Fit r_theta to preference pairs with the Bradley-Terry loss; return the history of metrics.
@@ -404,82 +523,15 @@ def train_reward_model(model, tokenizer, pairs, config: RewardModelConfig | None
     """
     from tqdm.auto import tqdm
 
-    config = config or RewardModelConfig()
-    rows = check_preference_pairs(pairs, "pairs")
-    eval_rows = check_preference_pairs(eval_pairs, "eval_pairs") if eval_pairs is not None else None
-    style = text_format(tokenizer)
-    rows, skipped = _check_lengths(model, tokenizer, rows, config, style)
-    if eval_rows is not None:
-        eval_rows, eval_skipped = _check_lengths(model, tokenizer, eval_rows, config, style, "eval_pairs")
-    device = next(model.parameters()).device
-
-    seed_everything(config.seed)
-    counts = set_trainable(model, config.train_layers)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(rows) / config.batch_size)
-    total_steps = config.epochs * steps_per_epoch
-    warmup = int(config.warmup_ratio * total_steps)
-
-    def lr_factor(step: int) -> float:  # linear warm-up, then linear decay to 0
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    generator = torch.Generator().manual_seed(config.seed)
-    history: list[dict] = []
-    info = {"data/pairs": len(rows), "data/skipped_pairs": skipped, "params/trainable": counts["trainable"],
-            "params/total": counts["total"]}
-    if eval_rows is not None:
-        info["data/eval_skipped_pairs"] = eval_skipped
-
-    def evaluate(step: int, epoch: int, train_s: float) -> dict:
-        m = pairwise_accuracy(model, tokenizer, eval_rows, batch_size=2 * config.batch_size,
-                              max_length=config.max_length)
-        return {"step": step, "epoch": epoch, "eval/accuracy": m["accuracy"], "eval/margin": m["margin"],
-                "eval/loss": m["loss"], "time/train_s": train_s, "memory/peak_mb": peak_memory_mb(device)}
-
-    def log(record: dict) -> None:
-        history.append(record)
-        if callback is not None:
-            callback(record)
-
-    train_s, step = 0.0, 0
-    if eval_rows is not None:
-        log({**info, **evaluate(0, 0, 0.0)})
-        info = {}
-    bar = tqdm(total=total_steps, desc="reward model", disable=not progress)
-    model.train()
-    for epoch in range(1, config.epochs + 1):
-        order = torch.randperm(len(rows), generator=generator).tolist()
-        for start in range(0, len(rows), config.batch_size):
-            t0 = time.perf_counter()
-            batch = [rows[i] for i in order[start:start + config.batch_size]]
-            r_c, r_r = pair_rewards(model, tokenizer, batch, config.max_length, style)  # (B,), (B,)
-            loss = bradley_terry_loss(r_c, r_r)
-            check_finite(loss, "loss/total (the Bradley-Terry loss)")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            lr = optimizer.param_groups[0]["lr"]
-            grad_norm = guarded_step(optimizer, config.max_grad_norm, "reward model")   # checks gradient and weights
-            scheduler.step()
-            train_s += time.perf_counter() - t0
-            step += 1
-            m = preference_metrics(r_c, r_r)
-            log({**info, "step": step, "epoch": epoch, "loss/total": loss.item(), "reward/accuracy": m["accuracy"],
-                 "reward/margin": m["margin"], "reward/chosen": r_c.mean().item(),
-                 "reward/rejected": r_r.mean().item(), "grad/norm": grad_norm, "lr": lr,
-                 "time/train_s": train_s, "memory/peak_mb": peak_memory_mb(device)})
-            info = {}
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{m['accuracy']:.2f}")
-        if eval_rows is not None:
-            log(evaluate(step, epoch, train_s))
-            model.train()
+    trainer = RewardModelTrainer(model, tokenizer, pairs, config, eval_pairs, callback)
+    bar = tqdm(total=trainer.total, desc="reward model", disable=not progress)
+    while len(trainer.history) < trainer.total:
+        record = trainer.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss/total']:.3f}", acc=f"{record['reward/accuracy']:.2f}")
     bar.close()
     model.eval()
-    return history
+    return trainer.records()
 
 
 # ---------------------------------------------------------------- as a reward function
@@ -536,35 +588,68 @@ def load_preference_data(config: RewardModelConfig):
     return train, test
 
 
-def run(config: RewardModelConfig | None = None, device=None, progress: bool = True) -> dict:
+def run(config: RewardModelConfig | None = None, device=None, progress: bool = True, out: Path | None = None,
+        resume: bool = False, every: int = CHECKPOINT_EVERY) -> dict:
     """Load the backbone and data named by ``config``, train, and evaluate on the test split.
 
+    With ``out`` (a directory ``prepare_output`` has checked), the run protocol of the method commands applies:
+    checkpoints every ``every`` steps, at the end and on SIGINT/SIGTERM, ``resume`` from the last one, and at
+    the end ``history.json`` and the trained model (safetensors) in ``out/model``.
     Returns ``{"model", "tokenizer", "history", "test"}`` (``test`` as returned by ``pairwise_accuracy``).
     """
     config = config or RewardModelConfig()
     model, tokenizer = load_reward_model(config.model, device=device, seed=config.seed)
     train, test = load_preference_data(config)
-    history = train_reward_model(model, tokenizer, train, config, eval_pairs=test, progress=progress)
+    if out is None:
+        history = train_reward_model(model, tokenizer, train, config, eval_pairs=test, progress=progress)
+    else:
+        from dataclasses import asdict
+
+        from .checkpoint import load_checkpoint, write_record
+        from .runs import train_steps
+
+        trainer = RewardModelTrainer(model, tokenizer, train, config, eval_pairs=test)
+        record = {"method": "reward-model", "config": asdict(config)}
+        if resume:
+            print(f"[reward-model] resuming {out} after step {load_checkpoint(out, trainer)} of {trainer.total}")
+        signum = train_steps(trainer, out, trainer.total, every, record, progress)
+        if signum is not None:
+            print(f"[reward-model] stopped after step {len(trainer.history)} of {trainer.total}; checkpoint written "
+                  f"to {out}. Run the same command with --resume to continue.", flush=True)
+            raise SystemExit(128 + signum)
+        history = trainer.records()
+    model.eval()
     style = text_format(tokenizer)
     test_rows, _ = _check_lengths(model, tokenizer, check_preference_pairs(test, "test"), config, style, "test pairs")
     result = pairwise_accuracy(model, tokenizer, test_rows, batch_size=2 * config.batch_size,
                                max_length=config.max_length)
+    if out is not None:
+        write_record(out, {**record, "history": history, "test": {"accuracy": result["accuracy"]},
+                           "status": "finished"})
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(out / "model", safe_serialization=True)
+            tokenizer.save_pretrained(out / "model")
     return {"model": model, "tokenizer": tokenizer, "history": history, "test": result}
 
 
 def accuracy_over_seeds(preset: str = "cpu", seeds=(0,), epochs: int | None = None,
                         max_train_pairs: int | None = None, model: str | None = None,
-                        max_length: int | None = None) -> list[dict]:
+                        max_length: int | None = None, output: str | None = None, resume: bool = False,
+                        overwrite: bool = False, every: int = CHECKPOINT_EVERY) -> list[dict]:
     """``python -m alignlib reward-model``: train one reward model per seed (``run``) and print its pairwise accuracy
-    on the test split and, for the course data, on the shifted pairs written unlike the training set."""
+    on the test split and, for the course data, on the shifted pairs written unlike the training set.
+    With ``output``, seed s is a run directory ``<output>/seed-s`` (checked for every seed before any training)."""
+    from .checkpoint import prepare_output
     from .data import load_course_dataset
 
     overrides = {k: v for k, v in (("epochs", epochs), ("max_train_pairs", max_train_pairs), ("model", model),
                                           ("max_length", max_length)) if v is not None}
+    dirs = {seed: prepare_output(Path(output) / f"seed-{seed}", resume=resume, overwrite=overwrite) if output else None
+            for seed in seeds}
     rows = []
     for seed in seeds:
         config = RewardModelConfig.preset(preset, seed=seed, **overrides)
-        out = run(config, progress=False)
+        out = run(config, progress=False, out=dirs[seed], resume=resume, every=every)
         row = {"seed": seed, "test": out["test"]["accuracy"]}
         if config.dataset == "preference_pairs":
             shifted = load_course_dataset("preference_pairs_shift", "test")

@@ -81,7 +81,8 @@ def train_steps(trainer, out, total: int, every: int, record: dict, progress: bo
             metrics = step()
             metrics = metrics[0] if isinstance(metrics, tuple) else metrics          # PPO also returns its rollout
             bar.update(1)
-            bar.set_postfix(reward=f"{metrics['reward/mean']:+.3f}")
+            shown = "reward/mean" if "reward/mean" in metrics else "loss/total"    # a reward model has no reward
+            bar.set_postfix({shown.split("/")[0]: f"{metrics[shown]:+.3f}"})
             done = len(trainer.history)
             if tracker is not None and main:
                 tracker.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=done)

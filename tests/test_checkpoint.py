@@ -141,3 +141,35 @@ def test_report_to_tensorboard_logs_every_step_offline_with_gradient_checkpointi
     steps = [e.step for e in events.Scalars("reward/mean")]
     assert steps == [1, 2]
     assert [e.value for e in events.Scalars("grad/norm")] == pytest.approx([h["grad/norm"] for h in record["history"]])
+
+
+def test_reward_model_training_resumes_exactly_and_writes_its_run_directory(tmp_path):
+    import alignlib.reward_model as rm
+    from alignlib.data import load_course_dataset
+
+    pairs = load_course_dataset("preference_pairs", "train").select(range(24))
+    config = rm.RewardModelConfig(epochs=2, batch_size=8, max_length=1024, warmup_ratio=0.2)
+
+    def build():
+        model, tok = rm.load_reward_model("tiny-random", seed=0)
+        return rm.RewardModelTrainer(model, tok, pairs, config, eval_pairs=pairs.select(range(8)))
+
+    record = {"method": "reward-model"}
+    whole = build()
+    train_steps(whole, tmp_path / "whole", whole.total, every=0, record=record, progress=False)
+    first = build()
+    train_steps(first, tmp_path / "cut", 4, every=0, record=record, progress=False)   # mid-epoch 2, then killed
+    resumed = build()
+    assert load_checkpoint(tmp_path / "cut", resumed) == 4
+    train_steps(resumed, tmp_path / "cut", resumed.total, every=0, record=record, progress=False)
+    assert whole.total == 6 and stable(resumed.records()) == stable(whole.records())   # lr schedule and evals too
+    a, b = trained_module(whole).state_dict(), trained_module(resumed).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    rows = rm.accuracy_over_seeds(seeds=[0], epochs=1, max_train_pairs=16, model="tiny-random", max_length=1024,
+                                  output=str(tmp_path / "cli"))
+    saved = read_record(tmp_path / "cli" / "seed-0")
+    assert saved["status"] == "finished" and saved["test"]["accuracy"] == rows[0]["test"]
+    assert (tmp_path / "cli" / "seed-0" / "model" / "model.safetensors").exists()
+    with pytest.raises(RunDirectoryError, match="--resume"):
+        rm.accuracy_over_seeds(seeds=[0], model="tiny-random", output=str(tmp_path / "cli"))
