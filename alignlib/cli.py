@@ -1,5 +1,5 @@
-"""Command line: ``python -m alignlib {tour, download, bench, peer-bench, method-bench, ppo-check, reward-model, ppo,
-rrhf, raft, grade, exercises}``."""
+"""Command line: ``python -m alignlib {tour, download, bench, peer-bench, method-bench, ppo-check, reward-model, soups,
+ppo, rrhf, raft, grade, exercises}``."""
 from __future__ import annotations
 
 import argparse
@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .method_bench import add_arguments as add_method_bench_arguments
 
     add_method_bench_arguments(mb)
+
+    soups = sub.add_parser("soups", help="rewarded soups against MORL: experts, soups, fronts, hypervolume")
+    from .soups import add_arguments as add_soups_arguments
+
+    add_soups_arguments(soups)
 
     check = sub.add_parser("ppo-check", help="PPO's learning criteria over seeds, thread counts and betas")
     from .ppo_check import add_arguments as add_ppo_check_arguments
@@ -111,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         from .method_bench import run as run_method_bench
 
         run_method_bench(args)
+    elif args.command == "soups":
+        from .soups import main as run_soups
+
+        run_soups(args)
     elif args.command == "ppo-check":
         from .ppo_check import run as run_ppo_check
 

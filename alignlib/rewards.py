@@ -59,13 +59,15 @@ class SentimentReward:
     """VADER compound sentiment of the response (or prompt + response): +1 very positive, -1 very negative.
 
     Args:
-        target: ``"positive"`` rewards positive text, ``"negative"`` flips the sign.
+        target: ``"positive"`` rewards positive text, ``"negative"`` flips the sign, ``"neutral"`` scores the
+            text's neutral share instead (VADER's ``neu`` in [0, 1]: a matter-of-fact tone; 0 for an empty text).
         include_prompt: score the prompt and the response together (a review opening plus its continuation).
     """
 
     def __init__(self, target: str = "positive", include_prompt: bool = False):
-        if target not in ("positive", "negative"):
-            raise ValueError(f"target must be 'positive' or 'negative', got {target!r}")
+        if target not in ("positive", "negative", "neutral"):
+            raise ValueError(f"target must be 'positive', 'negative' or 'neutral', got {target!r}")
+        self.target = target
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
         self.analyzer = SentimentIntensityAnalyzer()
@@ -75,6 +77,8 @@ class SentimentReward:
     def __call__(self, prompts, responses) -> torch.Tensor:
         prompts, responses = check_pairs(prompts, responses)
         texts = [f"{p} {r}" if self.include_prompt else r for p, r in zip(prompts, responses)]
+        if self.target == "neutral":
+            return torch.tensor([self.analyzer.polarity_scores(t)["neu"] for t in texts], dtype=torch.float32)
         scores = [self.analyzer.polarity_scores(t)["compound"] for t in texts]
         return self.sign * torch.tensor(scores, dtype=torch.float32)
 
