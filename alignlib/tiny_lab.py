@@ -13,6 +13,9 @@ gibberish, but its distributions are peaked like a language model's, so the trad
   tokens; its Pearson correlation with the length |y_i|.
 - ``best_of_k(k, T)``: RAFT's selection step: k samples per prompt at temperature T, the best kept by the
   vowel reward; the kept samples' mean reward and their fluency (mean log-prob per token at T = 1).
+- ``soup_utility(lam, mu, shared_hessian)``: rewarded soups' Lemma 1 in closed form (no model): two quadratic
+  rewards around two experts, the soup (1 - lam) theta_1 + lam theta_2, and a user's utility
+  (1 - mu) R_1 + mu R_2 of it.
 """
 from __future__ import annotations
 
@@ -146,3 +149,27 @@ def _token_bigrams(ids: torch.Tensor, mask: torch.Tensor) -> list[tuple[int, int
     """Consecutive pairs of response tokens of one row (byte tokens: the tiny model's text has few spaces)."""
     tokens = ids[mask.bool()].tolist()
     return list(zip(tokens, tokens[1:]))
+
+
+# ---------------------------------------------------------------- rewarded soups (exercise 04)
+
+EXPERTS = (torch.tensor([1.0, 0.0], dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64))
+HESSIANS = {True: (torch.eye(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64)),
+            False: (torch.diag(torch.tensor([9.0, 1.0], dtype=torch.float64)), torch.eye(2, dtype=torch.float64))}
+
+
+def soup_utility(lam: float, mu: float = 0.5, shared_hessian: bool = False) -> float:
+    """A user's utility (1 - mu) R_1(theta) + mu R_2(theta) of the soup theta = (1 - lam) theta_1 + lam theta_2.
+
+    R_i(theta) = -(theta - theta_i)^T H_i (theta - theta_i) / 2, with experts theta_1 = (1, 0), theta_2 = (0, 1).
+    With ``shared_hessian`` (H_1 = H_2, Lemma 1's assumption) the best soup for the user is lam = mu; without it
+    (H_1 = diag(9, 1), H_2 = I) the selection phase has to search for it.
+    """
+    lam, mu = float(lam), float(mu)
+    for name, value in (("lam", lam), ("mu", mu)):
+        if not (math.isfinite(value) and 0 <= value <= 1):
+            raise ValueError(f"{name} must be a number in [0, 1], got {value}.")
+    theta = (1 - lam) * EXPERTS[0] + lam * EXPERTS[1]
+    h1, h2 = HESSIANS[bool(shared_hessian)]
+    r = [-0.5 * (theta - e) @ h @ (theta - e) for e, h in zip(EXPERTS, (h1, h2))]
+    return float((1 - mu) * r[0] + mu * r[1])

@@ -96,6 +96,7 @@ GRADED_IMPLEMENTATIONS = {
     "alignlib.ppo": ("kl_penalty", "shaped_rewards", "compute_gae", "clipped_policy_loss"),
     "alignlib.rrhf": ("rank_loss", "best_response_loss"),
     "alignlib.raft": ("select_local", "select_global", "distinct_n"),
+    "alignlib.soups": ("interpolate", "lora_soup", "pareto_mask", "hypervolume"),
 }
 
 
