@@ -3,7 +3,7 @@
 It grows with the course: each method that lands adds a step. Today: load the model, sample responses to
 course prompts, score them (log-probs, sentiment, length), and print a table; then a few steps of PPO
 (lecture 01), RRHF (lecture 02) and RAFT (lecture 03) on the same sentiment task, with the reward, the KL to
-the initial model and the seconds of each step.
+the initial model and the seconds of each step; then two soup experts and their interpolations (lecture 04).
 """
 from __future__ import annotations
 
@@ -66,8 +66,38 @@ def run(model_name: str = DEFAULT_MODEL, n_prompts: int = 4, max_new_tokens: int
     result = {"rows": rows, "time/generate_s": gen_s}
     for method, title in TOUR_STEPS:
         print(f"\n== {title} ==")
-        result[method] = tour_method(method, model_name, steps=steps, seed=seed)
+        if method == "soups":
+            result[method] = tour_soups(model_name, steps=steps, seed=seed)
+        else:
+            result[method] = tour_method(method, model_name, steps=steps, seed=seed)
     return result
+
+
+def tour_soups(model_name: str, steps: int, seed: int = 0) -> list[dict]:
+    """Rewarded soups in miniature: two PPO experts (positive and neutral tone) from one initialisation, and the
+    soups lambda = 0, 0.5, 1 between them, scored by both rewards on 8 held-out openings."""
+    from .soups import SoupModel, SoupsConfig, lora_soup, make_reward, train_policy
+
+    names = ("positive", "neutral")
+    rewards = {n: make_reward(n) for n in names}
+    config = SoupsConfig(model=model_name, steps=steps, seed=seed)
+    prompts = load_prompts("movie_openings", "train")
+    experts = []
+    for n in names:
+        experts.append(train_policy(config, rewards[n], prompts))
+        print(f"[tour] expert {n}: {experts[-1]['seconds']:.0f} s")
+    soup = SoupModel(model_name)
+    rows = []
+    for lam in (0.0, 0.5, 1.0):
+        soup.set(lora_soup([e["adapter"] for e in experts], [1 - lam, lam], "product", experts[0]["scaling"]))
+        ev = soup.evaluate(load_prompts("movie_openings", "test", 8), rewards, config.max_new_tokens,
+                           config.temperature, samples=1)
+        rows.append({"lambda": f"{lam:.1f}", **{n: sum(v) / len(v) for n, v in ev["rewards"].items()},
+                     "kl": ev["kl"], "example": ev["examples"][0]})
+    print_table(rows, [("lambda", "lambda", 6), ("positive", "positive", 8), ("neutral", "neutral", 8),
+                       ("kl", "KL", 6), ("example", "first answer", 50)])
+    print("[tour] full comparison with MORL: python -m alignlib soups --preset cpu")
+    return rows
 
 
 def tour_method(method: str, model_name: str, steps: int, seed: int = 0) -> list[dict]:
@@ -102,4 +132,5 @@ TOUR_STEPS = [  # (method, title): one per lecture that has landed
     ("ppo", "Step 1: RLHF with PPO on the sentiment task (lecture 01)"),
     ("rrhf", "Step 2: RRHF, ranking policy and initial-model samples by the reward (lecture 02)"),
     ("raft", "Step 3: RAFT, fine-tuning on the best of 4 samples per prompt (lecture 03)"),
+    ("soups", "Step 4: rewarded soups, two experts and the weights between them (lecture 04)"),
 ]
