@@ -36,6 +36,7 @@ import copy
 import math
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -63,6 +64,9 @@ class PPOConfig(PresetMixin):
     """Prompts per step (the rollout's size), split into mini-batches for learning."""
     mini_batch_size: int = 8
     """Sequences per gradient step."""
+    micro_batch_size: int | None = None
+    """Sequences per forward/backward pass (None: the whole mini-batch, per process). Gradients accumulate over a
+    mini-batch's micro-batches, each weighted by its share of the tokens: the same step, in less memory."""
     ppo_epochs: int = 2
     """Passes over each rollout."""
     max_new_tokens: int = 24
@@ -129,6 +133,8 @@ class PPOConfig(PresetMixin):
             raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}.")
         if self.value_model not in ("shared", "separate"):
             raise ValueError(f"value_model must be 'shared' or 'separate', got {self.value_model!r}.")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be None or >= 1, got {self.micro_batch_size}.")
         if self.batch_size < 1 or self.mini_batch_size < 1 or self.mini_batch_size > self.batch_size:
             raise ValueError(f"need 1 <= mini_batch_size ({self.mini_batch_size}) <= batch_size ({self.batch_size}).")
         if self.steps < 1 or self.ppo_epochs < 1 or self.max_new_tokens < 1:
@@ -435,6 +441,22 @@ class PPOTrainer:
         ref_logp = token_logprobs_from_logits(ref_logits / self.config.temperature, input_ids)
         return logp, values, entropy, ref_logp
 
+    def part_loss(self, part: PPOBatch) -> tuple[torch.Tensor, dict]:
+        """L = L^CLIP + c_v L^V - c_H H, token means over ``part`` (a mini-batch or a micro-batch of one)."""
+        cfg = self.config
+        logits, values = self.model(part.input_ids, part.attention_mask, logits_to_keep=part.logits_to_keep)
+        logits = logits / cfg.temperature  # the same tempered policy as the rollout's old log-probs
+        logp = token_logprobs_from_logits(logits, part.input_ids)
+        pg_loss, pg_stats = clipped_policy_loss(logp, part.old_logprobs, part.advantages, part.mask, cfg.cliprange)
+        vf_loss, vf_stats = clipped_value_loss(values, part.old_values, part.returns, part.mask, cfg.cliprange_value)
+        loss = pg_loss + cfg.vf_coef * vf_loss
+        if cfg.ent_coef:
+            ent = masked_mean(token_entropy_from_logits(logits, part.input_ids.shape[1]), part.mask)
+            loss = loss - cfg.ent_coef * ent
+        check_finite(loss, "PPO loss")
+        return loss, {"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), "loss/total": loss.item(),
+                      **pg_stats, **vf_stats}
+
     def learn(self, batch: PPOBatch, metrics: dict) -> None:
         cfg = self.config
         self.model.train()
@@ -442,29 +464,27 @@ class PPOTrainer:
         n = batch.input_ids.shape[0]
         processes = world(self.accelerator)[1]
         size = cfg.mini_batch_size // processes         # this process's share of a mini-batch
+        micro = cfg.micro_batch_size or size            # sequences per forward/backward pass
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(n)
             for start in range(0, n, size):
                 mb = batch.select(order[start:start + size])
-                logits, values = self.model(mb.input_ids, mb.attention_mask, logits_to_keep=mb.logits_to_keep)
-                logits = logits / cfg.temperature  # the same tempered policy as the rollout's old log-probs
-                logp = token_logprobs_from_logits(logits, mb.input_ids)
-                pg_loss, pg_stats = clipped_policy_loss(logp, mb.old_logprobs, mb.advantages, mb.mask, cfg.cliprange)
-                vf_loss, vf_stats = clipped_value_loss(values, mb.old_values, mb.returns, mb.mask, cfg.cliprange_value)
-                loss = pg_loss + cfg.vf_coef * vf_loss
-                if cfg.ent_coef:
-                    ent = masked_mean(token_entropy_from_logits(logits, mb.input_ids.shape[1]), mb.mask)
-                    loss = loss - cfg.ent_coef * ent
-                check_finite(loss, "PPO loss")
-                if processes > 1:  # token means over the whole mini-batch: local share times N, then averaged
-                    tokens = mb.mask.sum()
-                    loss = loss * tokens * processes / self.accelerator.reduce(tokens.clone(), reduction="sum")
+                parts = [mb.select(slice(i, i + micro)) for i in range(0, len(mb.input_ids), micro)]
+                tokens = mb.mask.sum()                                      # of the mini-batch, all processes
+                if processes > 1:
+                    tokens = self.accelerator.reduce(tokens.clone(), reduction="sum")
                 self.optimizer.zero_grad(set_to_none=True)
-                self.accelerator.backward(loss)
+                for k, part in enumerate(parts):
+                    last = k == len(parts) - 1          # processes average their gradients once, after the last part
+                    with nullcontext() if last else self.accelerator.no_sync(self.model):
+                        loss, part_stats = self.part_loss(part)
+                        if processes > 1 or len(parts) > 1:   # a part's token mean, weighted to the mini-batch's
+                            loss = loss * part.mask.sum() * processes / tokens
+                        self.accelerator.backward(loss)
+                    for key, v in part_stats.items():
+                        stats.setdefault(key, []).append(v)
                 norm = guarded_step(self.optimizer, cfg.max_grad_norm, "PPO", clip=self.accelerator.clip_grad_norm_)
-                for k, v in {"grad/norm": norm, "loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), "loss/total": loss.item(),
-                             **pg_stats, **vf_stats}.items():
-                    stats.setdefault(k, []).append(v)
+                stats.setdefault("grad/norm", []).append(norm)
         metrics.update(mean_over_processes({k: sum(v) / len(v) for k, v in stats.items()}, self.accelerator))
         var_returns = masked_mean((batch.returns - masked_mean(batch.returns, batch.mask)) ** 2, batch.mask)
         resid = masked_mean((batch.returns - batch.old_values - masked_mean(batch.returns - batch.old_values, batch.mask)) ** 2, batch.mask)

@@ -114,6 +114,8 @@ class RAFTConfig(PresetMixin):
     """Passes over the kept set per stage."""
     sft_batch_size: int = 8
     """Kept samples per optimizer step."""
+    sft_micro_batch_size: int | None = None
+    """Kept samples per forward/backward pass (None: the whole SFT batch); gradients accumulate exactly."""
     max_grad_norm: float = 1.0
     """Gradient clipping threshold; 0 disables."""
     seed: int = 0
@@ -185,8 +187,8 @@ class RAFTTrainer:
     def fine_tune(self, kept: list[dict], seed: int = 0) -> list[dict]:
         """Step 3: prompt-masked SFT on the kept samples, with the optimizer kept across stages."""
         cfg = self.config
-        sft = SFTConfig(epochs=cfg.sft_epochs, batch_size=cfg.sft_batch_size, chat=cfg.chat,
-                        max_grad_norm=cfg.max_grad_norm, seed=seed)
+        sft = SFTConfig(epochs=cfg.sft_epochs, batch_size=cfg.sft_batch_size, micro_batch_size=cfg.sft_micro_batch_size,
+                        chat=cfg.chat, max_grad_norm=cfg.max_grad_norm, seed=seed)
         return train_sft(self.model, self.tokenizer, [r["prompt"] for r in kept], [r["response"] for r in kept],
                          sft, optimizer=self.optimizer, add_eos=[r["finished"] for r in kept],
                          accelerator=self.accelerator)

@@ -18,6 +18,7 @@ stage would rebuild the optimizer, the data loader and its output directory ever
 from __future__ import annotations
 
 import random
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -122,6 +123,9 @@ class SFTConfig:
     """Passes over the (prompt, response) pairs."""
     batch_size: int = 8
     """Pairs per optimizer step."""
+    micro_batch_size: int | None = None
+    """Pairs per forward/backward pass (None: the whole batch). Gradients accumulate over a batch's micro-batches,
+    each weighted by its share of the response tokens: the same step, in less memory."""
     lr: float = 1e-4
     """AdamW learning rate (used only when ``train_sft`` creates the optimizer)."""
     max_grad_norm: float = 1.0
@@ -136,6 +140,8 @@ class SFTConfig:
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs ({self.epochs}) and batch_size ({self.batch_size}) must be >= 1.")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be None or >= 1, got {self.micro_batch_size}.")
 
 
 def make_optimizer(model, lr: float) -> torch.optim.Optimizer:
@@ -183,12 +189,20 @@ def train_sft(model, tokenizer, prompts: Sequence[str], responses: Sequence[str]
         tokens = batch.response_mask.sum()                  # of the whole batch, whichever process holds it
         if processes > 1:
             batch = batch.select(torch.tensor(shard(range(len(idx)), accelerator, "the SFT batch size")))
-            loss = -(response_token_logprobs(model, batch) * batch.response_mask).sum() / tokens * processes
-        else:
-            loss = sft_loss(model, batch)
-        check_finite(loss, "SFT loss")
+        micro = config.micro_batch_size or len(batch)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward() if accelerator is None else accelerator.backward(loss)
+        loss = 0.0
+        for start in range(0, len(batch), micro):
+            part = batch.select(slice(start, start + micro))
+            last = start + micro >= len(batch)          # processes average their gradients after the last part
+            with nullcontext() if accelerator is None or last else accelerator.no_sync(model):
+                if processes > 1 or micro < len(batch):     # this part's NLL sum over the batch's token count
+                    part_loss = -(response_token_logprobs(model, part) * part.response_mask).sum() / tokens * processes
+                else:
+                    part_loss = sft_loss(model, part)
+                check_finite(part_loss, "SFT loss")
+                part_loss.backward() if accelerator is None else accelerator.backward(part_loss)
+            loss = loss + part_loss.detach()
         norm = guarded_step(optimizer, config.max_grad_norm, "SFT", clip=accelerator and accelerator.clip_grad_norm_)
         record = {"step": step, "grad/norm": norm, **mean_over_processes({"loss/sft": loss.item()}, accelerator),
                   "tokens": int(tokens),

@@ -180,3 +180,31 @@ def test_the_cli_under_accelerate_launch_writes_one_run(tmp_path):
     assert done.stdout.count("[raft] wrote") == 1          # only the main process writes and reports
     record = json.loads((tmp_path / "raft" / "history.json").read_text())
     assert record["status"] == "finished" and record["config"]["seed_per_query"] and len(record["history"]) == 2
+
+
+@pytest.mark.parametrize("method", ["ppo", "raft"])
+def test_micro_batches_accumulate_the_same_step(method):
+    """Gradient accumulation: a mini-batch in micro-batches of 1 gives the step of the whole mini-batch."""
+    from alignlib.models import load_model
+    from alignlib.ppo import PPOConfig, PPOTrainer
+    from alignlib.raft import RAFTConfig, RAFTTrainer
+    from alignlib.utils import seed_everything
+
+    def run(micro):
+        seed_everything(0)
+        model, tok = load_model("tiny-random", lora=True)
+        reward = lambda p, r: torch.tensor([float(len(x)) for x in r])  # noqa: E731
+        if method == "ppo":
+            config = PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1, max_new_tokens=6, micro_batch_size=micro)
+            trainer = PPOTrainer(model, tok, reward, ["Hi", "Name a fruit.", "Say yes", "Count"], config)
+        else:
+            config = RAFTConfig(batch_size=4, k=2, max_new_tokens=6, sft_batch_size=4, sft_micro_batch_size=micro)
+            trainer = RAFTTrainer(model, tok, reward, ["Hi", "Name a fruit.", "Say yes", "Count"], config)
+        metrics = trainer.stage() if method == "raft" else trainer.step()[0]
+        return metrics, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    whole, w_whole = run(None)
+    parts, w_parts = run(1)
+    assert parts["grad/norm"] == pytest.approx(whole["grad/norm"], rel=1e-4)
+    for name in w_whole:
+        torch.testing.assert_close(w_parts[name], w_whole[name], atol=1e-5, rtol=1e-4)
