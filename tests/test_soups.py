@@ -167,3 +167,16 @@ def test_the_pipeline_on_the_tiny_model(tmp_path):
     assert s["n3"]["trainings_rs"] == 3 and s["n3"]["trainings_morl"] == 5
     assert set(s["users"]) == {"enthusiast", "matter-of-fact"}
     assert len(list(tmp_path.glob("*.safetensors"))) == 5                           # 3 experts, 2 MORL runs
+
+
+def test_presets_and_bad_configs():
+    lab = SoupsConfig.preset("lab-gpu")
+    assert lab.rewards[0].startswith("rm:") and lab.trainer_preset == "lab-gpu" and len(lab.morl_mus) == 9
+    for bad, message in ((dict(rewards=("positive",)), "at least 2"), (dict(trainer="dpo"), "trainer"),
+                         (dict(eval_prompts=41), "even eval_prompts"), (dict(morl_mus=(0.0, 0.5)), "strictly"),
+                         (dict(morl_simplex=((0.5, 0.6, 0.0),)), "simplex")):
+        with pytest.raises(ValueError, match=message):
+            SoupsConfig(**bad)
+    from alignlib.soups import make_reward
+    with pytest.raises(ValueError, match="unknown reward"):
+        make_reward("funny")
