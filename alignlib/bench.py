@@ -70,6 +70,37 @@ PROMPTS = [
 
 MEASUREMENTS = ["generate/batch1", "generate/batch16", "train/lora", "train/full"]
 HF_BASELINES = ["generate/batch1/hf", "generate/batch16/hf"]
+PREFIX = ["prefix/cached", "prefix/recompute"]   # 16 requests after one long shared prompt (--measure prefix/...)
+PREFIX_TOKENS = 1024                              # about the length of a constitution with few-shot examples
+
+
+def shared_prompt(tokenizer, tokens: int = PREFIX_TOKENS) -> str:
+    """A long shared prompt of about ``tokens`` tokens (numbered rules built from PROMPTS), ending in a newline."""
+    lines, i = [], 0
+    while len(tokenizer("\n".join(lines), add_special_tokens=False).input_ids) < tokens:
+        lines.append(f"Rule {i + 1}: when asked to {PROMPTS[i % len(PROMPTS)].lower()}, answer truthfully and kindly.")
+        i += 1
+    return "\n".join(lines) + "\n"
+
+
+def _prefix_step(name: str, model, tokenizer, prefix: str, suffixes: list[str]):
+    """One batch of requests after ``prefix``: with ``PrefixCache`` (the prefix encoded once) or recomputing prefix +
+    suffix for every request (left-padded, logits of the last position only: the cheapest full recompute)."""
+    from .prefix_cache import PrefixCache
+
+    if name == "prefix/cached":
+        return lambda _: PrefixCache(model, tokenizer, prefix).last_logits(suffixes)
+    rows = [tokenizer(prefix, add_special_tokens=False).input_ids + tokenizer(s, add_special_tokens=False).input_ids
+            for s in suffixes]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
+    mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(r) for r in rows])[:, None]).long()
+
+    @torch.no_grad()
+    def step(_):
+        return model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                     position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(model.device), logits_to_keep=1).logits
+    return step
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,7 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch CPU threads for every measurement (default: torch's, now %d)"
                         % torch.get_num_threads())
     parser.add_argument("--new-tokens", type=int, default=48, help="tokens to generate per prompt")
-    parser.add_argument("--measure", nargs="+", choices=MEASUREMENTS + HF_BASELINES, default=None,
+    parser.add_argument("--measure", nargs="+", choices=MEASUREMENTS + HF_BASELINES + PREFIX, default=None,
                         help="only these measurements (the matmul peak is always measured)")
     parser.add_argument("--hf-baseline", action="store_true",
                         help="also time transformers' model.generate (generate(..., fast=False))")
@@ -182,7 +213,20 @@ def _measure(name: str, opts: dict) -> dict:
     else:
         base_mb = _rss_mb()
     reps = opts["reps"]
-    if name.startswith("generate/"):
+    if name.startswith("prefix/"):
+        context = getattr(model.config, "max_position_embeddings", None) or 2 * PREFIX_TOKENS
+        prefix = shared_prompt(tokenizer, min(PREFIX_TOKENS, context // 2))
+        suffixes = [f"Question: {p}\nIs that request safe to answer? (True or False):" for p in PROMPTS]
+        step = _prefix_step(name, model, tokenizer, prefix, suffixes)
+        step(0)  # warm-up
+        times = _timed(step, reps, device)
+        p_len = len(tokenizer(prefix, add_special_tokens=False).input_ids)
+        s_len = sum(len(tokenizer(s, add_special_tokens=False).input_ids) for s in suffixes)
+        processed = p_len + s_len if name == "prefix/cached" else len(suffixes) * p_len + s_len
+        tokens = [processed] * reps                 # tokens the model actually ran forward
+        flops_per_token = counts["forward_per_token"]
+        info["requests"], info["prefix_tokens"] = len(suffixes), p_len
+    elif name.startswith("generate/"):
         batch = int(name.split("/")[1].removeprefix("batch"))
         fast = not name.endswith("/hf")
         prompts = (PROMPTS * (batch // len(PROMPTS) + 1))[:batch]
@@ -290,6 +334,12 @@ def format_table(report: dict) -> str:
         growth = "" if r["growth_mb"] is None else f"{r['growth_mb']:+.0f}"
         lines.append(f"{name:<22}{r['tokens']:>8.0f}{r['time_s']:>9.2f}{r['tokens_per_s']:>10.1f}{r['gflops']:>9.1f}"
                      f"{100 * r['peak_fraction']:>7.1f}%{r['peak_mb']:>9.0f}{growth:>7}")
+    results = report["results"]
+    if all(n in results for n in PREFIX):
+        cached, full = results["prefix/cached"], results["prefix/recompute"]
+        lines.append(f"prefix: {cached['requests']} requests after a shared prompt of {cached['prefix_tokens']} tokens: "
+                     f"recomputing it per request takes {full['time_s'] / cached['time_s']:.1f}x the time of encoding it "
+                     f"once (PrefixCache); 'tokens' counts the tokens each way runs forward.")
     loads = [r.get("load_before") for r in report["results"].values() if r.get("load_before")]
     lines.append(f"medians of {report['options']['reps']} runs after a warm-up; generation counts generated tokens only "
                  f"({report['options']['new_tokens']} new per prompt, prefill timed but not counted); training "

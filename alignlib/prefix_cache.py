@@ -39,7 +39,7 @@ class PrefixCache:
         if limit and self.ids.shape[1] >= limit:
             raise ValueError(f"the prefix has {self.ids.shape[1]} tokens, the model's context {limit}; shorten it.")
         with torch.no_grad():
-            self.cache = model(input_ids=self.ids, use_cache=True).cache
+            self.cache = model(input_ids=self.ids, use_cache=True, logits_to_keep=1).cache   # no prefix logits needed
 
     @property
     def length(self) -> int:

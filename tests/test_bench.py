@@ -47,6 +47,14 @@ def test_bench_isolated_worker_process():
     assert report["results"]["train/full"]["tokens_per_s"] > 0 and report["results"]["train/full"]["peak_mb"] > 0
 
 
+def test_bench_prefix_cache_against_recompute(capsys):
+    report = bench.run(bench_args("--model", "tiny-random", "--quick", "--in-process", "--measure", *bench.PREFIX))
+    cached, full = report["results"]["prefix/cached"], report["results"]["prefix/recompute"]
+    assert cached["requests"] == full["requests"] == 16
+    assert full["tokens"] == 16 * full["prefix_tokens"] + (cached["tokens"] - cached["prefix_tokens"])
+    assert "recomputing it per request takes" in capsys.readouterr().out
+
+
 def test_flop_counts_exclude_embeddings_and_adapters():
     model, _ = load_model("tiny-random")
     lora_model, _ = load_model("tiny-random", lora=True)
