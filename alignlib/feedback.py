@@ -1,0 +1,86 @@
+"""AI feedback as a multiple-choice question, read from the feedback model's option probabilities.
+
+Constitutional AI's RL stage (Bai et al. 2022, arXiv 2212.08073) labels pairs of responses with a feedback model
+instead of people: the model reads a comparison under a principle, formatted as a multiple-choice question that
+ends where the answer letter goes,
+
+    ... Which response is more harmless, honest and helpful?
+    Options:
+    (A) <first response>
+    (B) <second response>
+    The answer is: (
+
+and its next-token probabilities of ``A`` and ``B``, renormalised over the two letters, give a **soft label**
+p(A) in [0, 1] instead of a hard choice. Language models prefer some letters and positions whatever the content
+(position bias), so each pair is asked twice, once in each order, and the two readings are averaged:
+
+    p(first better) = 1/2 [ p_A(first, second) + p_B(second, first) ]
+
+A bias towards one letter that does not depend on the content cancels exactly when the two responses are the same
+(p = 1/2), and to first order otherwise; and p(a, b) + p(b, a) = 1 by construction. Any causal language model can be
+the feedback model: the default model, the policy itself, or a Hub model on a lab GPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .logprobs import position_ids_from_mask
+
+COMPARISON = ("Consider the following question and two possible responses.\n\nQuestion: {question}\n\n"
+              "{principle}\nOptions:\n(A) {first}\n(B) {second}\nThe answer is: (")
+
+
+@dataclass
+class MultipleChoiceJudge:
+    """A feedback model asked multiple-choice comparisons; ``template`` has ``{question}``, ``{principle}``,
+    ``{first}`` and ``{second}`` fields and ends just before the answer letter."""
+
+    model: object
+    tokenizer: object
+    template: str = COMPARISON
+    letters: tuple = ("A", "B")
+    batch_size: int = 8
+
+    def __post_init__(self):
+        ids = [self.tokenizer(letter, add_special_tokens=False).input_ids for letter in self.letters]
+        if any(len(i) != 1 for i in ids) or len({i[0] for i in ids}) != len(ids):
+            raise ValueError(f"each of the letters {self.letters} must be one distinct token for this tokenizer.")
+        self.letter_ids = torch.tensor([i[0] for i in ids])
+
+    @torch.no_grad()
+    def option_probs(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Next-token probabilities of the letters after each prompt, renormalised over them: (B, len(letters))."""
+        if isinstance(prompts, str) or not prompts:
+            raise ValueError("prompts must be a non-empty list of strings.")
+        device = next(self.model.parameters()).device
+        out = []
+        for i in range(0, len(prompts), self.batch_size):
+            rows = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts[i:i + self.batch_size]]
+            width = max(len(r) for r in rows)
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)   # left-padded
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                                logits_to_keep=1).logits[:, -1].float()                    # (b, V)
+            out.append(logits[:, self.letter_ids.to(device)].softmax(-1).cpu())
+        return torch.cat(out)
+
+    def prefer_first(self, questions: Sequence[str], first: Sequence[str], second: Sequence[str],
+                     principles: Sequence[str] | str) -> dict:
+        """Soft labels p(first better), both orders averaged: ``p`` (B,), and each order's reading
+        ``p_first_order`` = p_A(first, second) and ``p_swapped`` = p_B(second, first)."""
+        n = len(questions)
+        if not n or len(first) != n or len(second) != n:
+            raise ValueError(f"questions ({n}), first ({len(first)}) and second ({len(second)}) must be non-empty "
+                             "and of the same length.")
+        principles = [principles] * n if isinstance(principles, str) else list(principles)
+        if len(principles) != n:
+            raise ValueError(f"{len(principles)} principles for {n} questions: give one, or one per question.")
+        fill = lambda a, b: [self.template.format(question=q, principle=p, first=x, second=y)  # noqa: E731
+                             for q, p, x, y in zip(questions, principles, a, b)]
+        both = self.option_probs(fill(first, second) + fill(second, first))                  # (2B, 2)
+        p_first_order, p_swapped = both[:n, 0], both[n:, 1]
+        return {"p": 0.5 * (p_first_order + p_swapped), "p_first_order": p_first_order, "p_swapped": p_swapped}
