@@ -22,6 +22,12 @@ COURSE_SETS = {
     "preference_pairs": ("preference_pairs.jsonl", ("id", "prompt", "chosen", "rejected", "split")),
     # test only: pairs written to differ from preference_pairs in topic, style and length (reward-model shift)
     "preference_pairs_shift": ("preference_pairs_shift.jsonl", ("id", "prompt", "chosen", "rejected", "split")),
+    # Constitutional AI (lecture 05): the course's constitution
+    "constitution_critiques": ("constitution/critique_revision.jsonl",
+                               ("id", "critique_request", "revision_request", "split")),
+    "constitution_principles": ("constitution/comparison_principles.jsonl", ("id", "principle", "split")),
+    "constitution_few_shot": ("constitution/few_shot.jsonl",
+                              ("id", "prompt", "response", "critique_request", "critique", "revision", "split")),
 }
 HUB_SETS = {"Anthropic/hh-rlhf": "preference", "stanfordnlp/imdb": "sentiment"}
 

@@ -10,7 +10,10 @@ MINIMUM = {"movie_openings": 150, "helpful_prompts": 150, "red_team_prompts": 10
 TEST_ONLY = {"preference_pairs_shift"}
 
 
-@pytest.mark.parametrize("name", sorted(COURSE_SETS))
+PROMPT_SETS = sorted(n for n in COURSE_SETS if not n.startswith("constitution_"))   # the constitution: own test
+
+
+@pytest.mark.parametrize("name", PROMPT_SETS)
 def test_course_sets_meet_the_schema_and_sizes(name):
     test = load_course_dataset(name, "test")
     train = test.select([]) if name in TEST_ONLY else load_course_dataset(name, "train")
@@ -77,3 +80,16 @@ def test_imdb_fixture_in_hub_parquet_format(tmp_path):
                        {"text": "Dull.", "label": 0}]).to_parquet(str(tmp_path / "train-00000.parquet"))
     ds = load_hub_dataset("stanfordnlp/imdb", "train", path=tmp_path, n_words=4)
     assert list(ds["prompt"]) == ["A slow start, but", "Dull."] and list(ds["label"]) == [1, 0]
+
+
+def test_the_constitution_loads_and_its_few_shot_examples_use_training_critiques():
+    from alignlib.data import load_course_dataset
+
+    pairs = load_course_dataset("constitution_critiques", None)
+    principles = load_course_dataset("constitution_principles", None)
+    few = load_course_dataset("constitution_few_shot", "train")
+    assert len(pairs) >= 16 and len(principles) >= 16 and len(few) >= 3
+    assert {r["split"] for r in pairs} == {r["split"] for r in principles} == {"train", "test"}
+    train_ids = set(load_course_dataset("constitution_critiques", "train")["id"])
+    assert set(few["critique_request"]) <= train_ids        # held-out critiques stay out of the prompt
+    assert len(set(pairs["critique_request"])) == len(pairs) and len(set(principles["principle"])) == len(principles)
