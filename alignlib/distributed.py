@@ -21,9 +21,17 @@ def cpu_only() -> bool:
     return not torch.cuda.is_available()
 
 
-def make_accelerator(accelerator=None):
-    """``accelerator`` or a new ``Accelerator`` (gloo on CPU-only machines); refuses a launch whose N processes
-    did not join one group, which would otherwise train N independent copies of the run."""
+def process_state():
+    """accelerate's process-wide state (rank, process count, main process), gloo on CPU-only machines."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=cpu_only())
+
+
+def make_accelerator(accelerator=None, seed_per_query: bool = True, method: str = "training"):
+    """``accelerator`` or a new ``Accelerator`` (gloo on CPU-only machines). Refuses a launch whose N processes
+    did not join one group, which would otherwise train N independent copies of the run, and several processes
+    without ``seed_per_query`` (a prompt would be sampled differently depending on the process that holds it)."""
     from accelerate import Accelerator
 
     accelerator = accelerator or Accelerator(cpu=cpu_only())
@@ -31,6 +39,9 @@ def make_accelerator(accelerator=None):
     if launched > 1 and world(accelerator)[1] != launched:
         raise RuntimeError(f"accelerate launch started {launched} processes but this Accelerator sees "
                            f"{world(accelerator)[1]}; on a machine without CUDA pass Accelerator(cpu=True).")
+    if world(accelerator)[1] > 1 and not seed_per_query:
+        raise ValueError(f"{method} on several processes needs seed_per_query=True, so that each prompt is sampled "
+                         "the same way whichever process holds it.")
     return accelerator
 
 

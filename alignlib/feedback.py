@@ -27,6 +27,7 @@ from typing import Sequence
 
 import torch
 
+from .generation import tokenize_prompts
 from .logprobs import position_ids_from_mask
 
 COMPARISON = ("Consider the following question and two possible responses.\n\nQuestion: {question}\n\n"
@@ -57,12 +58,8 @@ class MultipleChoiceJudge:
             raise ValueError("prompts must be a non-empty list of strings.")
         device = next(self.model.parameters()).device
         out = []
-        for i in range(0, len(prompts), self.batch_size):
-            rows = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts[i:i + self.batch_size]]
-            width = max(len(r) for r in rows)
-            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-            ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)   # left-padded
-            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        for i in range(0, len(prompts), self.batch_size):   # left-padded, no special tokens added (chat=True)
+            ids, mask = tokenize_prompts(self.tokenizer, list(prompts[i:i + self.batch_size]), True, device)
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                                 logits_to_keep=1).logits[:, -1].float()                    # (b, V)
             out.append(logits[:, self.letter_ids.to(device)].softmax(-1).cpu())

@@ -8,9 +8,9 @@ tokens and ``response_mask`` 1 on response tokens up to and including the first 
 from __future__ import annotations
 
 import math
-from typing import Sequence
 import sys
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -347,11 +347,8 @@ class PPOTrainer:
         if self.ref_model is None and not hasattr(self.policy, "disable_adapter"):
             raise TypeError("policy has no LoRA adapter; load it with lora=True or pass ref_model=a frozen copy.")
         seed_everything(self.config.seed)
-        self.accelerator = make_accelerator(self.accelerator)
+        self.accelerator = make_accelerator(self.accelerator, self.config.seed_per_query, "PPO")
         processes = world(self.accelerator)[1]
-        if processes > 1 and not self.config.seed_per_query:
-            raise ValueError("PPO on several processes needs seed_per_query=True, so that each prompt is sampled "
-                             "the same way whichever process holds it.")
         if self.config.mini_batch_size % processes:
             raise ValueError(f"mini_batch_size={self.config.mini_batch_size} does not split over {processes} "
                              f"processes; use a multiple of {processes}.")

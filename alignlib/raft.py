@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .distributed import gather_objects, make_accelerator, mean_over_processes, query_seeds, shard, world
+from .distributed import gather_objects, make_accelerator, mean_over_processes, query_seeds, shard
 from .generation import check_prompts, generate
 from .rewards import score
 from .logprobs import divergence_from_reference
@@ -168,10 +168,7 @@ class RAFTTrainer:
             raise TypeError("log_kl needs a LoRA policy (lora=True) or ref_model=the initial model; "
                             "or pass log_kl=False.")
         seed_everything(self.config.seed)
-        self.accelerator = make_accelerator(self.accelerator)
-        if world(self.accelerator)[1] > 1 and not self.config.seed_per_query:
-            raise ValueError("RAFT on several processes needs seed_per_query=True, so that each prompt is sampled "
-                             "the same way whichever process holds it.")
+        self.accelerator = make_accelerator(self.accelerator, self.config.seed_per_query, "RAFT")
         # self.model: what computes gradients (DDP/FSDP-wrapped under accelerate); self.policy: the plain module
         self.model, self.optimizer = self.accelerator.prepare(self.policy, make_optimizer(self.policy, self.config.lr))
         self.rng = random.Random(self.config.seed)
@@ -215,8 +212,7 @@ class RAFTTrainer:
         responses = [x["response"] for x in samples]
         # 2. data ranking
         idx = raft_select(rewards.view(len(prompts), cfg.k), cfg.selection).tolist()
-        kept = [{"stage": metrics["stage"], "prompt": samples[i]["prompt"], "response": samples[i]["response"],
-                 "reward": samples[i]["reward"], "finished": bool(samples[i]["finished"])} for i in idx]
+        kept = [{"stage": metrics["stage"], **samples[i]} for i in idx]         # prompt, response, reward, finished
         self.kept.extend(kept)
         if self.log_kl:  # on the first sample of each prompt: an unbiased estimate at 1/k of the cost
             first = slice(0, len(roll), cfg.k)

@@ -434,17 +434,17 @@ class RewardModelTrainer:
         self.history: list[dict] = []
         self.evals: list[dict] = []
         self.train_s = 0.0
-        self._orders: dict[int, list[int]] = {}
+        self._order: tuple[int, list[int]] = (0, [])    # (epoch, its order), the last one drawn
 
     def order(self, epoch: int) -> list[int]:
         """The shuffled pair order of ``epoch`` (1-based): the epoch-th permutation drawn from the seed, so a
         resumed run needs no generator state."""
-        if epoch not in self._orders:
+        if self._order[0] != epoch:
             generator = torch.Generator().manual_seed(self.config.seed)
             for _ in range(epoch):
                 perm = torch.randperm(len(self.rows), generator=generator).tolist()
-            self._orders = {epoch: perm}
-        return self._orders[epoch]
+            self._order = (epoch, perm)
+        return self._order[1]
 
     def evaluate(self, step: int, epoch: int) -> dict:
         m = pairwise_accuracy(self.reward_model, self.tokenizer, self.eval_rows, batch_size=2 * self.config.batch_size,
@@ -605,18 +605,16 @@ def run(config: RewardModelConfig | None = None, device=None, progress: bool = T
     else:
         from dataclasses import asdict
 
-        from .checkpoint import load_checkpoint, write_record
-        from .runs import train_steps
+        from .checkpoint import write_record
+        from .runs import resume_run, stop_run, train_steps
 
         trainer = RewardModelTrainer(model, tokenizer, train, config, eval_pairs=test)
         record = {"method": "reward-model", "config": asdict(config)}
         if resume:
-            print(f"[reward-model] resuming {out} after step {load_checkpoint(out, trainer)} of {trainer.total}")
+            resume_run("reward-model", out, trainer, trainer.total)
         signum = train_steps(trainer, out, trainer.total, every, record, progress)
         if signum is not None:
-            print(f"[reward-model] stopped after step {len(trainer.history)} of {trainer.total}; checkpoint written "
-                  f"to {out}. Run the same command with --resume to continue.", flush=True)
-            raise SystemExit(128 + signum)
+            stop_run("reward-model", out, trainer, trainer.total, signum)
         history = trainer.records()
     model.eval()
     style = text_format(tokenizer)

@@ -44,7 +44,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .distributed import gather_tensor, make_accelerator, mean_over_processes, query_seeds, shard, world
+from .distributed import gather_tensor, make_accelerator, mean_over_processes, query_seeds, shard
 from .generation import generate
 from .logprobs import divergence_from_reference, length_normalized_logprob
 from .models import maybe_reference
@@ -246,10 +246,7 @@ class RRHFTrainer:
             raise TypeError("initial_samples needs a LoRA policy (lora=True) or ref_model=the initial model.")
         self.k = k
         seed_everything(cfg.seed)
-        self.accelerator = make_accelerator(self.accelerator)
-        if world(self.accelerator)[1] > 1 and not cfg.seed_per_query:
-            raise ValueError("RRHF on several processes needs seed_per_query=True, so that each query is sampled "
-                             "the same way whichever process holds it.")
+        self.accelerator = make_accelerator(self.accelerator, cfg.seed_per_query, "RRHF")
         # self.model: what computes gradients (DDP/FSDP-wrapped under accelerate); self.policy: the plain module
         self.model, self.optimizer = self.accelerator.prepare(self.policy, make_optimizer(self.policy, cfg.lr))
         self.rng = random.Random(cfg.seed)

@@ -13,16 +13,16 @@ main process writes the run directory.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from .checkpoint import (CHECKPOINT_EVERY, graceful_stop, load_checkpoint, prepare_output, read_record, save_checkpoint,
                          write_record)
-from .distributed import cpu_only
+from .distributed import process_state
 from .generation import generate
 from .models import load_model
 from .presets import build_reward, get_task, load_task_prompts
@@ -73,7 +73,7 @@ def train_steps(trainer, out, total: int, every: int, record: dict, progress: bo
     between), after the last one, and when SIGINT/SIGTERM asks to stop. Returns the signal number if stopped.
     Only the main process writes (the others hold the same weights)."""
     step = trainer.stage if hasattr(trainer, "stage") else trainer.step   # RAFT counts stages
-    main = PartialState(cpu=cpu_only()).is_main_process
+    main = process_state().is_main_process
     bar = tqdm(total=total, initial=len(trainer.history), desc=record["method"].upper(),
                disable=not (progress and main))
     with graceful_stop() as stop:
@@ -96,6 +96,18 @@ def train_steps(trainer, out, total: int, every: int, record: dict, progress: bo
     return None
 
 
+def resume_run(name: str, out: Path, trainer, total: int, say=print) -> None:
+    """Load ``out``'s newest checkpoint into ``trainer`` and say where the run continues."""
+    say(f"[{name}] resuming {out} after step {load_checkpoint(out, trainer)} of {total}")
+
+
+def stop_run(name: str, out: Path, trainer, total: int, signum: int, say=print):
+    """After SIGINT/SIGTERM (the checkpoint is written): say how to continue, exit with 128 + the signal."""
+    say(f"[{name}] stopped after step {len(trainer.history)} of {total}; checkpoint written to {out}. "
+        f"Run the same command with --resume to continue.", flush=True)
+    raise SystemExit(128 + signum)
+
+
 def run_method(name: str, args, make_trainer) -> dict:
     """Check the output, evaluate, train with ``make_trainer(task, model, tokenizer, reward_fn) -> (trainer, config)``
     and checkpoints, evaluate, save. The same protocol for every method, so their run directories compare."""
@@ -103,7 +115,7 @@ def run_method(name: str, args, make_trainer) -> dict:
     every = getattr(args, "checkpoint_every", CHECKPOINT_EVERY)
     if every is None or every < 0:
         raise ValueError(f"--checkpoint-every must be >= 0 (0: only at the end and when stopped), got {every}.")
-    state = PartialState(cpu=cpu_only())
+    state = process_state()
     main = state.is_main_process
     out = prepare_output(args.output, resume=resume, overwrite=overwrite) if main else Path(args.output)
     state.wait_for_everyone()                                                   # checked before minutes of loading
@@ -112,7 +124,7 @@ def run_method(name: str, args, make_trainer) -> dict:
     total = config.stages if name == "raft" else config.steps
     if resume:
         before = read_record(out)["before"]
-        state.print(f"[{name}] resuming {out} after step {load_checkpoint(out, trainer)} of {total}")
+        resume_run(name, out, trainer, total, state.print)
     else:
         before = evaluate(model, tokenizer, reward_fn, held_out, config.max_new_tokens, task.chat,
                           temperature=config.temperature)
@@ -125,9 +137,7 @@ def run_method(name: str, args, make_trainer) -> dict:
     if tracker is not None:
         tracker.finish()
     if signum is not None:
-        state.print(f"[{name}] stopped after step {len(trainer.history)} of {total}; checkpoint written to {out}. "
-              f"Run the same command with --resume to continue.", flush=True)
-        raise SystemExit(128 + signum)
+        stop_run(name, out, trainer, total, signum, state.print)
     history = trainer.history
     after = evaluate(model, tokenizer, reward_fn, held_out, config.max_new_tokens, task.chat,
                      temperature=config.temperature)
@@ -145,51 +155,55 @@ def run_method(name: str, args, make_trainer) -> dict:
     return record
 
 
-def run_ppo(args) -> dict:
-    from .ppo import PPOConfig, PPOTrainer
+TRAINERS = {  # method -> (module, config class, trainer class, the config field that counts iterations)
+    "ppo": ("ppo", "PPOConfig", "PPOTrainer", "steps"),
+    "rrhf": ("rrhf", "RRHFConfig", "RRHFTrainer", "steps"),
+    "raft": ("raft", "RAFTConfig", "RAFTTrainer", "stages"),
+}
+
+
+def make_trainer(method: str, policy, tokenizer, reward_fn, prompts, preset: str = "cpu", steps: int | None = None,
+                 **overrides):
+    """PPO, RRHF or RAFT from its config ``preset`` with ``overrides``; ``steps`` sets the iteration count (RAFT:
+    stages; 0 or a negative count reaches the config, which rejects it). The CLI, the tour and the soups use it."""
+    if method not in TRAINERS:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(TRAINERS)}.")
+    module, config_class, trainer_class, field = TRAINERS[method]
+    module = importlib.import_module(f".{module}", __package__)
+    config = getattr(module, config_class).preset(preset, **overrides, **({} if steps is None else {field: steps}))
+    return getattr(module, trainer_class)(policy, tokenizer, reward_fn, prompts, config)
+
+
+def run_named(method: str, args) -> dict:
+    """A method on the preset's task, through ``run_method``. RRHF gets the prompts with their stored chosen and
+    rejected responses (they join its candidates where the data has them)."""
+    from .presets import load_task_queries
 
     def make(task, model, tokenizer, reward_fn):
-        config = PPOConfig.preset(args.preset, chat=task.chat, seed=args.seed, **steps_override(args, "steps"),
-                                  **several_processes())
-        return PPOTrainer(model, tokenizer, reward_fn, load_task_prompts(task.prompts, "train"), config), config
+        load = load_task_queries if method == "rrhf" else load_task_prompts
+        trainer = make_trainer(method, model, tokenizer, reward_fn, load(task.prompts, "train"), args.preset,
+                               getattr(args, "steps", None), chat=task.chat, seed=args.seed, **several_processes())
+        return trainer, trainer.config
 
-    return run_method("ppo", args, make)
+    return run_method(method, args, make)
+
+
+def run_ppo(args) -> dict:
+    return run_named("ppo", args)
 
 
 def run_rrhf(args) -> dict:
-    """RRHF on the preset's task; stored chosen/rejected responses join the candidates where the data has them."""
-    from .presets import load_task_queries
-    from .rrhf import RRHFConfig, RRHFTrainer
-
-    def make(task, model, tokenizer, reward_fn):
-        config = RRHFConfig.preset(args.preset, chat=task.chat, seed=args.seed, **steps_override(args, "steps"),
-                                   **several_processes())
-        return RRHFTrainer(model, tokenizer, reward_fn, load_task_queries(task.prompts, "train"), config), config
-
-    return run_method("rrhf", args, make)
+    return run_named("rrhf", args)
 
 
 def run_raft(args) -> dict:
-    from .raft import RAFTConfig, RAFTTrainer
-
-    def make(task, model, tokenizer, reward_fn):
-        config = RAFTConfig.preset(args.preset, chat=task.chat, seed=args.seed, **steps_override(args, "stages"),
-                                   **several_processes())
-        return RAFTTrainer(model, tokenizer, reward_fn, load_task_prompts(task.prompts, "train"), config), config
-
-    return run_method("raft", args, make)
+    return run_named("raft", args)
 
 
 def several_processes() -> dict:
     """Under ``accelerate launch`` with N > 1 processes, sample every prompt from its own stream (the run then
     learns what one process with ``seed_per_query=True`` learns)."""
-    return {"seed_per_query": True} if PartialState(cpu=cpu_only()).num_processes > 1 else {}
-
-
-def steps_override(args, field: str) -> dict:
-    """``--steps N`` as the config field that counts iterations (``steps``, or ``stages`` for RAFT)."""
-    steps = getattr(args, "steps", None)
-    return {} if steps is None else {field: steps}  # 0 or a negative count reaches the config, which rejects it
+    return {"seed_per_query": True} if process_state().num_processes > 1 else {}
 
 
 RUNS = {"ppo": run_ppo, "rrhf": run_rrhf, "raft": run_raft}

@@ -389,25 +389,16 @@ def train_policy(config: SoupsConfig, reward: Callable, prompts: list[str], prog
     import time
 
     from .models import load_model
+    from .runs import make_trainer
     from .utils import seed_everything
 
     seed_everything(config.seed)                       # the shared initialisation: the same LoRA A_0 every time
     model, tokenizer = load_model(config.model, lora=True)
-    common = dict(seed=config.seed, max_new_tokens=config.max_new_tokens, temperature=config.temperature)
-    steps = {} if config.steps is None else {"stages" if config.trainer == "raft" else "steps": config.steps}
+    whiten = {"whiten_rewards": True} if config.trainer == "ppo" else {}   # rewards of any scale learn alike
     start = time.perf_counter()
-    if config.trainer == "ppo":
-        from .ppo import PPOConfig, PPOTrainer
-        trainer = PPOTrainer(model, tokenizer, reward, prompts,
-                             PPOConfig.preset(config.trainer_preset, whiten_rewards=True, **common, **steps))
-    elif config.trainer == "raft":
-        from .raft import RAFTConfig, RAFTTrainer
-        trainer = RAFTTrainer(model, tokenizer, reward, prompts, RAFTConfig.preset(config.trainer_preset, **common,
-                                                                                   **steps))
-    else:
-        from .rrhf import RRHFConfig, RRHFTrainer
-        trainer = RRHFTrainer(model, tokenizer, reward, prompts, RRHFConfig.preset(config.trainer_preset, **common,
-                                                                                   **steps))
+    trainer = make_trainer(config.trainer, model, tokenizer, reward, prompts, config.trainer_preset, config.steps,
+                           seed=config.seed, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                           **whiten)
     history = trainer.train(progress=progress)
     seconds = time.perf_counter() - start
     adapter, scaling = adapter_state(model)

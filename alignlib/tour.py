@@ -102,23 +102,11 @@ def tour_soups(model_name: str, steps: int, seed: int = 0) -> list[dict]:
 
 def tour_method(method: str, model_name: str, steps: int, seed: int = 0) -> list[dict]:
     """A few steps of one method on the sentiment task (answer review openings in chat, VADER reward), printed."""
-    from .ppo import PPOConfig, PPOTrainer
-    from .raft import RAFTConfig, RAFTTrainer
-    from .rrhf import RRHFConfig, RRHFTrainer
+    from .runs import make_trainer
 
     policy, tokenizer = load_model(model_name, lora=True)
-    prompts = load_prompts("movie_openings", "train")
-    if method == "ppo":
-        trainer = PPOTrainer(policy, tokenizer, SentimentReward(), prompts,
-                             PPOConfig.preset("cpu", steps=steps, chat=True, seed=seed))
-    elif method == "rrhf":
-        trainer = RRHFTrainer(policy, tokenizer, SentimentReward(), prompts,
-                              RRHFConfig.preset("cpu", steps=steps, chat=True, seed=seed))
-    elif method == "raft":
-        trainer = RAFTTrainer(policy, tokenizer, SentimentReward(), prompts,
-                              RAFTConfig.preset("cpu", stages=steps, chat=True, seed=seed))
-    else:
-        raise ValueError(f"unknown method {method!r}")
+    trainer = make_trainer(method, policy, tokenizer, SentimentReward(), load_prompts("movie_openings", "train"), "cpu",
+                           steps, chat=True, seed=seed)
     history = trainer.train(steps)
     print_table([{"step": i, "reward": h["reward/mean"], "kl": h["kl/ref"], "time": h["time/step_s"]}
                  for i, h in enumerate(history)],
