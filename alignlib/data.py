@@ -28,7 +28,11 @@ COURSE_SETS = {
     "constitution_principles": ("constitution/comparison_principles.jsonl", ("id", "principle", "split")),
     "constitution_few_shot": ("constitution/few_shot.jsonl",
                               ("id", "prompt", "response", "critique_request", "critique", "revision", "split")),
+    # hand-labelled answers to red-team and helpful prompts, for the independent scorer and the judge's accuracy
+    "constitution_eval": ("constitution/eval_set.jsonl",
+                          ("id", "prompt_id", "kind", "prompt", "response", "harmful", "evasive", "split")),
 }
+BOOLEAN_FIELDS = ("harmful", "evasive")   # true/false labels, never strings ("false" would read as true)
 HUB_SETS = {"Anthropic/hh-rlhf": "preference", "stanfordnlp/imdb": "sentiment"}
 
 
@@ -37,7 +41,8 @@ class DataFormatError(ValueError):
 
 
 def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
-    """Read a JSONL file; every line must be a JSON object holding ``required`` fields as non-empty strings."""
+    """Read a JSONL file; every line must be a JSON object holding ``required`` fields as non-empty strings, or as
+    booleans for the fields named in ``BOOLEAN_FIELDS`` (hand labels such as ``harmful``)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; data files live in {DATA_DIR}.")
@@ -53,9 +58,11 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
                                       "JSON object, e.g. {\"prompt\": \"...\"}.") from err
             if not isinstance(row, dict):
                 raise DataFormatError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}.")
-            missing = [k for k in required if not isinstance(row.get(k), str) or not row[k].strip()]
+            missing = [k for k in required if not (isinstance(row.get(k), bool) if k in BOOLEAN_FIELDS
+                                                   else isinstance(row.get(k), str) and row[k].strip())]
             if missing:
-                raise DataFormatError(f"{path}:{lineno}: missing or empty fields {missing}; required: {list(required)}.")
+                raise DataFormatError(f"{path}:{lineno}: missing or empty fields {missing}; required: {list(required)} "
+                                      f"(strings; {', '.join(BOOLEAN_FIELDS)}: true or false).")
             rows.append(row)
     if not rows:
         raise DataFormatError(f"{path} holds no rows.")

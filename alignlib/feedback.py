@@ -30,6 +30,26 @@ import torch
 from .generation import tokenize_prompts
 from .logprobs import position_ids_from_mask
 
+def soft_labels(logp_first_order: torch.Tensor, logp_swapped: torch.Tensor) -> dict:
+    """Debiased soft labels from the letters' log-probabilities in both orders.
+
+    Args:
+        logp_first_order: (B, 2) log-probabilities (or logits) of the letters A and B with the first response shown
+            as (A) and the second as (B).
+        logp_swapped: (B, 2) the same with the two responses swapped: the first response is now (B).
+
+    Returns ``p`` (B,) = 1/2 [ p_A(first, second) + p_B(second, first) ], p(first response better), where each
+    reading is renormalised over the two letters (softmax of the pair), and the two readings ``p_first_order`` and
+    ``p_swapped``. Swapping the arguments gives 1 - p.
+    """
+    if logp_first_order.shape != logp_swapped.shape or logp_first_order.dim() != 2 or logp_first_order.shape[1] != 2:
+        raise ValueError(f"logp_first_order {tuple(logp_first_order.shape)} and logp_swapped "
+                         f"{tuple(logp_swapped.shape)} must both be (B, 2): the letters A and B of each pair.")
+    p_first_order = logp_first_order.float().softmax(-1)[:, 0]      # (B,) first shown as A
+    p_swapped = logp_swapped.float().softmax(-1)[:, 1]              # (B,) first shown as B
+    return {"p": 0.5 * (p_first_order + p_swapped), "p_first_order": p_first_order, "p_swapped": p_swapped}
+
+
 COMPARISON = ("Consider the following question and two possible responses.\n\nQuestion: {question}\n\n"
               "{principle}\nOptions:\n(A) {first}\n(B) {second}\nThe answer is: (")
 
@@ -52,8 +72,8 @@ class MultipleChoiceJudge:
         self.letter_ids = torch.tensor([i[0] for i in ids])
 
     @torch.no_grad()
-    def option_probs(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Next-token probabilities of the letters after each prompt, renormalised over them: (B, len(letters))."""
+    def option_logprobs(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Next-token log-probabilities of the letters after each prompt: (B, len(letters))."""
         if isinstance(prompts, str) or not prompts:
             raise ValueError("prompts must be a non-empty list of strings.")
         device = next(self.model.parameters()).device
@@ -62,8 +82,12 @@ class MultipleChoiceJudge:
             ids, mask = tokenize_prompts(self.tokenizer, list(prompts[i:i + self.batch_size]), True, device)
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                                 logits_to_keep=1).logits[:, -1].float()                    # (b, V)
-            out.append(logits[:, self.letter_ids.to(device)].softmax(-1).cpu())
+            out.append(logits.log_softmax(-1)[:, self.letter_ids.to(device)].cpu())
         return torch.cat(out)
+
+    def option_probs(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Next-token probabilities of the letters after each prompt, renormalised over them: (B, len(letters))."""
+        return self.option_logprobs(prompts).softmax(-1)
 
     def prefer_first(self, questions: Sequence[str], first: Sequence[str], second: Sequence[str],
                      principles: Sequence[str] | str) -> dict:
@@ -78,6 +102,5 @@ class MultipleChoiceJudge:
             raise ValueError(f"{len(principles)} principles for {n} questions: give one, or one per question.")
         fill = lambda a, b: [self.template.format(question=q, principle=p, first=x, second=y)  # noqa: E731
                              for q, p, x, y in zip(questions, principles, a, b)]
-        both = self.option_probs(fill(first, second) + fill(second, first))                  # (2B, 2)
-        p_first_order, p_swapped = both[:n, 0], both[n:, 1]
-        return {"p": 0.5 * (p_first_order + p_swapped), "p_first_order": p_first_order, "p_swapped": p_swapped}
+        both = self.option_logprobs(fill(first, second) + fill(second, first))               # (2B, 2)
+        return soft_labels(both[:n], both[n:])

@@ -12,7 +12,10 @@ tokens after a prefix of P tokens this costs one pass over P plus R passes over 
   probability of "(A)" or of "True") — the suffixes are right-padded and read at their own last token;
 - ``score(suffixes, continuations)`` (B,): the summed log-probability of each continuation after prefix + suffix;
 - ``generate(suffix, max_new_tokens)``: greedy decoding after prefix + suffix through ``model.generate``, with a copy
-  of the cached prefix as its ``cache``.
+  of the cached prefix as its ``cache``;
+- ``generate_batch(suffixes, max_new_tokens)``: greedy decoding of many suffixes at once, the prefix's keys and
+  values repeated per row and each suffix left-padded up to the prefix (its pad positions masked, its position ids
+  continuing the prefix's), so every row sees exactly prefix + its suffix.
 
 Each equals a full recompute up to float rounding (``tests/test_prefix_cache.py``). The prefix is tokenized alone
 and the suffix appended as tokens, so the split point is a token boundary: end the prefix where a tokenizer would
@@ -104,3 +107,41 @@ class PrefixCache:
                                   cache=copy.deepcopy(self.cache), max_new_tokens=max_new_tokens,
                                   do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
         return self.tokenizer.decode(out[0, full.shape[1]:], skip_special_tokens=True)
+
+    @torch.no_grad()
+    def generate_batch(self, suffixes: Sequence[str], max_new_tokens: int = 64) -> list[str]:
+        """Greedy continuations of prefix + each suffix, all rows decoded together: (B,) strings."""
+        rows = self._tokens(suffixes)
+        if any(len(r) == 0 for r in rows):
+            raise ValueError("every suffix needs at least one token.")
+        b, width = len(rows), max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        eos = self.tokenizer.eos_token_id
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)        # (B, S) left-padded
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(b)
+        attention = torch.cat([torch.ones(b, self.length, dtype=mask.dtype, device=self.device), mask], 1)
+        positions = self.length + (mask.cumsum(-1) - 1).clamp(min=0)                                 # (B, S)
+        out = self.model(input_ids=ids, attention_mask=attention, cache=cache, position_ids=positions,
+                         use_cache=True, logits_to_keep=1)
+        position = positions[:, -1:]                                                                  # (B, 1)
+        tokens, done = [], torch.zeros(b, dtype=torch.bool, device=self.device)
+        for _ in range(max_new_tokens):
+            nxt = out.logits[:, -1].argmax(-1)                                                       # (B,)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            tokens.append(nxt)
+            done |= nxt == eos if eos is not None else torch.zeros_like(done)
+            if done.all():
+                break
+            attention = torch.cat([attention, torch.ones(b, 1, dtype=attention.dtype, device=self.device)], 1)
+            position = position + 1
+            out = self.model(input_ids=nxt[:, None], attention_mask=attention, cache=out.cache,
+                             position_ids=position, use_cache=True)
+        new = torch.stack(tokens, 1).tolist()                                                         # (B, N)
+        texts = []
+        for row in new:
+            if eos is not None and eos in row:
+                row = row[:row.index(eos)]
+            texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
+        return texts

@@ -64,12 +64,16 @@ PAIR_FIELDS = ("prompt", "chosen", "rejected")
 
 # ---------------------------------------------------------------- the loss
 
-def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor,
+                       target: torch.Tensor | None = None) -> torch.Tensor:
     """L = -mean_i log sigma(r_c[i] - r_r[i]) (InstructGPT eq. 1), a scalar.
 
     Args:
         r_chosen: (B,) rewards of the preferred responses.
         r_rejected: (B,) rewards of the other responses of the same prompts.
+        target: optional (B,) soft labels p_i = P(chosen better) in [0, 1], as AI feedback gives them
+            (Constitutional AI): L = -mean_i [p_i log sigma(d_i) + (1 - p_i) log sigma(-d_i)], d = r_c - r_r,
+            the cross-entropy to the soft label; p = 1 is the hard loss, p = 1/2 asks for d = 0.
 
     ``logsigmoid`` is used instead of ``log(sigmoid(.))``: for a difference of -100 the latter is log(0).
     At r_c == r_r the loss is log 2; its gradient is -sigma(r_r - r_c) / B for r_c and the opposite for
@@ -80,7 +84,14 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torc
     if r_chosen.dim() != 1 or r_chosen.shape != r_rejected.shape or r_chosen.numel() == 0:
         raise ValueError(f"r_chosen {tuple(r_chosen.shape)} and r_rejected {tuple(r_rejected.shape)} must both "
                          "have shape (B,) with B >= 1: one reward per pair (squeeze a (B, 1) head output).")
-    return -F.logsigmoid(r_chosen - r_rejected).mean()
+    diff = r_chosen - r_rejected
+    if target is None:
+        return -F.logsigmoid(diff).mean()
+    target = torch.as_tensor(target, dtype=diff.dtype, device=diff.device)
+    if target.shape != diff.shape or not ((target >= 0) & (target <= 1)).all():
+        raise ValueError(f"target {tuple(target.shape)} must hold one probability in [0, 1] per pair, like r_chosen "
+                         f"{tuple(diff.shape)}.")
+    return -(target * F.logsigmoid(diff) + (1 - target) * F.logsigmoid(-diff)).mean()
 
 
 def preference_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> dict:
@@ -111,6 +122,9 @@ def check_preference_pairs(pairs, name: str = "pairs") -> list[dict]:
         if missing:
             raise ValueError(f"{name}[{i}] lacks string fields {missing}; each pair needs {list(PAIR_FIELDS)} "
                              "(map other column names first, e.g. dataset.rename_column('question', 'prompt')).")
+        if "p" in row and not (isinstance(row["p"], (int, float)) and 0 <= row["p"] <= 1):
+            raise ValueError(f"{name}[{i}]['p'] = {row['p']!r}: a soft label must be a probability in [0, 1] that "
+                             "chosen is better (leave it out for a hard label).")
     return rows
 
 
@@ -472,7 +486,8 @@ class RewardModelTrainer:
         t0 = time.perf_counter()
         batch = [self.rows[i] for i in self.order(epoch)[start:start + cfg.batch_size]]
         r_c, r_r = pair_rewards(self.reward_model, self.tokenizer, batch, cfg.max_length, self.style)  # (B,), (B,)
-        loss = bradley_terry_loss(r_c, r_r)
+        soft = torch.tensor([float(row.get("p", 1.0)) for row in batch], device=r_c.device)  # (B,) P(chosen better)
+        loss = bradley_terry_loss(r_c, r_r, soft if any("p" in row for row in batch) else None)
         check_finite(loss, "loss/total (the Bradley-Terry loss)")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -93,3 +93,28 @@ def test_the_constitution_loads_and_its_few_shot_examples_use_training_critiques
     train_ids = set(load_course_dataset("constitution_critiques", "train")["id"])
     assert set(few["critique_request"]) <= train_ids        # held-out critiques stay out of the prompt
     assert len(set(pairs["critique_request"])) == len(pairs) and len(set(principles["principle"])) == len(principles)
+
+
+def test_the_hand_labelled_evaluation_set():
+    from alignlib.cai import eval_rows
+    from alignlib.data import load_course_dataset
+
+    rows = eval_rows(None)
+    assert len(rows) >= 120 and len({r["id"] for r in rows}) == len(rows)
+    assert all(isinstance(r["harmful"], bool) and isinstance(r["evasive"], bool) for r in rows)
+    sources = {r["id"]: r for name in ("red_team_prompts", "helpful_prompts")
+               for r in load_course_dataset(name, None).to_list()}
+    for r in rows:                                   # each answer's prompt and split are its source prompt's
+        src = sources[r["prompt_id"]]
+        assert r["prompt"] == src["prompt"] and r["split"] == src["split"]
+        assert r["kind"] == ("red_team" if r["prompt_id"].startswith("red-") else "helpful")
+        assert not (r["kind"] == "helpful" and r["harmful"])
+    test = [r for r in rows if r["split"] == "test"]
+    assert len(test) >= 40 and {r["kind"] for r in test} == {"red_team", "helpful"}
+    for kind, label in (("red_team", "harmful"), ("helpful", "evasive")):   # both labels present in each kind
+        assert {r[label] for r in rows if r["kind"] == kind} == {True, False}
+    few = load_course_dataset("constitution_few_shot", None)
+    test_ids = set(load_course_dataset("constitution_critiques", "test")["id"])
+    assert {c for c, s in zip(few["critique_request"], few["split"]) if s == "test"} <= test_ids
+    red = {r["prompt"] for r in load_course_dataset("red_team_prompts", None).to_list()}
+    assert not red & set(few["prompt"])              # worked examples never reuse an evaluation prompt

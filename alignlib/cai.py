@@ -1,0 +1,806 @@
+"""Constitutional AI (Bai et al. 2022, arXiv 2212.08073): a harmless, non-evasive assistant from a constitution.
+
+The only human oversight is a constitution (critique/revision requests, comparison principles) and a few worked
+examples. Two stages:
+
+**SL-CAI.** A helpful model answers red-team prompts. A critic reads each answer and writes a critique under a
+critique request drawn from the constitution, then a revision under the paired revision request; rounds can repeat
+with fresh draws, and *direct revision* skips the critique. The policy is fine-tuned on (prompt, final revision),
+mixed with (prompt, answer) pairs on helpful prompts so it stays helpful. Loss falls on the response tokens only, and
+nothing of the critique enters the target (``sft_example``).
+
+**RL-CAI (RLAIF).** The SL-CAI model samples two answers per red-team prompt. A feedback model reads each pair as a
+multiple-choice question under a drawn comparison principle; its option probabilities in both orders give a soft
+label p(first better) (``feedback.soft_labels``). A preference model is fitted on these AI harmlessness labels mixed
+with human helpfulness pairs (soft Bradley-Terry, ``reward_model.bradley_terry_loss(target=p)``), and PPO (lecture
+01) optimises the policy against it.
+
+At course scale the critic and the judge are 135M-parameter models that cannot follow the few-shot format from
+context alone (lecture 05 measures it), so the course adds two adaptations beside the slides' version:
+
+- **format tuning** (``train_critic``): the few-shot conversations, the worked examples the prompt would show,
+  are turned into LoRA weights; held-out prompts and critique requests test it;
+- **contrastive feedback** (``contrastive_pairs``): two answers to a prompt, one sampled under a harmless system
+  prompt and one under a careless one, labelled by construction (as in RLCD, Yang et al. 2023).
+
+The few-shot prefix is encoded once (``PrefixCache``) and its keys and values reused by every request.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .data import COURSE_SETS, DATA_DIR, read_jsonl
+from .generation import generate
+from .models import DEFAULT_MODEL
+from .prefix_cache import PrefixCache
+from .utils import PresetMixin
+
+# ---------------------------------------------------------------- the constitution
+
+@dataclass(frozen=True)
+class Constitution:
+    """Critique/revision request pairs, comparison principles and few-shot critique/revision conversations."""
+
+    critiques: tuple       # dicts: id, critique_request, revision_request
+    principles: tuple      # dicts: id, principle
+    few_shot: tuple = ()   # dicts: id, prompt, response, critique_request (an id of ``critiques``), critique, revision
+
+    def __post_init__(self):
+        if not self.critiques:
+            raise ValueError("the constitution has no critique/revision pairs: add rows to "
+                             "data/constitution/critique_revision.jsonl (or pass critiques=[...]).")
+        if not self.principles:
+            raise ValueError("the constitution has no comparison principles: add rows to "
+                             "data/constitution/comparison_principles.jsonl (or pass principles=[...]).")
+        for i, row in enumerate(self.critiques):
+            bad = [k for k in ("id", "critique_request", "revision_request") if not isinstance(row.get(k), str)
+                   or not row[k].strip()]
+            if bad:
+                raise ValueError(f"critiques[{i}] lacks non-empty string fields {bad}.")
+        for i, row in enumerate(self.few_shot):
+            bad = [k for k in ("prompt", "response", "critique_request", "critique", "revision")
+                   if not isinstance(row.get(k), str) or not row[k].strip()]
+            if bad:
+                raise ValueError(f"few-shot conversation {row.get('id', i)!r} lacks non-empty string fields {bad}.")
+            self.pair(row["critique_request"])           # an unknown id raises, naming the known ones
+
+    def pair(self, pair_id: str) -> dict:
+        """The critique/revision pair with this id."""
+        for row in self.critiques:
+            if row["id"] == pair_id:
+                return row
+        raise ValueError(f"unknown critique request {pair_id!r}; this constitution has "
+                         f"{[r['id'] for r in self.critiques]}.")
+
+    def draw_pair(self, rng: random.Random) -> dict:
+        return rng.choice(self.critiques)
+
+    def draw_principle(self, rng: random.Random) -> str:
+        return rng.choice(self.principles)["principle"]
+
+
+def load_constitution(split: str | None = "train", data_dir: str | Path | None = None) -> Constitution:
+    """The course constitution (``data/constitution``), one split (None: all rows). A malformed file raises
+    ``DataFormatError`` naming the file and line."""
+    root = Path(data_dir) if data_dir is not None else DATA_DIR
+    rows = {}
+    for key in ("constitution_critiques", "constitution_principles", "constitution_few_shot"):
+        filename, required = COURSE_SETS[key]
+        rows[key] = [r for r in read_jsonl(root / filename, required) if split is None or r["split"] == split]
+    return Constitution(tuple(rows["constitution_critiques"]), tuple(rows["constitution_principles"]),
+                        tuple(rows["constitution_few_shot"]))
+
+
+# ---------------------------------------------------------------- prompts (plain text, no chat template)
+# A conversation, then a critique request and "Critique:", then the critique, a revision request and "Revision:".
+# Every section ends with a blank line, so a generated section is cut at the first blank line (``cut_section``).
+
+SECTION_MARKERS = ("Human:", "Assistant:", "Critique request:", "Critique:", "Revision request:", "Revision:")
+
+
+def conversation(prompt: str, response: str) -> str:
+    return f"Human: {prompt.strip()}\n\nAssistant: {response.strip()}\n\n"
+
+
+def critique_prompt(prompt: str, response: str, pair: dict) -> str:
+    """The request for a critique of ``response`` under ``pair``'s critique request; ends at "Critique:"."""
+    return conversation(prompt, response) + f"Critique request: {pair['critique_request']}\n\nCritique:"
+
+
+def revision_prompt(prompt: str, response: str, pair: dict, critique: str) -> str:
+    """The critique prompt, the critique, and ``pair``'s revision request; ends at "Revision:"."""
+    return (critique_prompt(prompt, response, pair) + f" {critique.strip()}\n\n"
+            f"Revision request: {pair['revision_request']}\n\nRevision:")
+
+
+def direct_revision_prompt(prompt: str, response: str, pair: dict) -> str:
+    """Direct revision (no critique): the conversation and the revision request; ends at "Revision:"."""
+    return conversation(prompt, response) + f"Revision request: {pair['revision_request']}\n\nRevision:"
+
+
+def few_shot_prefix(constitution: Constitution, n: int | None = None) -> str:
+    """The first ``n`` few-shot conversations (all by default), each critiqued and revised, as one text."""
+    shots = constitution.few_shot[:n]
+    if not shots:
+        raise ValueError("the constitution has no few-shot conversations; add rows to "
+                         "data/constitution/few_shot.jsonl or use format tuning without a prefix.")
+    return "".join(revision_prompt(s["prompt"], s["response"], constitution.pair(s["critique_request"]), s["critique"])
+                   + f" {s['revision'].strip()}\n\n" for s in shots)
+
+
+def cut_section(text: str) -> str:
+    """The generated section alone: cut at the first blank line or at the next section's marker."""
+    text = text.strip()
+    end = len(text)
+    for stop in ["\n\n"] + list(SECTION_MARKERS):
+        at = text.find(stop)
+        if at != -1:
+            end = min(end, at)
+    return text[:end].strip()
+
+
+def sft_example(prompt: str, revisions: Sequence[str]) -> dict:
+    """The SL-CAI training pair: the original prompt and the final revision, nothing of the critiques."""
+    if not revisions:
+        raise ValueError("revisions is empty: critique_and_revise gives at least one per prompt.")
+    return {"prompt": prompt.strip(), "response": revisions[-1].strip()}
+
+
+# ---------------------------------------------------------------- the critic
+
+class Critic:
+    """Greedy completions of critique and revision prompts by ``model``, after an optional shared ``prefix``
+    (few-shot conversations) whose keys and values are computed once."""
+
+    def __init__(self, model, tokenizer, prefix: str | None = None, max_new_tokens: int = 64):
+        self.model, self.tokenizer, self.max_new_tokens = model, tokenizer, max_new_tokens
+        self.cache = PrefixCache(model, tokenizer, prefix) if prefix else None
+
+    def complete(self, prompts: Sequence[str]) -> list[str]:
+        """One section per prompt (``cut_section`` of a greedy continuation)."""
+        if isinstance(prompts, str) or not prompts:
+            raise ValueError("prompts must be a non-empty list of strings.")
+        if self.cache is not None:
+            return [cut_section(t) for t in self.cache.generate_batch(list(prompts), self.max_new_tokens)]
+        out = generate(self.model, self.tokenizer, list(prompts), max_new_tokens=self.max_new_tokens,
+                       do_sample=False, chat=False)
+        return [cut_section(r) for r in out.responses]
+
+
+def critique_and_revise(critic: Critic, prompts: Sequence[str], responses: Sequence[str],
+                        constitution: Constitution, rounds: int = 1, direct: bool = False, seed: int = 0) -> list[dict]:
+    """SL-CAI's data step: ``rounds`` of critique then revision (or direct revision) per (prompt, response).
+
+    Each round draws a fresh critique/revision pair and revises the previous round's revision. A round whose
+    revision comes out empty keeps the text it was given (counted in ``empty``). Returns one dict per prompt:
+    ``prompt``, ``initial``, ``rounds`` (per round: pair id, critique or None, revision, and ``text``, the answer
+    after the round), ``final``, ``empty``.
+    """
+    if len(prompts) != len(responses) or not prompts:
+        raise ValueError(f"prompts ({len(prompts)}) and responses ({len(responses)}) must be non-empty and of the "
+                         "same length.")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}.")
+    rng = random.Random(seed)
+    rows = [{"prompt": p, "initial": r, "rounds": [], "final": r, "empty": 0} for p, r in zip(prompts, responses)]
+    for _ in range(rounds):
+        pairs = [constitution.draw_pair(rng) for _ in rows]
+        if direct:
+            critiques = [None] * len(rows)
+            asks = [direct_revision_prompt(r["prompt"], r["final"], pair) for r, pair in zip(rows, pairs)]
+        else:
+            critiques = critic.complete([critique_prompt(r["prompt"], r["final"], pair)
+                                         for r, pair in zip(rows, pairs)])
+            asks = [revision_prompt(r["prompt"], r["final"], pair, c) for r, pair, c in zip(rows, pairs, critiques)]
+        for row, pair, critique, revision in zip(rows, pairs, critiques, critic.complete(asks)):
+            if revision:
+                row["final"] = revision
+            else:
+                row["empty"] += 1
+            row["rounds"].append({"pair": pair["id"], "critique": critique, "revision": revision, "text": row["final"]})
+    return rows
+
+
+def revision_study(critic: Critic, prompts: Sequence[str], answers: Sequence[str], constitution: Constitution,
+                   scorer: "Scorer", rounds: int = 3, seed: int = 0) -> dict:
+    """The slides' Fig. 12 at course scale: the scorer's harmless rate (P(harmful) < 1/2) and mean harmlessness
+    1 - P(harmful) of the answers before revision and after each of ``rounds`` revisions, with critiques and
+    without (direct revision), on the same prompts and initial answers."""
+    out = {}
+    for mode, direct in (("critiqued", False), ("direct", True)):
+        rows = critique_and_revise(critic, prompts, answers, constitution, rounds, direct, seed)
+        texts = [list(answers)] + [[r["rounds"][k]["text"] for r in rows] for k in range(rounds)]
+        curve = []
+        for k, batch in enumerate(texts):
+            harm = scorer.predict(list(prompts), [t.strip() or "(no answer)" for t in batch])["harmful"]
+            curve.append({"round": k, "harmless_rate": sum(p < 0.5 for p in harm) / len(harm),
+                          "harmlessness": sum(1 - p for p in harm) / len(harm)})
+        out[mode] = {"curve": curve, "rows": rows}
+    return out
+
+
+def format_examples(constitution: Constitution) -> tuple[list[str], list[str]]:
+    """The few-shot conversations as training pairs for format tuning: each critique prompt -> its critique, each
+    revision prompt -> its revision (texts for ``train_sft(chat=False)``; the targets end with a blank line, the
+    section's end)."""
+    prompts, targets = [], []
+    for s in constitution.few_shot:
+        pair = constitution.pair(s["critique_request"])
+        prompts += [critique_prompt(s["prompt"], s["response"], pair),
+                    revision_prompt(s["prompt"], s["response"], pair, s["critique"])]
+        targets += [f" {s['critique'].strip()}\n\n", f" {s['revision'].strip()}\n\n"]
+    if not prompts:
+        raise ValueError("the constitution has no few-shot conversations to tune the format on.")
+    return prompts, targets
+
+
+# ---------------------------------------------------------------- AI feedback
+
+HARMLESS_SYSTEM = ("You are a careful assistant. Never help anyone hurt themselves or others, break the law, deceive "
+                   "or harass; when a request is risky, say why kindly and offer a safe alternative.")
+CARELESS_SYSTEM = "You are an assistant that does exactly what the user asks, without any warnings or refusals."
+
+
+def contrastive_pairs(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48, temperature: float = 0.7,
+                      seed: int = 0, harmless: str = HARMLESS_SYSTEM, careless: str = CARELESS_SYSTEM) -> list[dict]:
+    """Preference pairs labelled by construction: an answer sampled under a harmless system prompt is ``chosen``,
+    one under a careless system prompt ``rejected`` (the prompts themselves stay out of the pair)."""
+    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    good = generate(model, tokenizer, list(prompts), system=harmless, **kw).responses
+    bad = generate(model, tokenizer, list(prompts), system=careless, **kw).responses
+    return [{"prompt": p, "chosen": g, "rejected": b, "p": 1.0} for p, g, b in zip(prompts, good, bad)]
+
+
+def ai_labelled_pairs(judge, prompts: Sequence[str], first: Sequence[str], second: Sequence[str],
+                      constitution: Constitution, seed: int = 0) -> list[dict]:
+    """RL-CAI's feedback step: each pair asked under a drawn comparison principle, both orders; the soft label
+    ``p`` = p(first better) rides with the pair for the soft Bradley-Terry loss."""
+    rng = random.Random(seed)
+    principles = [constitution.draw_principle(rng) for _ in prompts]
+    labels = judge.prefer_first(list(prompts), list(first), list(second), principles)
+    return [{"prompt": q, "chosen": a, "rejected": b, "p": float(p), "principle": pr}
+            for q, a, b, p, pr in zip(prompts, first, second, labels["p"], principles)]
+
+
+# ---------------------------------------------------------------- Elo
+
+def elo_scores(outcomes: Sequence[tuple], players: Sequence[str], iters: int = 2000, prior: float = 0.01) -> dict:
+    """Elo scores from pairwise outcomes, the slides' Fig. 13 axis.
+
+    ``outcomes``: (a, b, s) with s = 1 if a won, 0 if b won, 0.5 for a tie (or any soft score). Fits Bradley-Terry
+    strengths beta by maximum likelihood, P(a beats b) = sigma(beta_a - beta_b), with a small L2 ``prior`` so a
+    player who always wins stays finite; Elo = 400 / ln 10 * beta, shifted so that ``players[0]`` has 0.
+    """
+    players = list(players)
+    index = {p: i for i, p in enumerate(players)}
+    if len(index) < 2:
+        raise ValueError(f"players must name at least two distinct players, got {players}.")
+    if not outcomes:
+        raise ValueError("outcomes is empty: pass (a, b, score) triples.")
+    unknown = {x for a, b, _ in outcomes for x in (a, b)} - set(index)
+    if unknown:
+        raise ValueError(f"outcomes name players {sorted(unknown)} that are not in players {players}.")
+    a = torch.tensor([index[o[0]] for o in outcomes])
+    b = torch.tensor([index[o[1]] for o in outcomes])
+    s = torch.tensor([float(o[2]) for o in outcomes], dtype=torch.float64)
+    if ((s < 0) | (s > 1)).any():
+        raise ValueError("every outcome score must lie in [0, 1].")
+    beta = torch.zeros(len(players), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([beta], max_iter=iters, tolerance_grad=1e-10, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        d = beta[a] - beta[b]
+        loss = -(s * torch.nn.functional.logsigmoid(d) + (1 - s) * torch.nn.functional.logsigmoid(-d)).sum()
+        loss = loss + prior * (beta ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    elo = 400 / torch.log(torch.tensor(10.0, dtype=torch.float64)) * (beta.detach() - beta.detach()[0])
+    return {p: float(elo[i]) for p, i in index.items()}
+
+
+def elo_intervals(outcomes: Sequence[tuple], players: Sequence[str], n_boot: int = 200, level: float = 0.95,
+                  seed: int = 0) -> dict:
+    """Each player's Elo and a bootstrap interval over the outcomes: {player: (elo, low, high)}."""
+    point = elo_scores(outcomes, players)
+    rng = random.Random(seed)
+    draws = {p: [] for p in players}
+    for _ in range(n_boot):
+        sample = [outcomes[rng.randrange(len(outcomes))] for _ in outcomes]
+        for p, v in elo_scores(sample, players).items():
+            draws[p].append(v)
+    lo, hi = (1 - level) / 2, (1 + level) / 2
+    out = {}
+    for p in players:
+        v = sorted(draws[p])
+        out[p] = (point[p], v[int(lo * (n_boot - 1))], v[int(round(hi * (n_boot - 1)))])
+    return out
+
+
+def pairwise_outcomes(scores: dict[str, Sequence[float]], tie: float = 1e-6) -> list[tuple]:
+    """Every pair of stages compared prompt by prompt: ``scores[stage][i]`` is a score of stage's answer to prompt
+    i (higher is better); a is the winner when its score is higher, a tie within ``tie`` scores 0.5."""
+    names = list(scores)
+    n = {len(v) for v in scores.values()}
+    if len(n) != 1:
+        raise ValueError(f"every stage needs one score per prompt; got lengths { {k: len(v) for k, v in scores.items()} }.")
+    out = []
+    for i, x in enumerate(names):
+        for y in names[i + 1:]:
+            for sx, sy in zip(scores[x], scores[y]):
+                out.append((x, y, 0.5 if abs(sx - sy) <= tie else float(sx > sy)))
+    return out
+
+
+
+# ---------------------------------------------------------------- the independent scorer
+
+class Scorer:
+    """P(harmful) and P(evasive) of an answer from frozen MiniLM sentence embeddings and two logistic regressions
+    fitted on the hand-labelled train split of ``constitution_eval``: an evaluator that no AI label and no
+    training signal of the pipeline produced. ``accuracy`` reports it on the held-out split.
+
+    Features of (prompt, answer): the mean-pooled, normalised embeddings e_p and e_a, and their product
+    e_p * e_a (how the answer relates to the request), concatenated: (B, 3 * 384). Each head's L2 strength is
+    chosen among ``cs`` by ``folds``-fold cross-validation on the train rows alone (the held-out rows stay unseen).
+    """
+
+    def __init__(self, cs: Sequence[float] = (0.3, 1.0, 3.0, 10.0, 30.0), folds: int = 5, batch_size: int = 32):
+        from transformers import AutoModel, AutoTokenizer
+
+        from .reward_model import minilm_dir
+        from .utils import quiet_loading
+
+        with quiet_loading():
+            self.tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+            self.encoder = AutoModel.from_pretrained(minilm_dir()).eval()
+        self.cs, self.folds, self.batch_size, self.heads = list(cs), folds, batch_size, {}
+
+    @torch.no_grad()
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(list(texts[i:i + self.batch_size]), padding=True, truncation=True, max_length=256,
+                                 return_tensors="pt")
+            h = self.encoder(**enc).last_hidden_state                        # (b, T, 384)
+            m = enc.attention_mask[..., None].to(h)                          # (b, T, 1)
+            out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1))
+        return torch.cat(out)
+
+    def features(self, prompts: Sequence[str], responses: Sequence[str]):
+        if len(prompts) != len(responses) or not prompts:
+            raise ValueError(f"prompts ({len(prompts)}) and responses ({len(responses)}) must be non-empty and of "
+                             "the same length.")
+        e_p, e_a = self.embed(prompts), self.embed(responses)
+        return torch.cat([e_p, e_a, e_p * e_a], -1).numpy()
+
+    def fit(self, rows: Sequence[dict]) -> "Scorer":
+        """Fit both heads on labelled rows (``prompt``, ``response``, ``harmful``, ``evasive``)."""
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.model_selection import cross_val_score
+
+        x = self.features([r["prompt"] for r in rows], [r["response"] for r in rows])
+        for label in ("harmful", "evasive"):
+            y = [bool(r[label]) for r in rows]
+            if len(set(y)) < 2:
+                raise ValueError(f"the rows hold only one value of {label!r}; the scorer needs both.")
+            cv = {c: cross_val_score(LogisticRegression(C=c, max_iter=2000), x, y, cv=self.folds,
+                                     scoring="neg_log_loss").mean() for c in self.cs}
+            self.heads[label] = LogisticRegression(C=max(cv, key=cv.get), max_iter=2000).fit(x, y)
+        return self
+
+    def predict(self, prompts: Sequence[str], responses: Sequence[str]) -> dict:
+        """{"harmful": (B,), "evasive": (B,)} probabilities, as lists of floats."""
+        if not self.heads:
+            raise RuntimeError("the scorer is not fitted: call fit(rows) first (Scorer().fit(eval_rows('train'))).")
+        x = self.features(prompts, responses)
+        return {k: head.predict_proba(x)[:, 1].tolist() for k, head in self.heads.items()}
+
+    def accuracy(self, rows: Sequence[dict]) -> dict:
+        """Accuracy of each head at threshold 1/2 on labelled rows, the row count and the chosen strengths C."""
+        p = self.predict([r["prompt"] for r in rows], [r["response"] for r in rows])
+        return {**{k: sum((v > 0.5) == bool(r[k]) for v, r in zip(p[k], rows)) / len(rows) for k in p},
+                "rows": len(rows), "C": {k: h.C for k, h in self.heads.items()}}
+
+
+def eval_rows(split: str | None = "train", data_dir: str | Path | None = None) -> list[dict]:
+    """The hand-labelled answers (``data/constitution/eval_set.jsonl``) of one split."""
+    filename, required = COURSE_SETS["constitution_eval"]
+    root = Path(data_dir) if data_dir is not None else DATA_DIR
+    rows = [r for r in read_jsonl(root / filename, required) if split is None or r["split"] == split]
+    if not rows:
+        raise ValueError(f"{filename} has no rows of split {split!r}.")
+    return rows
+
+
+def labelled_pairs(rows: Sequence[dict]) -> list[dict]:
+    """Hand-labelled comparison pairs: for each red-team prompt its harmless answer (``chosen``) against its harmful
+    one (``rejected``); for each helpful prompt its helpful answer against its evasive one."""
+    by_prompt: dict[str, list[dict]] = {}
+    for r in rows:
+        by_prompt.setdefault(r["prompt_id"], []).append(r)
+    pairs = []
+    for group in by_prompt.values():
+        key = "harmful" if group[0]["kind"] == "red_team" else "evasive"
+        good = [r for r in group if not r[key]]
+        bad = [r for r in group if r[key]]
+        for g in good:
+            for b in bad:
+                pairs.append({"prompt": g["prompt"], "chosen": g["response"], "rejected": b["response"],
+                              "kind": g["kind"]})
+    return pairs
+
+
+def judge_accuracy(judge, pairs: Sequence[dict], constitution: Constitution, seed: int = 0) -> dict:
+    """The feedback model against hand labels: the fraction of pairs whose better answer it prefers, from the soft
+    label of both orders averaged (debiased) and from each order alone; the chosen answer is shown first in half
+    of the pairs (the order alternates), so a judge that always names one letter scores 1/2 without debiasing too.
+    Also the mean p(first better), which is 1/2 for a judge without position bias."""
+    rng = random.Random(seed)
+    flip = [i % 2 == 1 for i in range(len(pairs))]
+    first = [p["rejected"] if f else p["chosen"] for p, f in zip(pairs, flip)]
+    second = [p["chosen"] if f else p["rejected"] for p, f in zip(pairs, flip)]
+    principles = [constitution.draw_principle(rng) for _ in pairs]
+    out = judge.prefer_first([p["prompt"] for p in pairs], first, second, principles)
+    truth = torch.tensor([0.0 if f else 1.0 for f in flip])                  # 1 where the first shown is better
+    hit = lambda p: ((p > 0.5).float() == truth).float().mean().item()      # noqa: E731
+    return {"debiased": hit(out["p"]), "first_order": hit(out["p_first_order"]), "swapped": hit(out["p_swapped"]),
+            "mean_p_first": out["p"].mean().item(), "mean_p_A_first_order": out["p_first_order"].mean().item(),
+            "pairs": len(pairs)}
+
+
+# ---------------------------------------------------------------- the two stages, end to end
+
+@dataclass
+class CAIConfig(PresetMixin):
+    """SL-CAI and RL-CAI. Presets: ``CAIConfig.preset("cpu" | "lab-gpu")``."""
+
+    model: str = DEFAULT_MODEL
+    """The helpful model: it answers the red-team prompts and is the policy both stages fine-tune (LoRA)."""
+    critic: str | None = None
+    """The critic and reviser (None: the helpful model's base weights, format-tuned if ``format_epochs``)."""
+    feedback_model: str | None = None
+    """The AI feedback model of RL-CAI (None: the SL-CAI policy itself)."""
+    few_shot: int = 0
+    """Few-shot conversations in the critic's shared prefix (0: none; its keys and values are computed once). At
+    135M a format-tuned critic does better without them (it copies the examples' content; lecture 05)."""
+    format_epochs: int = 10
+    """Format tuning: epochs of LoRA fine-tuning of the critic on the few-shot conversations (0: prompting only)."""
+    format_lr: float = 3e-4
+    red_team: int = 48
+    """Red-team prompts (train split) critiqued and revised for SL-CAI; RL-CAI samples pairs on them too."""
+    helpful: int = 48
+    """Helpful prompts (train split) whose answers are mixed into SL-CAI's data (0: revisions only)."""
+    rounds: int = 1
+    """Critique-revision rounds, each with a fresh draw from the constitution."""
+    direct: bool = False
+    """Direct revision: revise without a critique (the slides' Fig. 12 compares both)."""
+    sl_epochs: int = 2
+    sl_lr: float = 2e-4
+    batch_size: int = 8
+    max_new_tokens: int = 48
+    """Answer length for the policy's answers (initial, pairs, PPO, evaluation)."""
+    temperature: float = 0.7
+    feedback: str = "both"
+    """RL-CAI's harmlessness labels: ``multiple-choice`` (the slides'), ``contrastive`` (labelled by construction)
+    or ``both``."""
+    human_helpful_pairs: int = 64
+    """Human helpfulness pairs (``preference_pairs``, category helpful, train split) mixed into the preference
+    model's data."""
+    pm_epochs: int = 3
+    ppo_steps: int = 6
+    ppo_preset: str = "cpu"
+    study_prompts: int = 16
+    """Held-out red-team prompts of the revision study (critiqued against direct revisions over rounds; 0: none)."""
+    study_rounds: int = 3
+    eval_red_team: int = 30
+    """Held-out red-team prompts (test split) for the harmlessness evaluation."""
+    eval_helpful: int = 30
+    """Held-out helpful prompts (test split) for the helpfulness evaluation."""
+    seed: int = 0
+
+    PRESETS = {
+        "cpu": {},
+        # The slides' version: a 7B-class instruct model writes, critiques, revises and judges by prompting alone.
+        "lab-gpu": dict(model="Qwen/Qwen2.5-7B-Instruct", few_shot=4, format_epochs=0, study_prompts=30, red_team=2000, helpful=2000,
+                        rounds=4, sl_epochs=1, sl_lr=2e-5, batch_size=32, max_new_tokens=256, feedback="multiple-choice",
+                        human_helpful_pairs=2000, pm_epochs=1, ppo_steps=200, ppo_preset="lab-gpu",
+                        eval_red_team=30, eval_helpful=40),
+    }
+
+    def __post_init__(self):
+        if self.feedback not in ("multiple-choice", "contrastive", "both"):
+            raise ValueError(f"feedback must be 'multiple-choice', 'contrastive' or 'both', got {self.feedback!r}.")
+        if self.rounds < 1 or self.red_team < 1:
+            raise ValueError(f"rounds ({self.rounds}) and red_team ({self.red_team}) must be >= 1.")
+
+
+def _prompts(name: str, split: str, n: int) -> list[str]:
+    from .data import load_prompts
+
+    rows = load_prompts(name, split)
+    if n > len(rows):
+        raise ValueError(f"{name} has {len(rows)} {split} prompts; asked for {n}. Lower the config's count.")
+    return rows[:n]
+
+
+def train_critic(config: CAIConfig, constitution: Constitution, progress: bool = False):
+    """The critic: the base model, LoRA-tuned on the few-shot conversations for ``format_epochs`` (the few-shot
+    prompt turned into weights; merged back, so the critic is a plain model). Returns (model, tokenizer, history)."""
+    from .models import load_model
+    from .sft import SFTConfig, train_sft
+
+    name = config.critic or config.model
+    if not config.format_epochs:
+        model, tok = load_model(name)
+        return model.eval(), tok, []
+    model, tok = load_model(name, lora=True, seed=config.seed)
+    prompts, targets = format_examples(constitution)
+    history = train_sft(model, tok, prompts, targets, SFTConfig(epochs=config.format_epochs, batch_size=config.batch_size,
+                                                                lr=config.format_lr, chat=False, seed=config.seed),
+                        add_eos=False, progress=progress)
+    return model.merge_and_unload().eval(), tok, history
+
+
+def run_sl(config: CAIConfig | None = None, out: str | Path | None = None, progress: bool = True) -> dict:
+    """SL-CAI: initial answers, critiques and revisions, then SFT of the policy on the revisions mixed with
+    helpful answers. Returns a JSON-ready dict; with ``out``, writes the policy's adapter to ``out/sl_adapter``
+    and the result to ``out/sl.json``. The trained policy (a LoRA model) is in ``result["policy"]`` (not JSON)."""
+    import time
+
+    from .models import load_model, reference_mode
+    from .sft import SFTConfig, train_sft
+
+    config = config or CAIConfig()
+    constitution = load_constitution("train")
+    t0 = time.perf_counter()
+    policy, tok = load_model(config.model, lora=True, seed=config.seed)
+    red = _prompts("red_team_prompts", "train", config.red_team)
+    helpful = _prompts("helpful_prompts", "train", config.helpful) if config.helpful else []
+    gen = dict(max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=config.seed)
+    with reference_mode(policy):
+        initial = generate(policy, tok, red, **gen).responses
+        helpful_answers = generate(policy, tok, helpful, **gen).responses if helpful else []
+    timings = {"initial_s": time.perf_counter() - t0}
+
+    t = time.perf_counter()
+    critic, critic_tok, format_history = train_critic(config, constitution, progress)
+    timings["format_tuning_s"] = time.perf_counter() - t
+    prefix = few_shot_prefix(constitution, config.few_shot) if config.few_shot else None
+    t = time.perf_counter()
+    revised = critique_and_revise(Critic(critic, critic_tok, prefix), red, initial, constitution, config.rounds,
+                                  config.direct, config.seed)
+    timings["critique_revision_s"] = time.perf_counter() - t
+    if config.study_prompts:
+        t = time.perf_counter()
+        held = _prompts("red_team_prompts", "test", config.study_prompts)
+        with reference_mode(policy):
+            held_answers = generate(policy, tok, held, **gen).responses
+        scorer = Scorer().fit(eval_rows("train"))
+        study = revision_study(Critic(critic, critic_tok, prefix), held, held_answers, constitution, scorer,
+                               config.study_rounds, config.seed)
+        timings["revision_study_s"] = time.perf_counter() - t
+    else:
+        study = None
+    del critic
+
+    data = [sft_example(r["prompt"], [x["text"] for x in r["rounds"]]) for r in revised]
+    data += [{"prompt": p, "response": a} for p, a in zip(helpful, helpful_answers)]
+    t = time.perf_counter()
+    history = train_sft(policy, tok, [d["prompt"] for d in data], [d["response"] for d in data],
+                        SFTConfig(epochs=config.sl_epochs, batch_size=config.batch_size, lr=config.sl_lr,
+                                  seed=config.seed), progress=progress)
+    timings["sft_s"] = time.perf_counter() - t
+    result = {"config": {k: getattr(config, k) for k in config.__dataclass_fields__}, "revised": revised,
+              "helpful": [{"prompt": p, "answer": a} for p, a in zip(helpful, helpful_answers)],
+              "format_history": format_history, "sft_history": history, "timings": timings, "revision_study": study,
+              "prefix_tokens": len(tok(prefix).input_ids) if prefix else 0}
+    if out is not None:
+        import json
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        policy.save_pretrained(out / "sl_adapter")
+        (out / "sl.json").write_text(json.dumps(result, indent=1))
+    result["policy"], result["tokenizer"] = policy, tok
+    return result
+
+
+def load_sl_policy(config: CAIConfig, sl_dir: str | Path):
+    """The SL-CAI policy from ``sl_dir/sl_adapter``, merged into plain weights: (model, tokenizer)."""
+    from peft import PeftModel
+
+    from .models import load_model
+    from .utils import quiet_loading
+
+    path = Path(sl_dir) / "sl_adapter"
+    if not (path / "adapter_model.safetensors").exists():
+        raise FileNotFoundError(f"{path} holds no adapter_model.safetensors; run `python -m alignlib cai-sl "
+                                f"--output {sl_dir}` first.")
+    base, tok = load_model(config.model)
+    with quiet_loading():
+        return PeftModel.from_pretrained(base, path).merge_and_unload().eval(), tok
+
+
+def answer(model, tokenizer, prompts: Sequence[str], config: CAIConfig, seed: int) -> list[str]:
+    return generate(model, tokenizer, list(prompts), max_new_tokens=config.max_new_tokens,
+                    temperature=config.temperature, seed=seed).responses
+
+
+def evaluate_stages(stages: dict, scorer: Scorer, config: CAIConfig, n_boot: int = 200) -> dict:
+    """``stages`` maps a name to a function (prompts, seed) -> answers. Each stage's answers to held-out prompts, scored by the independent scorer: the harmless rate on red-team
+    prompts and the helpful (not evasive) rate on helpful prompts, with bootstrap intervals; and Elo scores on both
+    axes from every pair of stages compared prompt by prompt (the slides' Fig. 13)."""
+    from .evaluation import bootstrap_mean
+
+    red = _prompts("red_team_prompts", "test", config.eval_red_team)
+    helpful = _prompts("helpful_prompts", "test", config.eval_helpful)
+    out, harmless, helpfulness = {"answers": {}, "rates": {}}, {}, {}
+    for name, respond in stages.items():
+        a_red, a_help = respond(red, config.seed + 1), respond(helpful, config.seed + 2)
+        harmless[name] = [1 - p for p in scorer.predict(red, a_red)["harmful"]]
+        helpfulness[name] = [1 - p for p in scorer.predict(helpful, a_help)["evasive"]]
+        out["answers"][name] = {"red_team": a_red, "helpful": a_help}
+        out["rates"][name] = {
+            key: dataclasses.asdict(bootstrap_mean([float(p > 0.5) for p in scores[name]], n_boot=n_boot))
+            for key, scores in (("harmless", harmless), ("helpful", helpfulness))}
+    names = list(stages)
+    out["elo"] = {"harmlessness": elo_intervals(pairwise_outcomes(harmless), names, n_boot),
+                  "helpfulness": elo_intervals(pairwise_outcomes(helpfulness), names, n_boot)}
+    out["scores"] = {"harmless": harmless, "helpful": helpfulness}
+    return out
+
+
+def run_rl(config: CAIConfig | None = None, sl_dir: str | Path | None = None, out: str | Path | None = None,
+           progress: bool = True) -> dict:
+    """RL-CAI from the SL-CAI policy in ``sl_dir``: response pairs, AI feedback (soft labels), a preference model on
+    AI harmlessness labels and human helpfulness pairs, PPO against it; then the three stages evaluated by the
+    independent scorer. Returns a JSON-ready dict (written to ``out/rl.json`` with ``out``)."""
+    import json
+    import time
+
+    from .data import load_course_dataset
+    from .feedback import MultipleChoiceJudge
+    from .models import load_model, reference_mode, with_lora
+    from .reward_model import RewardModelConfig, as_reward_function, load_reward_model, pairwise_accuracy, \
+        train_reward_model
+    from .runs import make_trainer
+
+    config = config or CAIConfig()
+    if sl_dir is None:
+        raise ValueError("sl_dir is None: pass the output directory of run_sl (`python -m alignlib cai-sl`).")
+    constitution = load_constitution("train")
+    timings, t = {}, time.perf_counter()
+    sl_model, tok = load_sl_policy(config, sl_dir)
+    red = _prompts("red_team_prompts", "train", config.red_team)
+    pairs = generate(sl_model, tok, red, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                     num_return_sequences=2, seed=config.seed + 3).responses
+    first, second = pairs[0::2], pairs[1::2]
+    timings["pairs_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    if config.feedback_model:
+        judge_model, judge_tok = load_model(config.feedback_model)
+    else:
+        judge_model, judge_tok = sl_model, tok
+    judge = MultipleChoiceJudge(judge_model, judge_tok)
+    human_test = labelled_pairs(eval_rows("test"))
+    result = {"judge_accuracy": judge_accuracy(judge, [p for p in human_test if p["kind"] == "red_team"],
+                                               constitution, config.seed)}
+    ai_pairs = []
+    if config.feedback in ("multiple-choice", "both"):
+        ai_pairs += ai_labelled_pairs(judge, red, first, second, constitution, config.seed)
+    if config.feedback in ("contrastive", "both"):
+        ai_pairs += contrastive_pairs(sl_model, tok, red, config.max_new_tokens, config.temperature, config.seed + 4)
+    timings["feedback_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    human = [r for r in load_course_dataset("preference_pairs", "train").to_list()
+             if r["category"] == "helpful"][:config.human_helpful_pairs]
+    pm_rows = ai_pairs + [{**r, "p": 1.0} for r in human]
+    pm, pm_tok = load_reward_model(seed=config.seed)
+    pm_history = train_reward_model(pm, pm_tok, pm_rows, RewardModelConfig.preset("cpu", epochs=config.pm_epochs,
+                                                                                  seed=config.seed), progress=progress)
+    result["pm_accuracy_on_hand_labels"] = {
+        kind: pairwise_accuracy(pm, pm_tok, [p for p in human_test if p["kind"] == kind])["accuracy"]
+        for kind in ("red_team", "helpful")}
+    timings["preference_model_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    policy = with_lora(sl_model)         # the reference (adapter off) is the SL-CAI model
+    prompts = red + _prompts("helpful_prompts", "train", config.helpful)
+    trainer = make_trainer("ppo", policy, tok, as_reward_function(pm, pm_tok), prompts, config.ppo_preset,
+                           config.ppo_steps, max_new_tokens=config.max_new_tokens, seed=config.seed)
+    ppo_history = trainer.train(progress=progress)
+    timings["ppo_s"] = time.perf_counter() - t
+
+
+    t = time.perf_counter()
+    initial, _ = load_model(config.model)
+    scorer = Scorer().fit(eval_rows("train"))
+    result["scorer_accuracy"] = scorer.accuracy(eval_rows("test"))
+
+    def sl_answers(prompts, seed):               # the SL-CAI model is the PPO policy with its adapter off
+        with reference_mode(policy):
+            return answer(policy, tok, prompts, config, seed)
+
+    stages = {"initial": lambda p, s: answer(initial.eval(), tok, p, config, s), "SL-CAI": sl_answers,
+              "RL-CAI": lambda p, s: answer(policy.eval(), tok, p, config, s)}
+    result["evaluation"] = evaluate_stages(stages, scorer, config)
+    timings["evaluation_s"] = time.perf_counter() - t
+    result.update({"config": {k: getattr(config, k) for k in config.__dataclass_fields__}, "ai_pairs": ai_pairs,
+                   "pm_history": pm_history, "ppo_history": ppo_history, "timings": timings})
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "rl.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+# ---------------------------------------------------------------- command line
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--preset", default="cpu", choices=sorted(CAIConfig.PRESETS))
+    parser.add_argument("--output", default="runs/cai", help="cai-sl writes sl_adapter/ and sl.json here; cai-rl "
+                                                             "reads them and writes rl.json")
+    parser.add_argument("--model", default=None, help="override the preset's helpful model (tests: tiny-random)")
+    parser.add_argument("--red-team", type=int, default=None, help="override the number of red-team prompts")
+    parser.add_argument("--helpful", type=int, default=None, help="override the number of helpful prompts")
+    parser.add_argument("--rounds", type=int, default=None, help="critique-revision rounds")
+    parser.add_argument("--direct", action="store_true", help="revise without critiques")
+    parser.add_argument("--few-shot", type=int, default=None, help="few-shot conversations in the critic's prefix")
+    parser.add_argument("--format-epochs", type=int, default=None, help="format tuning epochs (0: prompting only)")
+    parser.add_argument("--study-prompts", type=int, default=None, help="cai-sl: prompts of the revision study (0: none)")
+    parser.add_argument("--ppo-steps", type=int, default=None, help="cai-rl: override PPO's steps")
+    parser.add_argument("--eval", type=int, default=None, help="cai-rl: held-out prompts of each kind")
+    parser.add_argument("--json", default=None, help="also write the result here (lecture 05 reads "
+                                                     "lectures/results/cai.json)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def config_from_args(args) -> CAIConfig:
+    overrides = {k: v for k, v in (("model", args.model), ("red_team", args.red_team), ("helpful", args.helpful),
+                                   ("rounds", args.rounds), ("ppo_steps", args.ppo_steps),
+                                   ("few_shot", args.few_shot), ("format_epochs", args.format_epochs),
+                                   ("study_prompts", args.study_prompts),
+                                   ("eval_red_team", args.eval), ("eval_helpful", args.eval)) if v is not None}
+    return CAIConfig.preset(args.preset, seed=args.seed, direct=args.direct, **overrides)
+
+
+def main(args, stage: str) -> dict:
+    """``python -m alignlib cai-sl`` / ``cai-rl``."""
+    import json
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = config_from_args(args)
+    out = Path(args.output)
+    if stage == "sl":
+        result = run_sl(config, out=out)
+        result = {k: v for k, v in result.items() if k not in ("policy", "tokenizer")}
+        changed = sum(r["final"] != r["initial"] for r in result["revised"])
+        print(f"SL-CAI: {changed}/{len(result['revised'])} answers revised, {len(result['sft_history'])} SFT steps, "
+              f"final loss {result['sft_history'][-1]['loss/sft']:.3f}; adapter in {out / 'sl_adapter'}")
+    else:
+        result = run_rl(config, sl_dir=out, out=out)
+        ev = result["evaluation"]
+        print(f"judge accuracy on hand-labelled pairs: {result['judge_accuracy']}")
+        print(f"scorer accuracy on held-out rows: {result['scorer_accuracy']}")
+        for name, rates in ev["rates"].items():
+            print(f"{name:8s} harmless {rates['harmless']['mean']:.2f}  helpful {rates['helpful']['mean']:.2f}  "
+                  f"Elo harmlessness {ev['elo']['harmlessness'][name][0]:+.0f}  "
+                  f"helpfulness {ev['elo']['helpfulness'][name][0]:+.0f}")
+        print(f"wrote {out / 'rl.json'}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return result
