@@ -60,7 +60,8 @@ CELL_FILENAME = "<graded cell {index}>"  # the filename of code compiled from a 
 CHECK_TIMEOUT = 60.0   # seconds for one graded cell to run, and for one check
 # the modules a student's cell could patch to make a wrong answer pass (checks are added per exercise)
 GUARDED_MODULES = ("torch", "torch.testing", "torch.nn.functional", "alignlib.checks", "alignlib.logprobs",
-                   "alignlib.ppo", "alignlib.rrhf", "alignlib.raft", "alignlib.soups", "alignlib.tiny_lab", "math")
+                   "alignlib.ppo", "alignlib.rrhf", "alignlib.raft", "alignlib.soups", "alignlib.tiny_lab",
+                   "alignlib.cai", "alignlib.feedback", "math")
 
 
 class GraderTampered(RuntimeError):

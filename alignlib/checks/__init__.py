@@ -97,6 +97,9 @@ GRADED_IMPLEMENTATIONS = {
     "alignlib.rrhf": ("rank_loss", "best_response_loss"),
     "alignlib.raft": ("select_local", "select_global", "distinct_n"),
     "alignlib.soups": ("interpolate", "lora_soup", "pareto_mask", "hypervolume"),
+    # conversation() is the first half of critique_prompt, so it is disarmed with the graded functions
+    "alignlib.cai": ("conversation", "critique_prompt", "revision_prompt", "sft_example", "elo_scores"),
+    "alignlib.feedback": ("soft_labels",),
 }
 
 
