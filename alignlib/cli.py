@@ -1,5 +1,5 @@
 """Command line: ``python -m alignlib {tour, download, bench, peer-bench, method-bench, ppo-check, reward-model, soups,
-ppo, rrhf, raft, grade, exercises}``."""
+cai-sl, cai-rl, ppo, rrhf, raft, grade, exercises}``."""
 from __future__ import annotations
 
 import argparse
@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .soups import add_arguments as add_soups_arguments
 
     add_soups_arguments(soups)
+
+    from .cai import add_arguments as add_cai_arguments
+
+    for stage, title in (("sl", "Constitutional AI, supervised stage: critiques, revisions, SFT (lecture 05)"),
+                         ("rl", "Constitutional AI, RL stage: AI feedback, preference model, PPO (lecture 05)")):
+        add_cai_arguments(sub.add_parser(f"cai-{stage}", help=title))
 
     check = sub.add_parser("ppo-check", help="PPO's learning criteria over seeds, thread counts and betas")
     from .ppo_check import add_arguments as add_ppo_check_arguments
@@ -120,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         from .soups import main as run_soups
 
         run_soups(args)
+    elif args.command in ("cai-sl", "cai-rl"):
+        from .cai import main as run_cai
+
+        run_cai(args, args.command[4:])
     elif args.command == "ppo-check":
         from .ppo_check import run as run_ppo_check
 

@@ -3,7 +3,8 @@
 It grows with the course: each method that lands adds a step. Today: load the model, sample responses to
 course prompts, score them (log-probs, sentiment, length), and print a table; then a few steps of PPO
 (lecture 01), RRHF (lecture 02) and RAFT (lecture 03) on the same sentiment task, with the reward, the KL to
-the initial model and the seconds of each step; then two soup experts and their interpolations (lecture 04).
+the initial model and the seconds of each step; then two soup experts and their interpolations (lecture 04);
+then Constitutional AI's critique, revision and AI feedback, each measured (lecture 05).
 """
 from __future__ import annotations
 
@@ -68,6 +69,8 @@ def run(model_name: str = DEFAULT_MODEL, n_prompts: int = 4, max_new_tokens: int
         print(f"\n== {title} ==")
         if method == "soups":
             result[method] = tour_soups(model_name, steps=steps, seed=seed)
+        elif method == "cai":
+            result[method] = tour_cai(model, tokenizer, n_prompts=min(n_prompts, 4), seed=seed)
         else:
             result[method] = tour_method(method, model_name, steps=steps, seed=seed)
     return result
@@ -100,6 +103,37 @@ def tour_soups(model_name: str, steps: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def tour_cai(model, tokenizer, n_prompts: int = 3, seed: int = 0) -> dict:
+    """Constitutional AI in miniature: one critique-revision round on held-out red-team prompts by the model
+    prompted with two worked examples (their keys and values computed once), the model as a multiple-choice judge
+    of hand-labelled pairs (both orders), and the independent scorer's accuracy on held-out hand labels."""
+    from . import cai
+    from .feedback import MultipleChoiceJudge
+
+    constitution = cai.load_constitution("train")
+    prompts = load_prompts("red_team_prompts", "test", n_prompts)
+    t0 = time.perf_counter()
+    answers = generate(model, tokenizer, prompts, max_new_tokens=32, temperature=0.7, seed=seed).responses
+    prefix = cai.few_shot_prefix(constitution, 2)
+    if len(tokenizer(prefix).input_ids) > model.config.max_position_embeddings // 2:
+        prefix = None                              # a small test model's context has no room for the examples
+    critic = cai.Critic(model, tokenizer, prefix, max_new_tokens=40)
+    rows = cai.critique_and_revise(critic, prompts, answers, constitution, seed=seed)
+    print_table([{"prompt": r["prompt"], "answer": r["initial"], "critique": r["rounds"][0]["critique"],
+                  "revision": r["final"]} for r in rows],
+                [("prompt", "red-team prompt", 26), ("answer", "answer", 26), ("critique", "critique", 26),
+                 ("revision", "revision", 26)])
+    pairs = [p for p in cai.labelled_pairs(cai.eval_rows("test")) if p["kind"] == "red_team"][:8]
+    judge = cai.judge_accuracy(MultipleChoiceJudge(model, tokenizer), pairs, constitution, seed)
+    scorer = cai.Scorer().fit(cai.eval_rows("train")).accuracy(cai.eval_rows("test"))
+    print(f"[tour] critiques and revisions by prompting in {time.perf_counter() - t0:.0f} s; as an (A)/(B) judge the "
+          f"model picks the harmless answer in {judge['debiased']:.2f} of {judge['pairs']} hand-labelled pairs "
+          f"(both orders; p(A) {judge['mean_p_A_first_order']:.2f} in one order); the independent scorer: "
+          f"{scorer['harmful']:.2f} (harmful) and {scorer['evasive']:.2f} (evasive) on {scorer['rows']} held-out rows")
+    print("[tour] full run: python -m alignlib cai-sl --preset cpu, then cai-rl --preset cpu")
+    return {"rows": rows, "judge": judge, "scorer": scorer}
+
+
 def tour_method(method: str, model_name: str, steps: int, seed: int = 0) -> list[dict]:
     """A few steps of one method on the sentiment task (answer review openings in chat, VADER reward), printed."""
     from .runs import make_trainer
@@ -121,4 +155,5 @@ TOUR_STEPS = [  # (method, title): one per lecture that has landed
     ("rrhf", "Step 2: RRHF, ranking policy and initial-model samples by the reward (lecture 02)"),
     ("raft", "Step 3: RAFT, fine-tuning on the best of 4 samples per prompt (lecture 03)"),
     ("soups", "Step 4: rewarded soups, two experts and the weights between them (lecture 04)"),
+    ("cai", "Step 5: Constitutional AI, a critique and a revision, AI feedback and its accuracy (lecture 05)"),
 ]
