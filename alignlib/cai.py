@@ -465,6 +465,12 @@ class CAIConfig(PresetMixin):
 
     model: str = DEFAULT_MODEL
     """The helpful model: it answers the red-team prompts and is the policy both stages fine-tune (LoRA)."""
+    red_team_prompts: str = "course:red_team_prompts"
+    """Red-team prompts (``course:<set>`` or ``hub:<data set>``): train split for the stages, test for evaluation."""
+    helpful_prompts: str = "course:helpful_prompts"
+    """Helpful prompts, the same way."""
+    human_pairs: str = "course:preference_pairs"
+    """Human helpfulness comparisons for the preference model (a course set's ``helpful`` rows, or a Hub set)."""
     critic: str | None = None
     """The critic and reviser (None: the helpful model's base weights, format-tuned if ``format_epochs``)."""
     feedback_model: str | None = None
@@ -489,12 +495,17 @@ class CAIConfig(PresetMixin):
     max_new_tokens: int = 48
     """Answer length for the policy's answers (initial, pairs, PPO, evaluation)."""
     temperature: float = 0.7
+    feedback_cot_tokens: int = 0
+    """Chain of thought before the feedback model's answer letter (0: none); its readings are clamped to
+    [0.4, 0.6] as in the paper."""
     feedback: str = "both"
     """RL-CAI's harmlessness labels: ``multiple-choice`` (the slides'), ``contrastive`` (labelled by construction)
     or ``both``."""
     human_helpful_pairs: int = 64
     """Human helpfulness pairs (``preference_pairs``, category helpful, train split) mixed into the preference
     model's data."""
+    pm_preset: str = "cpu"
+    """The preference model's ``RewardModelConfig`` preset (``cpu``: MiniLM; ``lab-gpu``: a 0.5B causal backbone)."""
     pm_epochs: int = 3
     ppo_steps: int = 6
     ppo_preset: str = "cpu"
@@ -510,9 +521,10 @@ class CAIConfig(PresetMixin):
     PRESETS = {
         "cpu": {},
         # The slides' version: a 7B-class instruct model writes, critiques, revises and judges by prompting alone.
-        "lab-gpu": dict(model="Qwen/Qwen2.5-7B-Instruct", few_shot=4, format_epochs=0, study_prompts=30, red_team=2000, helpful=2000,
+        "lab-gpu": dict(model="Qwen/Qwen2.5-7B-Instruct", red_team_prompts="hub:Anthropic/hh-rlhf",
+                        helpful_prompts="hub:Anthropic/hh-rlhf", human_pairs="hub:Anthropic/hh-rlhf", few_shot=4, format_epochs=0, study_prompts=30, red_team=2000, helpful=2000,
                         rounds=4, sl_epochs=1, sl_lr=2e-5, batch_size=32, max_new_tokens=256, feedback="multiple-choice",
-                        human_helpful_pairs=2000, pm_epochs=1, ppo_steps=200, ppo_preset="lab-gpu",
+                        human_helpful_pairs=2000, pm_preset="lab-gpu", pm_epochs=1, ppo_steps=200, ppo_preset="lab-gpu",
                         eval_red_team=30, eval_helpful=40),
     }
 
@@ -523,13 +535,30 @@ class CAIConfig(PresetMixin):
             raise ValueError(f"rounds ({self.rounds}) and red_team ({self.red_team}) must be >= 1.")
 
 
-def _prompts(name: str, split: str, n: int) -> list[str]:
-    from .data import load_prompts
+def _prompts(spec: str, split: str, n: int) -> list[str]:
+    """The first ``n`` prompts of ``course:<set>`` or ``hub:<data set>`` (see ``presets.load_task_prompts``)."""
+    from .presets import load_task_prompts
 
-    rows = load_prompts(name, split)
+    rows = load_task_prompts(spec, split, n)
     if n > len(rows):
-        raise ValueError(f"{name} has {len(rows)} {split} prompts; asked for {n}. Lower the config's count.")
+        raise ValueError(f"{spec} has {len(rows)} {split} prompts; asked for {n}. Lower the config's count.")
     return rows[:n]
+
+
+def human_helpful_pairs(config: "CAIConfig") -> list[dict]:
+    """Human helpfulness comparisons for the preference model: the course pairs of category ``helpful``, or the
+    first pairs of a Hub preference set (hard labels, p = 1)."""
+    from .presets import load_task_queries
+
+    kind, _, name = config.human_pairs.partition(":")
+    if kind == "course":
+        from .data import load_course_dataset
+
+        rows = [r for r in load_course_dataset(name, "train").to_list() if r.get("category", "helpful") == "helpful"]
+    else:
+        rows = load_task_queries(config.human_pairs, "train", config.human_helpful_pairs)
+    return [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"], "p": 1.0}
+            for r in rows[:config.human_helpful_pairs]]
 
 
 def train_critic(config: CAIConfig, constitution: Constitution, progress: bool = False):
@@ -563,8 +592,8 @@ def run_sl(config: CAIConfig | None = None, out: str | Path | None = None, progr
     constitution = load_constitution("train")
     t0 = time.perf_counter()
     policy, tok = load_model(config.model, lora=True, seed=config.seed)
-    red = _prompts("red_team_prompts", "train", config.red_team)
-    helpful = _prompts("helpful_prompts", "train", config.helpful) if config.helpful else []
+    red = _prompts(config.red_team_prompts, "train", config.red_team)
+    helpful = _prompts(config.helpful_prompts, "train", config.helpful) if config.helpful else []
     gen = dict(max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=config.seed)
     with reference_mode(policy):
         initial = generate(policy, tok, red, **gen).responses
@@ -581,7 +610,7 @@ def run_sl(config: CAIConfig | None = None, out: str | Path | None = None, progr
     timings["critique_revision_s"] = time.perf_counter() - t
     if config.study_prompts:
         t = time.perf_counter()
-        held = _prompts("red_team_prompts", "test", config.study_prompts)
+        held = _prompts(config.red_team_prompts, "test", config.study_prompts)
         with reference_mode(policy):
             held_answers = generate(policy, tok, held, **gen).responses
         scorer = Scorer().fit(eval_rows("train"))
@@ -641,8 +670,8 @@ def evaluate_stages(stages: dict, scorer: Scorer, config: CAIConfig, n_boot: int
     axes from every pair of stages compared prompt by prompt (the slides' Fig. 13)."""
     from .evaluation import bootstrap_mean
 
-    red = _prompts("red_team_prompts", "test", config.eval_red_team)
-    helpful = _prompts("helpful_prompts", "test", config.eval_helpful)
+    red = _prompts(config.red_team_prompts, "test", config.eval_red_team)
+    helpful = _prompts(config.helpful_prompts, "test", config.eval_helpful)
     out, harmless, helpfulness = {"answers": {}, "rates": {}}, {}, {}
     for name, respond in stages.items():
         a_red, a_help = respond(red, config.seed + 1), respond(helpful, config.seed + 2)
@@ -667,7 +696,6 @@ def run_rl(config: CAIConfig | None = None, sl_dir: str | Path | None = None, ou
     import json
     import time
 
-    from .data import load_course_dataset
     from .feedback import MultipleChoiceJudge
     from .models import load_model, reference_mode, with_lora
     from .reward_model import RewardModelConfig, as_reward_function, load_reward_model, pairwise_accuracy, \
@@ -680,7 +708,7 @@ def run_rl(config: CAIConfig | None = None, sl_dir: str | Path | None = None, ou
     constitution = load_constitution("train")
     timings, t = {}, time.perf_counter()
     sl_model, tok = load_sl_policy(config, sl_dir)
-    red = _prompts("red_team_prompts", "train", config.red_team)
+    red = _prompts(config.red_team_prompts, "train", config.red_team)
     pairs = generate(sl_model, tok, red, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                      num_return_sequences=2, seed=config.seed + 3).responses
     first, second = pairs[0::2], pairs[1::2]
@@ -691,7 +719,8 @@ def run_rl(config: CAIConfig | None = None, sl_dir: str | Path | None = None, ou
         judge_model, judge_tok = load_model(config.feedback_model)
     else:
         judge_model, judge_tok = sl_model, tok
-    judge = MultipleChoiceJudge(judge_model, judge_tok)
+    judge = MultipleChoiceJudge(judge_model, judge_tok, cot_tokens=config.feedback_cot_tokens,
+                                clamp=(0.4, 0.6) if config.feedback_cot_tokens else None)
     human_test = labelled_pairs(eval_rows("test"))
     result = {"judge_accuracy": judge_accuracy(judge, [p for p in human_test if p["kind"] == "red_team"],
                                                constitution, config.seed)}
@@ -703,12 +732,10 @@ def run_rl(config: CAIConfig | None = None, sl_dir: str | Path | None = None, ou
     timings["feedback_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    human = [r for r in load_course_dataset("preference_pairs", "train").to_list()
-             if r["category"] == "helpful"][:config.human_helpful_pairs]
-    pm_rows = ai_pairs + [{**r, "p": 1.0} for r in human]
-    pm, pm_tok = load_reward_model(seed=config.seed)
-    pm_history = train_reward_model(pm, pm_tok, pm_rows, RewardModelConfig.preset("cpu", epochs=config.pm_epochs,
-                                                                                  seed=config.seed), progress=progress)
+    pm_rows = ai_pairs + human_helpful_pairs(config)
+    pm_config = RewardModelConfig.preset(config.pm_preset, epochs=config.pm_epochs, seed=config.seed)
+    pm, pm_tok = load_reward_model(pm_config.model, seed=config.seed)
+    pm_history = train_reward_model(pm, pm_tok, pm_rows, pm_config, progress=progress)
     result["pm_accuracy_on_hand_labels"] = {
         kind: pairwise_accuracy(pm, pm_tok, [p for p in human_test if p["kind"] == kind])["accuracy"]
         for kind in ("red_team", "helpful")}
@@ -716,7 +743,7 @@ def run_rl(config: CAIConfig | None = None, sl_dir: str | Path | None = None, ou
 
     t = time.perf_counter()
     policy = with_lora(sl_model)         # the reference (adapter off) is the SL-CAI model
-    prompts = red + _prompts("helpful_prompts", "train", config.helpful)
+    prompts = red + _prompts(config.helpful_prompts, "train", config.helpful)
     trainer = make_trainer("ppo", policy, tok, as_reward_function(pm, pm_tok), prompts, config.ppo_preset,
                            config.ppo_steps, max_new_tokens=config.max_new_tokens, seed=config.seed)
     ppo_history = trainer.train(progress=progress)

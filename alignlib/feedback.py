@@ -17,7 +17,11 @@ p(A) in [0, 1] instead of a hard choice. Language models prefer some letters and
     p(first better) = 1/2 [ p_A(first, second) + p_B(second, first) ]
 
 A bias towards one letter that does not depend on the content cancels exactly when the two responses are the same
-(p = 1/2), and to first order otherwise; and p(a, b) + p(b, a) = 1 by construction. Any causal language model can be
+(p = 1/2), and to first order otherwise; and p(a, b) + p(b, a) = 1 by construction.
+
+With ``cot_tokens`` the judge first reasons: the prompt's last line becomes "Let's think step by step:", the model
+writes up to ``cot_tokens`` tokens (greedy, cut at the first blank line), and "So the answer is: (" follows; as in
+the paper, such readings are overconfident, so ``clamp=(0.4, 0.6)`` can bound each one. Any causal language model can be
 the feedback model: the default model, the policy itself, or a Hub model on a lab GPU.
 """
 from __future__ import annotations
@@ -64,6 +68,10 @@ class MultipleChoiceJudge:
     template: str = COMPARISON
     letters: tuple = ("A", "B")
     batch_size: int = 8
+    cot_tokens: int = 0
+    """Chain of thought: tokens of reasoning written before the answer letter (0: none)."""
+    clamp: tuple | None = None
+    """Bounds (low, high) for each order's reading, e.g. (0.4, 0.6) with chain of thought (None: no bounds)."""
 
     def __post_init__(self):
         ids = [self.tokenizer(letter, add_special_tokens=False).input_ids for letter in self.letters]
@@ -102,5 +110,25 @@ class MultipleChoiceJudge:
             raise ValueError(f"{len(principles)} principles for {n} questions: give one, or one per question.")
         fill = lambda a, b: [self.template.format(question=q, principle=p, first=x, second=y)  # noqa: E731
                              for q, p, x, y in zip(questions, principles, a, b)]
-        both = self.option_logprobs(fill(first, second) + fill(second, first))               # (2B, 2)
-        return soft_labels(both[:n], both[n:])
+        prompts = fill(first, second) + fill(second, first)
+        if self.cot_tokens:
+            prompts = self.reason(prompts)
+        both = self.option_logprobs(prompts)                                                 # (2B, 2)
+        out = soft_labels(both[:n], both[n:])
+        if self.clamp is not None:
+            lo, hi = self.clamp
+            a, b = out["p_first_order"].clamp(lo, hi), out["p_swapped"].clamp(lo, hi)
+            out = {"p": 0.5 * (a + b), "p_first_order": a, "p_swapped": b}
+        return out
+
+    def reason(self, prompts: Sequence[str]) -> list[str]:
+        """Each prompt with its last line replaced by a greedy chain of thought, then the answer cue."""
+        from .generation import generate
+
+        cue = "The answer is: ("
+        if not all(p.endswith(cue) for p in prompts):
+            raise ValueError(f"chain of thought needs a template that ends with {cue!r}.")
+        heads = [p[:-len(cue)] + "Let's think step by step:" for p in prompts]
+        thoughts = generate(self.model, self.tokenizer, heads, max_new_tokens=self.cot_tokens, do_sample=False,
+                            chat=False, batch_size=self.batch_size).responses
+        return [h + " " + t.strip().split("\n\n")[0].strip() + "\nSo the answer is: (" for h, t in zip(heads, thoughts)]

@@ -42,3 +42,14 @@ def test_bad_input(tiny):
         judge.prefer_first(Q, A, B, ["p"])
     with pytest.raises(ValueError, match="one distinct token"):
         MultipleChoiceJudge(model, tok, letters=("A", "A"))
+
+
+def test_chain_of_thought_and_clamped_readings_keep_the_symmetry(tiny):
+    model, tok = tiny
+    judge = MultipleChoiceJudge(model, tok, cot_tokens=6, clamp=(0.4, 0.6))
+    prompts = judge.reason([judge.template.format(question="q", principle="p", first="a", second="b")])
+    assert "Let's think step by step:" in prompts[0] and prompts[0].endswith("So the answer is: (")
+    ab = judge.prefer_first(Q, A, B, "Which response is more helpful?")
+    ba = judge.prefer_first(Q, B, A, "Which response is more helpful?")
+    torch.testing.assert_close(ab["p"] + ba["p"], torch.ones(2))
+    assert ((ab["p_first_order"] >= 0.4) & (ab["p_first_order"] <= 0.6)).all()
