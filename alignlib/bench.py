@@ -70,7 +70,8 @@ PROMPTS = [
 
 MEASUREMENTS = ["generate/batch1", "generate/batch16", "train/lora", "train/full"]
 HF_BASELINES = ["generate/batch1/hf", "generate/batch16/hf"]
-PREFIX = ["prefix/cached", "prefix/recompute"]   # 16 requests after one long shared prompt (--measure prefix/...)
+PREFIX = ["prefix/cached", "prefix/recompute",   # 16 requests after one long shared prompt (--measure prefix/...)
+          "prefix/cai-cached", "prefix/cai-recompute"]   # lecture 05's: 4 worked examples, 16 critique requests
 PREFIX_TOKENS = 1024                              # about the length of a constitution with few-shot examples
 
 
@@ -81,6 +82,19 @@ def shared_prompt(tokenizer, tokens: int = PREFIX_TOKENS) -> str:
         lines.append(f"Rule {i + 1}: when asked to {PROMPTS[i % len(PROMPTS)].lower()}, answer truthfully and kindly.")
         i += 1
     return "\n".join(lines) + "\n"
+
+
+def cai_requests(shots: int = 4, n: int = 16) -> tuple[str, list[str]]:
+    """Lecture 05's shared prompt (``shots`` worked critique/revision examples) and ``n`` critique requests about
+    the hand-labelled held-out answers to red-team prompts."""
+    from . import cai
+
+    constitution = cai.load_constitution("train")
+    rows = [r for r in cai.eval_rows("test") if r["kind"] == "red_team"][:n]
+    pairs = constitution.critiques
+    return cai.few_shot_prefix(constitution, shots), [cai.critique_prompt(r["prompt"], r["response"],
+                                                                          pairs[i % len(pairs)])
+                                                      for i, r in enumerate(rows)]
 
 
 def _prefix_step(name: str, model, tokenizer, prefix: str, suffixes: list[str]):
@@ -215,14 +229,17 @@ def _measure(name: str, opts: dict) -> dict:
     reps = opts["reps"]
     if name.startswith("prefix/"):
         context = getattr(model.config, "max_position_embeddings", None) or 2 * PREFIX_TOKENS
-        prefix = shared_prompt(tokenizer, min(PREFIX_TOKENS, context // 2))
-        suffixes = [f"Question: {p}\nIs that request safe to answer? (True or False):" for p in PROMPTS]
-        step = _prefix_step(name, model, tokenizer, prefix, suffixes)
+        if name.startswith("prefix/cai-"):
+            prefix, suffixes = cai_requests()
+        else:
+            prefix = shared_prompt(tokenizer, min(PREFIX_TOKENS, context // 2))
+            suffixes = [f"Question: {p}\nIs that request safe to answer? (True or False):" for p in PROMPTS]
+        step = _prefix_step(name.replace("cai-", ""), model, tokenizer, prefix, suffixes)
         step(0)  # warm-up
         times = _timed(step, reps, device)
         p_len = len(tokenizer(prefix, add_special_tokens=False).input_ids)
         s_len = sum(len(tokenizer(s, add_special_tokens=False).input_ids) for s in suffixes)
-        processed = p_len + s_len if name == "prefix/cached" else len(suffixes) * p_len + s_len
+        processed = p_len + s_len if name.endswith("cached") else len(suffixes) * p_len + s_len
         tokens = [processed] * reps                 # tokens the model actually ran forward
         flops_per_token = counts["forward_per_token"]
         info["requests"], info["prefix_tokens"] = len(suffixes), p_len
@@ -335,11 +352,13 @@ def format_table(report: dict) -> str:
         lines.append(f"{name:<22}{r['tokens']:>8.0f}{r['time_s']:>9.2f}{r['tokens_per_s']:>10.1f}{r['gflops']:>9.1f}"
                      f"{100 * r['peak_fraction']:>7.1f}%{r['peak_mb']:>9.0f}{growth:>7}")
     results = report["results"]
-    if all(n in results for n in PREFIX):
-        cached, full = results["prefix/cached"], results["prefix/recompute"]
-        lines.append(f"prefix: {cached['requests']} requests after a shared prompt of {cached['prefix_tokens']} tokens: "
-                     f"recomputing it per request takes {full['time_s'] / cached['time_s']:.1f}x the time of encoding it "
-                     f"once (PrefixCache); 'tokens' counts the tokens each way runs forward.")
+    for kind in ("", "cai-"):
+        if f"prefix/{kind}cached" in results and f"prefix/{kind}recompute" in results:
+            cached, full = results[f"prefix/{kind}cached"], results[f"prefix/{kind}recompute"]
+            lines.append(f"prefix/{kind}: {cached['requests']} requests after a shared prompt of "
+                         f"{cached['prefix_tokens']} tokens: recomputing it per request takes "
+                         f"{full['time_s'] / cached['time_s']:.1f}x the time of encoding it once (PrefixCache); "
+                         "'tokens' counts the tokens each way runs forward.")
     loads = [r.get("load_before") for r in report["results"].values() if r.get("load_before")]
     lines.append(f"medians of {report['options']['reps']} runs after a warm-up; generation counts generated tokens only "
                  f"({report['options']['new_tokens']} new per prompt, prefill timed but not counted); training "

@@ -48,11 +48,17 @@ def test_bench_isolated_worker_process():
 
 
 def test_bench_prefix_cache_against_recompute(capsys):
-    report = bench.run(bench_args("--model", "tiny-random", "--quick", "--in-process", "--measure", *bench.PREFIX))
+    report = bench.run(bench_args("--model", "tiny-random", "--quick", "--in-process", "--measure", *bench.PREFIX[:2]))
     cached, full = report["results"]["prefix/cached"], report["results"]["prefix/recompute"]
     assert cached["requests"] == full["requests"] == 16
     assert full["tokens"] == 16 * full["prefix_tokens"] + (cached["tokens"] - cached["prefix_tokens"])
     assert "recomputing it per request takes" in capsys.readouterr().out
+
+
+def test_lecture_05_prefix_benchmark_uses_the_constitution_and_held_out_answers():
+    prefix, suffixes = bench.cai_requests()          # too long for the tiny model's context: built, not run
+    assert prefix.count("Critique request:") == 4 and len(suffixes) == 16
+    assert all(s.startswith("Human: ") and s.endswith("Critique:") for s in suffixes)
 
 
 def test_flop_counts_exclude_embeddings_and_adapters():
