@@ -787,6 +787,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--format-epochs", type=int, default=None, help="format tuning epochs (0: prompting only)")
     parser.add_argument("--study-prompts", type=int, default=None, help="cai-sl: prompts of the revision study (0: none)")
     parser.add_argument("--ppo-steps", type=int, default=None, help="cai-rl: override PPO's steps")
+    parser.add_argument("--human-pairs", type=int, default=None, help="cai-rl: human helpfulness pairs for the "
+                                                                      "preference model")
     parser.add_argument("--feedback-model", default=None, help="cai-rl: the AI feedback model (name, Hub id or "
                                                                "directory; default: the SL-CAI policy itself)")
     parser.add_argument("--eval", type=int, default=None, help="cai-rl: held-out prompts of each kind")
@@ -802,6 +804,7 @@ def config_from_args(args) -> CAIConfig:
                                    ("few_shot", args.few_shot), ("format_epochs", args.format_epochs),
                                    ("study_prompts", args.study_prompts),
                                    ("feedback_model", args.feedback_model),
+                                   ("human_helpful_pairs", args.human_pairs),
                                    ("eval_red_team", args.eval), ("eval_helpful", args.eval)) if v is not None}
     return CAIConfig.preset(args.preset, seed=args.seed, direct=args.direct, **overrides)
 
