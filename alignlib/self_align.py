@@ -1,0 +1,334 @@
+"""Principle-driven self-alignment (SELF-ALIGN, Sun et al. 2023, arXiv 2305.03047; the Dromedary model).
+
+Alignment with a few hundred lines of human writing instead of tens of thousands of labels, in four stages:
+
+1. **Topic-guided red-teaming self-instruct.** The base model writes new instructions from a few seed instructions
+   (a numbered list it continues); for coverage it also brainstorms topics for each of a few human-written question
+   types and writes a question per topic. A novelty filter keeps an instruction only if its ROUGE-L F-measure
+   against every instruction already in the pool is below a threshold.
+2. **Principle-driven self-alignment.** Each instruction follows a long shared prompt: 16 principles (a title and a
+   rule each) and exemplars in which the assistant first writes its *internal thoughts*, naming the principles that
+   apply, then answers. The answer is extracted and filtered: malformed outputs (no thought, no answer) and outputs
+   that leak the prompt (the exemplars' wording, principle ids) are dropped.
+3. **Principle engraving.** The base model is fine-tuned (LoRA) on instruction -> answer alone: principles,
+   exemplars and thoughts are pruned away, so the behaviour they produced moves into the weights.
+4. **Verbose cloning.** The engraved model answers under a prompt asking for thorough answers; a copy is fine-tuned
+   on those answers without that prompt (context distillation), so it answers at length unprompted.
+
+The long shared prompt is encoded once (``PrefixCache``) and its keys and values reused by every instruction.
+"""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from .data import DATA_DIR, DataFormatError, read_jsonl
+
+FILES = {"principles": ("principles.jsonl", ("id", "title", "rule")),
+         "exemplars": ("exemplars.jsonl", ("id", "instruction", "thought", "answer")),
+         "seeds": ("seed_instructions.jsonl", ("id", "instruction")),
+         "question_types": ("question_types.jsonl", ("id", "type", "description", "example")),
+         "truthfulness": ("truthfulness_mc.jsonl", ("id", "question", "category", "split")),
+         "adherence": ("adherence_prompts.jsonl", ("id", "prompt", "expected", "split"))}
+PRINCIPLE_ID = re.compile(r"\bP\d{2}\b")
+
+
+@dataclass(frozen=True)
+class SelfAlignData:
+    """The human-written part of SELF-ALIGN: principles, exemplars, seeds, question types, the verbose prompt."""
+
+    principles: tuple
+    exemplars: tuple
+    seeds: tuple = ()
+    question_types: tuple = ()
+    verbose_prompt: str = ""
+
+    def __post_init__(self):
+        if not self.principles:
+            raise ValueError("no principles: add rows to data/self_align/principles.jsonl (or pass principles=[...]).")
+        if not self.exemplars:
+            raise ValueError("no exemplars: add rows to data/self_align/exemplars.jsonl (or pass exemplars=[...]).")
+        known = {p["id"] for p in self.principles}
+        for e in self.exemplars:
+            unknown = set(PRINCIPLE_ID.findall(e["thought"])) - known
+            if unknown:
+                raise ValueError(f"exemplar {e['id']!r} cites unknown principles {sorted(unknown)}; known: "
+                                 f"{sorted(known)}.")
+
+
+def load_self_align(data_dir: str | Path | None = None) -> SelfAlignData:
+    """The course's SELF-ALIGN data (``data/self_align``); a malformed file raises ``DataFormatError``."""
+    root = Path(data_dir) if data_dir is not None else DATA_DIR / "self_align"
+    rows = {k: tuple(read_jsonl(root / f, req)) for k, (f, req) in FILES.items()
+            if k in ("principles", "exemplars", "seeds", "question_types")}
+    verbose = root / "verbose_prompt.txt"
+    if not verbose.exists():
+        raise FileNotFoundError(f"{verbose} does not exist: write the verbose-cloning prompt there.")
+    return SelfAlignData(rows["principles"], rows["exemplars"], rows["seeds"], rows["question_types"],
+                         verbose.read_text().strip())
+
+
+def load_rows(name: str, split: str | None = None, data_dir: str | Path | None = None) -> list[dict]:
+    """``truthfulness`` (multiple-choice questions) or ``adherence`` (held-out prompts with the expected behaviour)."""
+    if name not in ("truthfulness", "adherence"):
+        raise ValueError(f"unknown set {name!r}; choose 'truthfulness' or 'adherence'.")
+    filename, required = FILES[name]
+    root = Path(data_dir) if data_dir is not None else DATA_DIR / "self_align"
+    rows = [r for r in read_jsonl(root / filename, required) if split is None or r["split"] == split]
+    if name == "truthfulness":
+        for r in rows:
+            c = r.get("choices")
+            if not (isinstance(c, list) and 2 <= len(c) <= 5 and isinstance(r.get("answer"), int)
+                    and 0 <= r["answer"] < len(c)):
+                raise DataFormatError(f"{filename} row {r['id']}: needs 2-5 choices and an answer index among them.")
+    return rows
+
+
+# ---------------------------------------------------------------- stage 1: self-instruct with a novelty filter
+
+def numbered_list_prompt(items: Sequence[str], header: str = "Instructions a user might give an AI assistant:") -> str:
+    """``items`` as a numbered list, ending with the next number for the model to continue."""
+    if not items:
+        raise ValueError("items is empty: give at least one example instruction.")
+    lines = [f"{i + 1}. {t.strip()}" for i, t in enumerate(items)]
+    return header + "\n" + "\n".join(lines) + f"\n{len(items) + 1}."
+
+
+def parse_numbered(text: str, first: int) -> list[str]:
+    """The items the model wrote after ``first.``: the text up to the next number, then each numbered line."""
+    items = re.split(r"\n\s*\d+\.\s*", "\n" + f"{first}. " + text.strip())
+    return [i.strip() for i in items if i.strip() and len(i.split()) >= 3]
+
+
+def rouge_l(a: str, b: str) -> float:
+    """ROUGE-L F-measure of two texts (the ``rouge-score`` package: lower-cased, Porter-stemmed, so that "vaccines
+    work" and "a vaccine works" share their words)."""
+    return _scorer().score(a, b)["rougeL"].fmeasure
+
+
+_SCORER = None
+
+
+def _scorer():
+    global _SCORER
+    if _SCORER is None:
+        from rouge_score import rouge_scorer
+
+        _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return _SCORER
+
+
+def novelty_filter(candidates: Sequence[str], pool: Sequence[str], threshold: float = 0.7) -> tuple[list, list]:
+    """Keep a candidate only if its ROUGE-L F against every text in ``pool`` and every candidate kept before it is
+    below ``threshold`` (self-instruct's filter). Returns (kept, rejected), rejected as (text, best match, score)."""
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}.")
+    seen, kept, rejected = list(pool), [], []
+    for text in candidates:
+        text = text.strip()
+        if not text:
+            continue
+        best = max(((rouge_l(text, p), p) for p in seen), default=(0.0, ""))
+        if best[0] >= threshold:
+            rejected.append((text, best[1], best[0]))
+        else:
+            kept.append(text)
+            seen.append(text)
+    return kept, rejected
+
+
+def topic_prompt(question_type: dict) -> str:
+    """Brainstorm topics for one question type (red-teaming for coverage): its description and example topics."""
+    return numbered_list_prompt(question_type.get("topics", [])[:3] or [question_type["example"]],
+                                f"Question type: {question_type['type']}. {question_type['description']}\nTopics:")
+
+
+def question_prompt(question_type: dict, topic: str) -> str:
+    """Ask for one question of ``question_type`` about ``topic``, after the type's example."""
+    return (f"Question type: {question_type['type']}. {question_type['description']}\n"
+            f"Example question: {question_type['example']}\nTopic: {topic.strip()}\nQuestion:")
+
+
+# ---------------------------------------------------------------- stage 2: principle-driven answers
+
+INTRO = ("The assistant below follows these rules. Before each answer it writes its internal thoughts, naming the "
+         "rules that apply, and then answers the user.\n\n")
+USER, THOUGHT, ANSWER = "User:", "Assistant (internal thoughts):", "Assistant:"
+
+
+def principle_prompt(data: SelfAlignData) -> str:
+    """The long shared prompt: the principles as a numbered rule list, then every exemplar with its thoughts."""
+    rules = "\n".join(f"{p['id']} ({p['title']}): {p['rule'].strip()}" for p in data.principles)
+    shots = "".join(f"{USER} {e['instruction'].strip()}\n\n{THOUGHT} {e['thought'].strip()}\n\n"
+                    f"{ANSWER} {e['answer'].strip()}\n\n" for e in data.exemplars)
+    return INTRO + "Rules:\n" + rules + "\n\n" + shots
+
+
+def query(instruction: str) -> str:
+    """One instruction after the shared prompt; the model writes its thoughts next."""
+    return f"{USER} {instruction.strip()}\n\n{THOUGHT}"
+
+
+def split_thought(text: str) -> tuple[str, str]:
+    """(internal thoughts, answer) from a generated continuation of ``query``; empty strings where missing. The
+    answer ends at the next ``User:`` turn or blank line."""
+    thought, sep, rest = text.partition(f"\n\n{ANSWER}")
+    if not sep:
+        return thought.strip(), ""
+    answer = re.split(r"\n\n|\nUser:|User:", rest.strip(), maxsplit=1)[0]
+    return thought.strip(), answer.strip()
+
+
+def leaks(answer: str, data: SelfAlignData, n: int = 6) -> str | None:
+    """Why ``answer`` leaks the prompt (None if it does not): a principle id, a marker of the format, or any run of
+    ``n`` words shared with an exemplar's answer or a rule."""
+    if PRINCIPLE_ID.search(answer):
+        return "principle id"
+    if any(m in answer for m in (USER, THOUGHT, "internal thoughts", "Rules:")):
+        return "format marker"
+    words = re.findall(r"[a-z']+", answer.lower())
+    grams = {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+    for text in [e["answer"] for e in data.exemplars] + [p["rule"] for p in data.principles]:
+        w = re.findall(r"[a-z']+", text.lower())
+        if grams & {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}:
+            return "copies the prompt"
+    return None
+
+
+def check_output(thought: str, answer: str, data: SelfAlignData, min_words: int = 3) -> str | None:
+    """The filter of stage 2: a reason to drop the output, or None to keep it."""
+    if not thought:
+        return "no thoughts"
+    if len(answer.split()) < min_words:
+        return "no answer"
+    return leaks(answer, data)
+
+
+def self_align(model, tokenizer, instructions: Sequence[str], data: SelfAlignData, max_new_tokens: int = 96,
+               batch_size: int = 16) -> list[dict]:
+    """Stage 2 on ``instructions``: greedy thoughts and answers after the shared prompt (encoded once), split and
+    filtered. One dict per instruction: ``instruction``, ``thought``, ``answer``, ``dropped`` (a reason or None)."""
+    from .prefix_cache import PrefixCache
+
+    if isinstance(instructions, str) or not instructions:
+        raise ValueError("instructions must be a non-empty list of strings.")
+    cache = PrefixCache(model, tokenizer, principle_prompt(data))
+    rows = []
+    for i in range(0, len(instructions), batch_size):
+        part = list(instructions[i:i + batch_size])
+        for instruction, text in zip(part, cache.generate_batch([query(x) for x in part], max_new_tokens)):
+            thought, answer = split_thought(text)
+            rows.append({"instruction": instruction, "thought": thought, "answer": answer,
+                         "dropped": check_output(thought, answer, data)})
+    return rows
+
+
+# ---------------------------------------------------------------- stages 3 and 4: engraving and verbose cloning
+
+def engraving_pairs(rows: Sequence[dict]) -> tuple[list[str], list[str]]:
+    """Principle engraving's data: the kept rows as (instruction, answer) pairs; the principles, the exemplars and
+    the internal thoughts are pruned away."""
+    kept = [r for r in rows if not r.get("dropped")]
+    if not kept:
+        raise ValueError("no row survived the filters: nothing to engrave (lower the filters or add instructions).")
+    return [r["instruction"].strip() for r in kept], [r["answer"].strip() for r in kept]
+
+
+def distil(student, tokenizer, prompts: Sequence[str], targets: Sequence[str], epochs: int = 2, lr: float = 2e-4,
+           batch_size: int = 8, seed: int = 0) -> list[dict]:
+    """Fine-tune ``student`` (LoRA) on prompt -> target in the chat format, loss on the target tokens only: the
+    engraving step (targets: answers produced under the principles) and verbose cloning (targets: answers produced
+    under the verbose prompt). Returns the SFT history."""
+    from .sft import SFTConfig, train_sft
+
+    return train_sft(student, tokenizer, list(prompts), list(targets),
+                     SFTConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed))
+
+
+def verbose_answers(model, tokenizer, instructions: Sequence[str], verbose_prompt: str, max_new_tokens: int = 128,
+                    seed: int = 0) -> list[str]:
+    """The teacher side of verbose cloning: answers under the verbose prompt as the system message."""
+    from .generation import generate
+
+    return generate(model, tokenizer, list(instructions), system=verbose_prompt, max_new_tokens=max_new_tokens,
+                    do_sample=False, seed=seed).responses
+
+
+def answer_stats(answers: Sequence[str]) -> dict:
+    """Mean words per answer and mean distinct words per answer (a cheap informativeness proxy)."""
+    if not answers:
+        raise ValueError("answers is empty.")
+    words = [a.split() for a in answers]
+    return {"words": sum(map(len, words)) / len(words),
+            "distinct_words": sum(len({w.lower() for w in ws}) for ws in words) / len(words)}
+
+
+def sample_seeds(seeds: Sequence[dict], k: int, rng: random.Random) -> list[str]:
+    return [s["instruction"] for s in rng.sample(list(seeds), min(k, len(seeds)))]
+
+
+# ---------------------------------------------------------------- stage 1 with a model
+
+def self_instruct(model, tokenizer, seeds: Sequence[str], prompts: int = 4, shots: int = 4, threshold: float = 0.7,
+                  max_new_tokens: int = 96, temperature: float = 0.7, seed: int = 0) -> dict:
+    """New instructions from the model: ``prompts`` numbered lists of ``shots`` seeds drawn at random, each continued
+    by the model; its items go through the novelty filter against the seeds and everything kept so far. Returns
+    ``kept``, ``rejected`` (text, closest, ROUGE-L) and ``generated`` (every parsed item)."""
+    from .generation import generate
+
+    if len(seeds) < 1:
+        raise ValueError("seeds is empty: self-instruct needs seed instructions to continue.")
+    rng = random.Random(seed)
+    asks = [numbered_list_prompt(rng.sample(list(seeds), min(shots, len(seeds)))) for _ in range(prompts)]
+    texts = generate(model, tokenizer, asks, max_new_tokens=max_new_tokens, temperature=temperature, chat=False,
+                     seed=seed).responses
+    generated = [item for ask, text in zip(asks, texts) for item in parse_numbered(text, ask.count("\n") + 1)]
+    kept, rejected = novelty_filter(generated, seeds, threshold)
+    return {"kept": kept, "rejected": rejected, "generated": generated}
+
+
+def red_team_questions(model, tokenizer, question_types: Sequence[dict], topics: int = 3, max_new_tokens: int = 48,
+                       temperature: float = 0.7, seed: int = 0) -> list[dict]:
+    """Topic-guided red-teaming: topics brainstormed per question type, then one question per (type, topic).
+    Returns dicts with ``type``, ``topic`` and ``question`` (empty questions are left out)."""
+    from .generation import generate
+
+    if not question_types:
+        raise ValueError("question_types is empty: write question types in data/self_align/question_types.jsonl.")
+    asks = [topic_prompt(q) for q in question_types]
+    texts = generate(model, tokenizer, asks, max_new_tokens=max_new_tokens, temperature=temperature, chat=False,
+                     seed=seed).responses
+    pairs = [(q, t) for q, ask, text in zip(question_types, asks, texts)
+             for t in parse_numbered(text, ask.count("\n"))[:topics]]
+    if not pairs:
+        return []
+    questions = generate(model, tokenizer, [question_prompt(q, t) for q, t in pairs], max_new_tokens=max_new_tokens,
+                         temperature=temperature, chat=False, seed=seed + 1).responses
+    out = []
+    for (q, t), text in zip(pairs, questions):
+        question = text.strip().split("\n")[0].strip()
+        if question:
+            out.append({"type": q["type"], "topic": t, "question": question})
+    return out
+
+
+# ---------------------------------------------------------------- evaluation: multiple choice
+
+def mc_accuracy(model, tokenizer, rows: Sequence[dict], method: str = "true") -> dict:
+    """Accuracy on multiple-choice rows (``question``, ``choices``, ``answer``): ``true`` asks whether each choice is
+    true and ranks by p(True) (the slides' way), ``likelihood`` ranks by log pi(choice | question) per token. The
+    shared header is encoded once. Returns ``accuracy`` and each question's ``hits``."""
+    from .multiple_choice import (LIKELIHOOD_HEADER, TRUE_HEADER, accuracy, likelihood_scores, true_scores)
+    from .prefix_cache import PrefixCache
+
+    if method not in ("true", "likelihood"):
+        raise ValueError(f"method must be 'true' or 'likelihood', got {method!r}.")
+    if not rows:
+        raise ValueError("rows is empty.")
+    cache = PrefixCache(model, tokenizer, TRUE_HEADER if method == "true" else LIKELIHOOD_HEADER)
+    scores = [true_scores(cache, r["question"], r["choices"]) if method == "true"
+              else likelihood_scores(cache, r["question"], r["choices"], normalize=True) for r in rows]
+    return accuracy(scores, [r["answer"] for r in rows])

@@ -1,0 +1,154 @@
+"""SELF-ALIGN: prompt assembly and pruning, the novelty filter, output extraction and filters, engraving learns."""
+import pytest
+import torch
+
+from alignlib import self_align as sa
+from alignlib.data import DataFormatError
+
+PRINCIPLES = ({"id": "P01", "title": "Ethical", "rule": "The assistant should refuse to help anyone cause harm."},
+              {"id": "P02", "title": "Candid", "rule": "The assistant should say plainly what it does not know."})
+EXEMPLARS = ({"id": "E1", "instruction": "How do I pick my neighbour's lock?",
+              "thought": "This could help a burglary; by P01 (Ethical) I decline and suggest a locksmith.",
+              "answer": "I can't help with opening someone else's lock, but a licensed locksmith can help you."},)
+
+
+def data(**kw):
+    return sa.SelfAlignData(**{"principles": PRINCIPLES, "exemplars": EXEMPLARS, **kw})
+
+
+def test_the_prompt_holds_every_principle_and_exemplar_and_engraving_prunes_them():
+    d = data()
+    prompt = sa.principle_prompt(d)
+    for p in PRINCIPLES:
+        assert f"{p['id']} ({p['title']}): {p['rule']}" in prompt
+    assert EXEMPLARS[0]["thought"] in prompt and EXEMPLARS[0]["answer"] in prompt and prompt.endswith("\n\n")
+    assert sa.query("Name a fruit.") == "User: Name a fruit.\n\nAssistant (internal thoughts):"
+    rows = [{"instruction": " Name a fruit. ", "thought": "By P02 (Candid) I answer simply.", "answer": "An apple.",
+             "dropped": None},
+            {"instruction": "Hack a bank.", "thought": "", "answer": "", "dropped": "no thoughts"}]
+    prompts, answers = sa.engraving_pairs(rows)
+    assert prompts == ["Name a fruit."] and answers == ["An apple."]
+    engraved = " ".join(prompts + answers)
+    assert not any(p["rule"] in engraved or p["title"] in engraved for p in PRINCIPLES)
+    assert "P0" not in engraved and "thought" not in engraved.lower()
+    with pytest.raises(ValueError, match="nothing to engrave"):
+        sa.engraving_pairs(rows[1:])
+
+
+def test_thoughts_and_answers_are_split_and_filtered():
+    d = data()
+    thought, answer = sa.split_thought(" By P02 (Candid) I say I am unsure.\n\nAssistant: I am not sure, sorry."
+                                       "\n\nUser: next")
+    assert thought == "By P02 (Candid) I say I am unsure." and answer == "I am not sure, sorry."
+    assert sa.split_thought("just rambling") == ("just rambling", "")
+    assert sa.check_output(thought, answer, d) is None
+    assert sa.check_output("", answer, d) == "no thoughts"
+    assert sa.check_output(thought, "Ok.", d) == "no answer"
+    assert sa.check_output(thought, "As P01 says, no.", d) == "principle id"
+    assert sa.check_output(thought, "Sure. Assistant (internal thoughts): hmm", d) == "format marker"
+    leak = "A licensed locksmith can help, I think."                             # 5 words of the exemplar
+    assert sa.check_output(thought, "I can't help with opening someone else's lock at all.", d) == "copies the prompt"
+    assert sa.leaks(leak, d) is None                                              # only 5 shared words in a row
+
+
+def test_the_novelty_filter_rejects_near_duplicates():
+    pool = ["Write a short poem about the sea."]
+    kept, rejected = sa.novelty_filter(["Write a short poem about the ocean.", "Explain how vaccines work.",
+                                        "Explain how a vaccine works.", "  "], pool, threshold=0.7)
+    assert kept == ["Explain how vaccines work."]
+    assert [r[1] for r in rejected] == ["Write a short poem about the sea.", "Explain how vaccines work."]
+    assert all(r[2] >= 0.7 for r in rejected)
+    assert sa.rouge_l("a b c", "a b c") == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="threshold"):
+        sa.novelty_filter(["x"], pool, threshold=0)
+
+
+def test_numbered_lists_for_self_instruct():
+    prompt = sa.numbered_list_prompt(["Name a fruit.", "Add 2 and 3."])
+    assert prompt.endswith("\n1. Name a fruit.\n2. Add 2 and 3.\n3.")
+    assert sa.parse_numbered(" Write a haiku about rain.\n4. Explain what a noun is.\n5. ok", 3) == \
+        ["Write a haiku about rain.", "Explain what a noun is."]                 # items under 3 words are dropped
+    qt = {"type": "After the cutoff", "description": "Needs recent news.", "topics": ["sports", "prices"],
+          "example": "Who won yesterday?"}
+    assert sa.topic_prompt(qt).endswith("1. sports\n2. prices\n3.")
+    assert sa.question_prompt(qt, "prices").endswith("Topic: prices\nQuestion:")
+
+
+def test_bad_input_gets_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="no principles"):
+        sa.SelfAlignData(principles=(), exemplars=EXEMPLARS)
+    with pytest.raises(ValueError, match="unknown principles \\['P09'\\]"):
+        data(exemplars=({**EXEMPLARS[0], "thought": "By P09 I decline."},))
+    (tmp_path / "principles.jsonl").write_text('{"id": "P01", "title": "x"}\n')
+    with pytest.raises(DataFormatError, match="rule"):
+        sa.load_self_align(tmp_path)
+    with pytest.raises(ValueError, match="unknown set"):
+        sa.load_rows("poems")
+
+
+def test_self_align_runs_with_the_cached_prompt(tiny):
+    model, tok = tiny
+    rows = sa.self_align(model, tok, ["Name a fruit.", "Add two and three."], data(), max_new_tokens=8)
+    assert [r["instruction"] for r in rows] == ["Name a fruit.", "Add two and three."]
+    assert all(r["dropped"] in (None, "no thoughts", "no answer", "principle id", "format marker", "copies the prompt")
+               for r in rows)
+
+
+@pytest.mark.learning
+def test_engraving_makes_the_unprompted_model_reproduce_the_prompted_behaviour():
+    """The tiny model's greedy continuations *with* the principle prompt are the behaviour; after engraving, the
+    model without the prompt reproduces them."""
+    from alignlib.generation import generate
+    from alignlib.models import load_model
+    from alignlib.prefix_cache import PrefixCache
+    from alignlib.sft import mean_nll
+
+    torch.manual_seed(0)
+    model, tok = load_model("tiny-random", lora={"r": 8, "lora_alpha": 16})
+    instructions = ["Name a fruit.", "Add two and three.", "Say hello.", "Pick a colour."]
+    with model.disable_adapter():
+        prompted = PrefixCache(model, tok, sa.principle_prompt(data())).generate_batch(
+            [sa.query(x) for x in instructions], max_new_tokens=6)
+        unprompted = generate(model, tok, instructions, max_new_tokens=6, do_sample=False).responses
+    assert prompted != unprompted                                   # the prompt changes the behaviour
+    before = mean_nll(model, tok, instructions, prompted)
+    sa.distil(model, tok, instructions, prompted, epochs=60, lr=5e-3, batch_size=4)
+    after = mean_nll(model, tok, instructions, prompted)
+    # the targets went through text (invalid bytes became U+FFFD, 3 bytes each): room for their re-encoded length
+    engraved = generate(model, tok, instructions, max_new_tokens=24, do_sample=False).responses
+    assert after < 0.3 * before
+    assert sum(e.startswith(p) for e, p in zip(engraved, prompted)) >= 3      # the prompted answer, unprompted
+
+
+def test_self_instruct_red_teaming_and_mc_accuracy_run_on_the_tiny_model(tiny):
+    model, tok = tiny
+    seeds = ["Write a haiku about rain.", "Explain what a noun is.", "Add 17 and 25.", "Name three planets."]
+    out = sa.self_instruct(model, tok, seeds, prompts=2, shots=2, max_new_tokens=24)
+    assert set(out["kept"]) <= set(out["generated"]) and not set(out["kept"]) & set(seeds)
+    qt = [{"type": "After the cutoff", "description": "Needs recent news.", "topics": ["sports", "prices"],
+           "example": "Who won yesterday?"}]
+    assert all(q["type"] == "After the cutoff" for q in sa.red_team_questions(model, tok, qt, max_new_tokens=16))
+    rows = [{"question": "Is water wet?", "choices": ["yes", "no"], "answer": 0},
+            {"question": "Pick one.", "choices": ["a", "b", "c"], "answer": 2}]
+    for method in ("true", "likelihood"):
+        res = sa.mc_accuracy(model, tok, rows, method)
+        assert len(res["hits"]) == 2 and 0 <= res["accuracy"] <= 1
+    with pytest.raises(ValueError, match="method"):
+        sa.mc_accuracy(model, tok, rows, "vote")
+
+
+def test_the_course_data():
+    d = sa.load_self_align()
+    assert len(d.principles) == 16 and len({p["id"] for p in d.principles}) == 16
+    assert len(d.exemplars) >= 5 and all(sa.PRINCIPLE_ID.search(e["thought"]) for e in d.exemplars)
+    assert len(d.seeds) >= 20 and len(d.question_types) >= 10 and d.verbose_prompt
+    assert all(len(q.get("topics", [])) >= 1 for q in d.question_types)
+    mc = sa.load_rows("truthfulness")
+    assert len(mc) >= 60 and {r["split"] for r in mc} == {"train", "test"}
+    assert all(2 <= len(r["choices"]) <= 5 for r in mc) and len({r["answer"] for r in mc}) >= 3   # answers spread
+    adherence = sa.load_rows("adherence", "test")
+    assert {r["expected"] for r in adherence} == {"decline", "answer", "uncertain"}
+    prompt = sa.principle_prompt(d)
+    assert all(e["answer"] in prompt for e in d.exemplars)
+    for e in d.exemplars:                          # answers to imitate carry no principle id or format marker
+        assert not sa.PRINCIPLE_ID.search(e["answer"]) and "thought" not in e["answer"].lower()
