@@ -1,5 +1,5 @@
 """Command line: ``python -m alignlib {tour, download, bench, peer-bench, method-bench, ppo-check, reward-model, soups,
-cai-sl, cai-rl, ppo, rrhf, raft, grade, exercises}``."""
+cai-sl, cai-rl, self-align, ppo, rrhf, raft, grade, exercises}``."""
 from __future__ import annotations
 
 import argparse
@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     for stage, title in (("sl", "Constitutional AI, supervised stage: critiques, revisions, SFT (lecture 05)"),
                          ("rl", "Constitutional AI, RL stage: AI feedback, preference model, PPO (lecture 05)")):
         add_cai_arguments(sub.add_parser(f"cai-{stage}", help=title))
+
+    from .self_align import add_arguments as add_self_align_arguments
+
+    add_self_align_arguments(sub.add_parser("self-align", help="SELF-ALIGN's four stages, filters and evaluation "
+                                                               "(lecture 06, in progress)"))
 
     check = sub.add_parser("ppo-check", help="PPO's learning criteria over seeds, thread counts and betas")
     from .ppo_check import add_arguments as add_ppo_check_arguments
@@ -130,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         from .cai import main as run_cai
 
         run_cai(args, args.command[4:])
+    elif args.command == "self-align":
+        from .self_align import main as run_self_align
+
+        run_self_align(args)
     elif args.command == "ppo-check":
         from .ppo_check import run as run_ppo_check
 

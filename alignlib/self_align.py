@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Sequence
 
 from .data import DATA_DIR, DataFormatError, read_jsonl
+from .models import DEFAULT_MODEL
+from .utils import PresetMixin
 
 FILES = {"principles": ("principles.jsonl", ("id", "title", "rule")),
          "exemplars": ("exemplars.jsonl", ("id", "instruction", "thought", "answer")),
@@ -332,3 +334,133 @@ def mc_accuracy(model, tokenizer, rows: Sequence[dict], method: str = "true") ->
     scores = [true_scores(cache, r["question"], r["choices"]) if method == "true"
               else likelihood_scores(cache, r["question"], r["choices"], normalize=True) for r in rows]
     return accuracy(scores, [r["answer"] for r in rows])
+
+
+# ---------------------------------------------------------------- the four stages, end to end
+
+@dataclass
+class SelfAlignConfig(PresetMixin):
+    """SELF-ALIGN's four stages. Presets: ``SelfAlignConfig.preset("cpu" | "lab-gpu")``."""
+
+    model: str = DEFAULT_MODEL
+    """The base model: it writes the instructions, answers them under the principles, and is engraved (LoRA)."""
+    instruct_prompts: int = 8
+    """Stage 1: numbered lists of seeds continued by the model."""
+    topics: int = 2
+    """Stage 1: topics per question type (one red-teaming question each)."""
+    threshold: float = 0.7
+    """The novelty filter's ROUGE-L threshold."""
+    answer_tokens: int = 96
+    """Stage 2: tokens of thoughts and answer after the principle-driven prompt."""
+    engrave_epochs: int = 3
+    verbose_epochs: int = 2
+    lr: float = 2e-4
+    verbose_tokens: int = 96
+    """Stage 4: answer length of the verbose teacher."""
+    eval_split: str = "test"
+    """The truthfulness and adherence rows that evaluate every stage."""
+    data_dir: str | None = None
+    """The course data (None: ``data/self_align``); the tests point it at a small copy."""
+    seed: int = 0
+
+    PRESETS = {
+        "cpu": {},
+        # The slides' version: a base model (not instruct) large enough to follow 16 principles in context.
+        "lab-gpu": dict(model="Qwen/Qwen2.5-7B", instruct_prompts=2000, topics=20, answer_tokens=512,
+                        engrave_epochs=1, verbose_epochs=1, lr=2e-5, verbose_tokens=512),
+    }
+
+
+def run(config: SelfAlignConfig | None = None, progress: bool = True) -> dict:
+    """Stages 1-4 on the default model, with the filter counts, and the multiple-choice accuracy and answer lengths
+    of the base, engraved and verbose-cloned models on the held-out rows. JSON-ready."""
+    import copy
+    import time
+
+    from .models import load_model, with_lora
+
+    config = config or SelfAlignConfig()
+    data = load_self_align(config.data_dir)
+    t, timings = time.perf_counter(), {}
+    base, tok = load_model(config.model, seed=config.seed)
+    seeds = [s["instruction"] for s in data.seeds]
+    generated = self_instruct(base, tok, seeds, prompts=config.instruct_prompts, threshold=config.threshold,
+                              seed=config.seed)
+    red = red_team_questions(base, tok, data.question_types, topics=config.topics, seed=config.seed)
+    red_kept, red_rejected = novelty_filter([q["question"] for q in red], seeds + generated["kept"], config.threshold)
+    pool = seeds + generated["kept"] + red_kept
+    timings["stage1_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    rows = self_align(base, tok, pool, data, config.answer_tokens)
+    drops = {}
+    for r in rows:
+        drops[r["dropped"] or "kept"] = drops.get(r["dropped"] or "kept", 0) + 1
+    timings["stage2_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    engraved = with_lora(copy.deepcopy(base), {"r": 16, "lora_alpha": 32})
+    prompts, answers = engraving_pairs(rows)
+    engrave_history = distil(engraved, tok, prompts, answers, config.engrave_epochs, config.lr, seed=config.seed)
+    timings["stage3_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    teacher = verbose_answers(engraved, tok, prompts, data.verbose_prompt, config.verbose_tokens, config.seed)
+    verbose = copy.deepcopy(engraved)
+    verbose_history = distil(verbose, tok, prompts, teacher, config.verbose_epochs, config.lr, seed=config.seed)
+    timings["stage4_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    from .generation import generate
+
+    mc = load_rows("truthfulness", config.eval_split, config.data_dir)
+    held = [r["prompt"] for r in load_rows("adherence", config.eval_split, config.data_dir)]
+    evaluation = {}
+    for name, model in (("base", base), ("engraved", engraved.eval()), ("verbose", verbose.eval())):
+        replies = generate(model, tok, held, max_new_tokens=config.verbose_tokens, do_sample=False).responses
+        evaluation[name] = {"mc_true": mc_accuracy(model, tok, mc, "true"),
+                            "mc_likelihood": mc_accuracy(model, tok, mc, "likelihood"),
+                            "answers": answer_stats([x or " " for x in replies]), "replies": replies}
+    timings["evaluation_s"] = time.perf_counter() - t
+    return {"config": {k: getattr(config, k) for k in config.__dataclass_fields__},
+            "stage1": {"generated": generated["generated"], "kept": generated["kept"],
+                       "rejected": generated["rejected"], "red_team": red, "red_team_kept": red_kept,
+                       "red_team_rejected": red_rejected, "pool": len(pool)},
+            "stage2": {"rows": rows, "filter": drops}, "engrave_history": engrave_history,
+            "verbose_history": verbose_history, "teacher": teacher, "evaluation": evaluation, "timings": timings}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--preset", default="cpu", choices=sorted(SelfAlignConfig.PRESETS))
+    parser.add_argument("--model", default=None, help="override the preset's base model (tests: tiny-random)")
+    parser.add_argument("--instruct-prompts", type=int, default=None, help="stage 1: numbered lists to continue")
+    parser.add_argument("--answer-tokens", type=int, default=None, help="stage 2: tokens of thoughts and answer")
+    parser.add_argument("--verbose-tokens", type=int, default=None, help="stage 4 and evaluation: answer tokens")
+    parser.add_argument("--data-dir", default=None, help="the SELF-ALIGN data (default: data/self_align)")
+    parser.add_argument("--json", default="runs/self_align.json", help="where the result goes")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def main(args) -> dict:
+    """``python -m alignlib self-align``: the four stages, the filter counts and the evaluation, as JSON."""
+    import json
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = {k: v for k, v in (("model", args.model), ("instruct_prompts", args.instruct_prompts),
+                                   ("answer_tokens", args.answer_tokens), ("verbose_tokens", args.verbose_tokens),
+                                   ("data_dir", args.data_dir))
+                 if v is not None}
+    result = run(SelfAlignConfig.preset(args.preset, seed=args.seed, **overrides))
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"stage 1: {result['stage1']['pool']} instructions in the pool; stage 2 filter: {result['stage2']['filter']}")
+    for name, ev in result["evaluation"].items():
+        print(f"{name:9s} MC by p(True) {ev['mc_true']['accuracy']:.2f}, by likelihood "
+              f"{ev['mc_likelihood']['accuracy']:.2f}; answers {ev['answers']['words']:.0f} words")
+    print(f"wrote {out}")
+    return result

@@ -152,3 +152,42 @@ def test_the_course_data():
     assert all(e["answer"] in prompt for e in d.exemplars)
     for e in d.exemplars:                          # answers to imitate carry no principle id or format marker
         assert not sa.PRINCIPLE_ID.search(e["answer"]) and "thought" not in e["answer"].lower()
+
+
+def test_the_four_stages_end_to_end_on_the_tiny_model(tmp_path, capsys, monkeypatch):
+    import json
+
+    # the random tiny model never writes a well-formed thought and answer, so every output would be filtered out
+    # (stage 2 itself is tested above); here stage 2 answers every instruction with a fixed well-formed reply
+    stage2 = sa.self_align
+    monkeypatch.setattr(sa, "self_align", lambda model, tok, pool, data, n: [
+        {**r, "thought": "By P01 I answer.", "answer": "Here is a short answer.", "dropped": None}
+        for r in stage2(model, tok, pool[:2], data, n)] + [
+        {"instruction": x, "thought": "", "answer": "", "dropped": "no thoughts"} for x in pool[2:]])
+
+    from alignlib.cli import main
+
+    small = tmp_path / "data"                      # the course data, cut to fit the tiny model's 1024-token context
+    small.mkdir()
+    for name in ("seed_instructions.jsonl", "question_types.jsonl", "verbose_prompt.txt"):
+        (small / name).write_text((sa.DATA_DIR / "self_align" / name).read_text())
+    for name, keep in (("principles.jsonl", 2), ("exemplars.jsonl", 0), ("truthfulness_mc.jsonl", None),
+                       ("adherence_prompts.jsonl", None)):
+        lines = (sa.DATA_DIR / "self_align" / name).read_text().splitlines()
+        rows = [json.loads(x) for x in lines]
+        if name.startswith(("truthfulness", "adherence")):
+            rows = [r for r in rows if r["split"] == "test"][:3]
+        elif name == "exemplars.jsonl":
+            rows = [{"id": "E1", "instruction": "Name a fruit.", "thought": "By P01 I answer.", "answer": "An apple."}]
+        else:
+            rows = rows[:keep]
+        (small / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "sa.json"
+    main(["self-align", "--model", "tiny-random", "--instruct-prompts", "1", "--answer-tokens", "8",
+          "--verbose-tokens", "8", "--data-dir", str(small), "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert sum(result["stage2"]["filter"].values()) == result["stage1"]["pool"] >= 24
+    assert result["stage2"]["filter"]["kept"] == 2 and len(result["engrave_history"]) >= 1
+    assert set(result["evaluation"]) == {"base", "engraved", "verbose"}
+    assert all(0 <= ev["mc_true"]["accuracy"] <= 1 for ev in result["evaluation"].values())
+    assert "stage 2 filter" in capsys.readouterr().out
