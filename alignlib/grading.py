@@ -61,7 +61,8 @@ CHECK_TIMEOUT = 60.0   # seconds for one graded cell to run, and for one check
 # the modules a student's cell could patch to make a wrong answer pass (checks are added per exercise)
 GUARDED_MODULES = ("torch", "torch.testing", "torch.nn.functional", "alignlib.checks", "alignlib.logprobs",
                    "alignlib.ppo", "alignlib.rrhf", "alignlib.raft", "alignlib.soups", "alignlib.tiny_lab",
-                   "alignlib.cai", "alignlib.feedback", "math")
+                   "alignlib.cai", "alignlib.feedback", "alignlib.self_align", "alignlib.multiple_choice",
+                   "alignlib.prefix_cache", "math")
 
 
 class GraderTampered(RuntimeError):

@@ -100,6 +100,8 @@ GRADED_IMPLEMENTATIONS = {
     # conversation() is the first half of critique_prompt, so it is disarmed with the graded functions
     "alignlib.cai": ("conversation", "critique_prompt", "revision_prompt", "sft_example", "elo_scores"),
     "alignlib.feedback": ("soft_labels",),
+    "alignlib.self_align": ("principle_prompt", "query", "engraving_pairs", "novelty_filter"),
+    "alignlib.multiple_choice": ("true_scores", "accuracy"),
 }
 
 
