@@ -198,6 +198,37 @@ def assert_close(actual, expected: torch.Tensor, what: str, atol: float = 1e-5, 
                              f"{expected.flatten()[worst]:.6g}")
 
 
+PADDING = ("", " ", "  ", "\n", " \n", "\n\n", "\t", " \t\n ")   # stray whitespace around text inputs
+
+
+def pad(rng, text: str) -> str:
+    """``text`` with stray whitespace drawn from ``PADDING`` at both ends (``rng``: a ``random.Random``)."""
+    return rng.choice(PADDING) + text + rng.choice(PADDING)
+
+
+def assert_same_text(got, expected: str, what: str) -> None:
+    """``got`` is the string ``expected``; otherwise say where they first differ."""
+    assert isinstance(got, str), f"{what} should return a str, got {type(got).__name__}"
+    if got == expected:
+        return
+    at = next((i for i, (x, y) in enumerate(zip(got, expected)) if x != y), min(len(got), len(expected)))
+    lo = max(0, at - 40)
+    raise AssertionError(f"{what} differs from the expected text at character {at}: got ...{got[lo:at + 25]!r}..., "
+                         f"expected ...{expected[lo:at + 25]!r}... ({len(got)} against {len(expected)} characters)")
+
+
+@contextmanager
+def one_thread():
+    """Run on one torch thread, the caller's setting restored after. Checks with tiny matrices use it: a second BLAS
+    thread on a busy machine made each small product cost milliseconds, and iterative fits ran past the time limit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def generator(seed: int) -> torch.Generator:
     """A seeded CPU generator, so each check sees the same random inputs on every run."""
     return torch.Generator().manual_seed(seed)

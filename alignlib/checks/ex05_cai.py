@@ -14,19 +14,17 @@ from __future__ import annotations
 import functools
 import math
 import random
-from contextlib import contextmanager
 
 import torch
 
 from alignlib import cai as ref
 from alignlib import feedback as ref_feedback
 
-from . import assert_close, check, generator, get_function
+from . import assert_close, assert_same_text, check, generator, get_function, one_thread, pad
 
 WORDS = ("the", "a", "lock", "door", "neighbour", "password", "recipe", "bleach", "ammonia", "car", "key", "ask",
          "quietly", "why", "never", "please", "how", "can", "I", "you", "should", "legal", "safe", "friend", "tonight",
          "{brace}", "50%", "\"quoted\"", "it's", "wifi", "router", "phone", "without", "them", "knowing", "help")
-PADDING = ("", " ", "  ", "\n", " \n", "\n\n", "\t", " \t\n ")
 SECTION_LABELS = ("Human:", "Assistant:", "Critique request:", "Critique:", "Revision request:", "Revision:")
 ELO_TOLERANCE = 1.0      # Elo points: any optimiser that converges is accepted
 
@@ -41,10 +39,6 @@ def random_text(rng: random.Random, low: int = 3, high: int = 16) -> str:
     return text + rng.choice((".", "?", "!", ""))
 
 
-def pad(rng: random.Random, text: str) -> str:
-    return rng.choice(PADDING) + text + rng.choice(PADDING)
-
-
 def random_pair(rng: random.Random) -> dict:
     return {"id": f"cr-{rng.randint(1, 99):02d}", "critique_request": random_text(rng) + "?",
             "revision_request": "Rewrite it: " + random_text(rng)}
@@ -55,17 +49,6 @@ def random_conversations(seed: int, n: int = 30):
     rng = random.Random(seed)
     for _ in range(n):
         yield pad(rng, random_text(rng)), pad(rng, random_text(rng)), random_pair(rng), pad(rng, random_text(rng))
-
-
-def assert_same_text(got, expected: str, what: str) -> None:
-    """``got`` is the string ``expected``; otherwise say where they first differ."""
-    assert isinstance(got, str), f"{what} should return a str, got {type(got).__name__}"
-    if got == expected:
-        return
-    at = next((i for i, (x, y) in enumerate(zip(got, expected)) if x != y), min(len(got), len(expected)))
-    lo = max(0, at - 40)
-    raise AssertionError(f"{what} differs from the expected text at character {at}: got ...{got[lo:at + 25]!r}..., "
-                         f"expected ...{expected[lo:at + 25]!r}... ({len(got)} against {len(expected)} characters)")
 
 
 # ---------------------------------------------------------------- critique_prompt (1 point)
@@ -254,18 +237,6 @@ def scores(student, outcomes, players, **kwargs) -> dict:
             f"elo_scores should give each player a finite number, got {p!r}: {v!r}"
         values[p] = float(v)
     return values
-
-
-@contextmanager
-def one_thread():
-    """Fit on one thread: the problems are tiny, and a second BLAS thread on a busy machine made each small matrix
-    product cost milliseconds (an iterative fit then ran past the time limit). The caller's setting is restored."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def on_one_thread(fn):

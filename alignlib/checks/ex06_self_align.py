@@ -15,14 +15,13 @@ from __future__ import annotations
 import functools
 import math
 import random
-from contextlib import contextmanager
 
 import torch
 
 from alignlib import multiple_choice as ref_mc
 from alignlib import self_align as ref
 
-from . import assert_close, check, get_function
+from . import assert_close, assert_same_text, check, get_function, one_thread, pad
 
 # rouge_l builds its scorer the first time it runs and keeps it in a module global of alignlib.self_align, which the
 # grader fingerprints before the student's cells run: build it now, or the first call would look like tampering.
@@ -32,7 +31,6 @@ WORDS = ("write", "a", "short", "poem", "about", "the", "sea", "explain", "how",
          "reasons", "to", "learn", "history", "give", "me", "recipe", "for", "bread", "what", "is", "capital", "of",
          "peru", "summarise", "this", "news", "story", "plan", "trip", "rome", "on", "budget", "{name}", "50%",
          "\"quoted\"", "it's", "P-value", "why", "do", "cats", "purr", "can", "you", "help", "with", "my", "essay")
-PADDING = ("", " ", "  ", "\n", " \n", "\n\n", "\t", " \t\n ")
 TITLES = ("Ethical", "Informative", "Helpful", "Premise Check", "Balanced", "Candid", "Step by Step", "Clear",
           "Knowledge Cutoff", "Operational Limits", "Privacy", "Numerical Care", "Multi-aspect", "Gratitude")
 TOLERANCE = 1e-5          # true_scores: float32 forward passes of the same model on the same tokens
@@ -46,10 +44,6 @@ def random_text(rng: random.Random, low: int = 3, high: int = 12) -> str:
         cut = rng.randint(1, len(words) - 1)
         text = " ".join(words[:cut]) + "\n" + " ".join(words[cut:])
     return text + rng.choice((".", "?", "!", ""))
-
-
-def pad(rng: random.Random, text: str) -> str:
-    return rng.choice(PADDING) + text + rng.choice(PADDING)
 
 
 def random_data(rng: random.Random, verbose: bool = False) -> ref.SelfAlignData:
@@ -77,17 +71,6 @@ def copy_data(data: ref.SelfAlignData) -> ref.SelfAlignData:
     return ref.SelfAlignData(tuple(dict(p) for p in data.principles), tuple(dict(e) for e in data.exemplars),
                              tuple(dict(s) for s in data.seeds), tuple(dict(q) for q in data.question_types),
                              data.verbose_prompt)
-
-
-def assert_same_text(got, expected: str, what: str) -> None:
-    """``got`` is the string ``expected``; otherwise say where they first differ."""
-    assert isinstance(got, str), f"{what} should return a str, got {type(got).__name__}"
-    if got == expected:
-        return
-    at = next((i for i, (x, y) in enumerate(zip(got, expected)) if x != y), min(len(got), len(expected)))
-    lo = max(0, at - 40)
-    raise AssertionError(f"{what} differs from the expected text at character {at}: got ...{got[lo:at + 25]!r}..., "
-                         f"expected ...{expected[lo:at + 25]!r}... ({len(got)} against {len(expected)} characters)")
 
 
 # ---------------------------------------------------------------- principle_prompt (2 points)
@@ -414,17 +397,6 @@ def novelty_skips_blanks_and_refuses_bad_thresholds(ns):
 
 
 # ---------------------------------------------------------------- true_scores (2 points)
-
-@contextmanager
-def one_thread():
-    """Run the tiny model on one thread (its matrices are too small to share); the caller's setting is restored."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
 
 @functools.lru_cache(maxsize=None)
 def tiny_cache():
