@@ -268,10 +268,6 @@ def answer_stats(answers: Sequence[str]) -> dict:
             "distinct_words": sum(len({w.lower() for w in ws}) for ws in words) / len(words)}
 
 
-def sample_seeds(seeds: Sequence[dict], k: int, rng: random.Random) -> list[str]:
-    return [s["instruction"] for s in rng.sample(list(seeds), min(k, len(seeds)))]
-
-
 # ---------------------------------------------------------------- stage 1 with a model
 
 def self_instruct(model, tokenizer, seeds: Sequence[str], prompts: int = 4, shots: int = 4, threshold: float = 0.7,
