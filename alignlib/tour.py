@@ -4,7 +4,8 @@ It grows with the course: each method that lands adds a step. Today: load the mo
 course prompts, score them (log-probs, sentiment, length), and print a table; then a few steps of PPO
 (lecture 01), RRHF (lecture 02) and RAFT (lecture 03) on the same sentiment task, with the reward, the KL to
 the initial model and the seconds of each step; then two soup experts and their interpolations (lecture 04);
-then Constitutional AI's critique, revision and AI feedback, each measured (lecture 05).
+then Constitutional AI's critique, revision and AI feedback, each measured (lecture 05); then SELF-ALIGN's
+principle-driven answers, their filter and the truthfulness and adherence evaluations (lecture 06).
 """
 from __future__ import annotations
 
@@ -71,6 +72,8 @@ def run(model_name: str = DEFAULT_MODEL, n_prompts: int = 4, max_new_tokens: int
             result[method] = tour_soups(model_name, steps=steps, seed=seed)
         elif method == "cai":
             result[method] = tour_cai(model, tokenizer, n_prompts=min(n_prompts, 4), seed=seed)
+        elif method == "self_align":
+            result[method] = tour_self_align(model, tokenizer, n_prompts=min(n_prompts, 4))
         else:
             result[method] = tour_method(method, model_name, steps=steps, seed=seed)
     return result
@@ -134,6 +137,33 @@ def tour_cai(model, tokenizer, n_prompts: int = 3, seed: int = 0) -> dict:
     return {"rows": rows, "judge": judge, "scorer": scorer}
 
 
+def tour_self_align(model, tokenizer, n_prompts: int = 4) -> dict:
+    """SELF-ALIGN in miniature: held-out prompts answered after the 16 principles and the exemplars (encoded once),
+    split into thoughts and answer and filtered; the base model's multiple-choice truthfulness by p(True) on the
+    held-out questions; and the adherence scorer's accuracy against the hand labels."""
+    from . import self_align as sa
+
+    data = sa.load_self_align()
+    if len(tokenizer(sa.principle_prompt(data)).input_ids) > model.config.max_position_embeddings // 2:
+        first = data.principles[0]                # a small test model's short context: one rule, one short exemplar
+        data = sa.SelfAlignData(principles=[first], exemplars=[
+            {"id": "E0", "instruction": "Say hello.", "thought": f"By {first['id']} I greet back.", "answer": "Hello!"}])
+    held = sa.load_rows("adherence", "test")[:n_prompts]
+    t0 = time.perf_counter()
+    rows = sa.self_align(model, tokenizer, [r["prompt"] for r in held], data, max_new_tokens=64)
+    print_table([{**r, "expected": h["expected"], "dropped": r["dropped"] or "kept"} for r, h in zip(rows, held)],
+                [("instruction", "held-out prompt", 28), ("expected", "expected", 9), ("thought", "thoughts", 34),
+                 ("answer", "answer", 30), ("dropped", "filter", 12)])
+    mc = sa.mc_accuracy(model, tokenizer, sa.load_rows("truthfulness", "test"), "true")
+    scorer = sa.scorer_accuracy(sa.load_rows("adherence_labels"))
+    print(f"[tour] {sum(not r['dropped'] for r in rows)}/{len(rows)} principle-driven answers kept, "
+          f"{time.perf_counter() - t0:.0f} s with the evaluation; multiple choice by p(True): "
+          f"{mc['accuracy']:.2f} [{mc['interval'][0]:.2f}, {mc['interval'][1]:.2f}] on {len(mc['hits'])} held-out "
+          f"questions; the adherence scorer agrees with {scorer['n']} hand labels {scorer['accuracy']:.2f} of the time")
+    print("[tour] all four stages: python -m alignlib self-align --preset cpu")
+    return {"rows": rows, "mc": mc, "scorer": {k: v for k, v in scorer.items() if k != "wrong"}}
+
+
 def tour_method(method: str, model_name: str, steps: int, seed: int = 0) -> list[dict]:
     """A few steps of one method on the sentiment task (answer review openings in chat, VADER reward), printed."""
     from .runs import make_trainer
@@ -156,4 +186,5 @@ TOUR_STEPS = [  # (method, title): one per lecture that has landed
     ("raft", "Step 3: RAFT, fine-tuning on the best of 4 samples per prompt (lecture 03)"),
     ("soups", "Step 4: rewarded soups, two experts and the weights between them (lecture 04)"),
     ("cai", "Step 5: Constitutional AI, a critique and a revision, AI feedback and its accuracy (lecture 05)"),
+    ("self_align", "Step 6: SELF-ALIGN, answers under 16 principles, the filter, truthfulness (lecture 06)"),
 ]

@@ -63,9 +63,11 @@ def test_tour_runs_every_method_on_the_tiny_model(capsys):
     from alignlib.tour import TOUR_STEPS, run
 
     result = run("tiny-random", n_prompts=2, max_new_tokens=6, steps=1)
-    assert [m for m, _ in TOUR_STEPS] == ["ppo", "rrhf", "raft", "soups", "cai"]
+    assert [m for m, _ in TOUR_STEPS] == ["ppo", "rrhf", "raft", "soups", "cai", "self_align"]
     assert all(len(result[m]) == 1 and "kl/ref" in result[m][0] for m in ("ppo", "rrhf", "raft"))
     assert [row["lambda"] for row in result["soups"]] == ["0.0", "0.5", "1.0"]
     assert len(result["cai"]["rows"]) == 2 and result["cai"]["judge"]["pairs"] == 8
+    assert len(result["self_align"]["rows"]) == 2 and len(result["self_align"]["mc"]["hits"]) == 24
     out = capsys.readouterr().out
     assert "RRHF step" in out and "RAFT step" in out and "expert neutral" in out and "cai-sl" in out
+    assert "self-align --preset cpu" in out
