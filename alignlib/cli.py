@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .self_align import add_arguments as add_self_align_arguments
 
     add_self_align_arguments(sub.add_parser("self-align", help="SELF-ALIGN's four stages, filters and evaluation "
-                                                               "(lecture 06, in progress)"))
+                                                               "(lecture 06)"))
 
     check = sub.add_parser("ppo-check", help="PPO's learning criteria over seeds, thread counts and betas")
     from .ppo_check import add_arguments as add_ppo_check_arguments
