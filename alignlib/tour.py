@@ -5,11 +5,14 @@ course prompts, score them (log-probs, sentiment, length), and print a table; th
 (lecture 01), RRHF (lecture 02) and RAFT (lecture 03) on the same sentiment task, with the reward, the KL to
 the initial model and the seconds of each step; then two soup experts and their interpolations (lecture 04);
 then Constitutional AI's critique, revision and AI feedback, each measured (lecture 05); then SELF-ALIGN's
-principle-driven answers, their filter and the truthfulness and adherence evaluations (lecture 06).
+principle-driven answers, their filter and the truthfulness and adherence evaluations (lecture 06). At the end
+it writes a report (a markdown page with tables and a plot, and the raw histories as JSON) to a directory it prints.
 """
 from __future__ import annotations
 
+import statistics
 import time
+from pathlib import Path
 
 from .data import load_prompts
 from .generation import generate
@@ -37,9 +40,10 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, int]]) -> None:
 
 
 def run(model_name: str = DEFAULT_MODEL, n_prompts: int = 4, max_new_tokens: int = 40, seed: int = 0,
-        steps: int = 3) -> dict:
+        steps: int = 3, report: str | Path | None = "runs/tour") -> dict:
+    """Every step below on ``model_name``; with ``report``, also writes the report there (see ``write_report``)."""
     seed_everything(seed)
-    t0 = time.perf_counter()
+    start = t0 = time.perf_counter()
     model, tokenizer = load_model(model_name)
     print(f"[tour] loaded {model_name} on {next(model.parameters()).device} in {time.perf_counter() - t0:.1f} s")
 
@@ -76,7 +80,74 @@ def run(model_name: str = DEFAULT_MODEL, n_prompts: int = 4, max_new_tokens: int
             result[method] = tour_self_align(model, tokenizer, n_prompts=min(n_prompts, 4))
         else:
             result[method] = tour_method(method, model_name, steps=steps, seed=seed)
+    result["seconds"] = time.perf_counter() - start
+    if report is not None:
+        path = write_report(result, report, model_name)
+        print(f"\n[tour] done in {result['seconds'] / 60:.1f} min; report: {path}")
     return result
+
+
+def write_report(result: dict, directory: str | Path, model_name: str = DEFAULT_MODEL) -> Path:
+    """The tour's report in ``directory``: ``report.md`` (a table per step and the plots), ``training.png`` (reward
+    and KL per step of PPO, RRHF and RAFT) and ``histories.json`` (everything the steps returned). Returns the
+    path of ``report.md``."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    methods = [m for m in ("ppo", "rrhf", "raft") if m in result]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for m in methods:
+        axes[0].plot([h["reward/mean"] for h in result[m]], "o-", label=m.upper())
+        axes[1].plot([h["kl/ref"] for h in result[m]], "o-", label=m.upper())
+    axes[0].set_title("batch reward (VADER)"); axes[1].set_title("KL(policy || initial), nats")
+    for a in axes:
+        a.set_xlabel("step"); a.legend()
+    fig.tight_layout(); fig.savefig(out / "training.png", dpi=100); plt.close(fig)
+
+    lines = [f"# alignlib tour on {model_name}", "",
+             f"{result['seconds'] / 60:.1f} min in all. Each method ran a few steps; the lectures run the full "
+             "versions.", "", "## Sampling and scoring (lecture 00)", "",
+             "| prompt | response | log-prob/token | VADER | words |", "|---|---|---|---|---|"]
+    lines += [f"| {shorten(r['prompt'], 40)} | {shorten(r['response'], 60)} | {r['logp/token']:+.2f} | "
+              f"{r['sentiment']:+.2f} | {r['words']} |" for r in result["rows"]]
+    lines += ["", "## PPO, RRHF and RAFT on the sentiment task (lectures 01-03)", "",
+              "| method | steps | first reward | last reward | last KL | median s/step | peak MB |",
+              "|---|---|---|---|---|---|---|"]
+    for m in methods:
+        h = result[m]
+        lines.append(f"| {m.upper()} | {len(h)} | {h[0]['reward/mean']:+.3f} | {h[-1]['reward/mean']:+.3f} | "
+                     f"{h[-1]['kl/ref']:.3f} | {statistics.median(x['time/step_s'] for x in h):.1f} | "
+                     f"{h[-1]['memory/peak_mb']:.0f} |")
+    lines += ["", "![reward and KL per step](training.png)", ""]
+    if "soups" in result:
+        lines += ["## Rewarded soups (lecture 04)", "", "| lambda | positive | neutral | KL |", "|---|---|---|---|"]
+        lines += [f"| {r['lambda']} | {r['positive']:+.3f} | {r['neutral']:+.3f} | {r['kl']:.3f} |"
+                  for r in result["soups"]]
+        lines.append("")
+    if "cai" in result:
+        j, sc = result["cai"]["judge"], result["cai"]["scorer"]
+        lines += ["## Constitutional AI (lecture 05)", "",
+                  f"The model as an (A)/(B) judge picks the hand-labelled harmless answer in {j['debiased']:.2f} of "
+                  f"{j['pairs']} pairs (both orders averaged); the independent scorer's held-out accuracy is "
+                  f"{sc['harmful']:.2f} (harmful) and {sc['evasive']:.2f} (evasive).", ""]
+    if "self_align" in result:
+        sa = result["self_align"]
+        kept = sum(not r["dropped"] for r in sa["rows"])
+        lines += ["## SELF-ALIGN (lecture 06)", "",
+                  f"{kept} of {len(sa['rows'])} principle-driven answers passed the filter; multiple choice by "
+                  f"p(True): {sa['mc']['accuracy']:.2f} [{sa['mc']['interval'][0]:.2f}, {sa['mc']['interval'][1]:.2f}]"
+                  f" on {len(sa['mc']['hits'])} held-out questions; the adherence scorer agrees with "
+                  f"{sa['scorer']['n']} hand labels {sa['scorer']['accuracy']:.2f} of the time.", ""]
+    lines += ["Raw histories: `histories.json`."]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    (out / "histories.json").write_text(json.dumps(result, indent=1, default=str))
+    return out / "report.md"
 
 
 def tour_soups(model_name: str, steps: int, seed: int = 0) -> list[dict]:

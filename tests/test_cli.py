@@ -59,10 +59,12 @@ def test_unknown_reward_is_a_clear_error():
         build_reward("bleu")
 
 
-def test_tour_runs_every_method_on_the_tiny_model(capsys):
+def test_tour_runs_every_method_on_the_tiny_model_and_writes_its_report(capsys, tmp_path):
+    import json
+
     from alignlib.tour import TOUR_STEPS, run
 
-    result = run("tiny-random", n_prompts=2, max_new_tokens=6, steps=1)
+    result = run("tiny-random", n_prompts=2, max_new_tokens=6, steps=1, report=tmp_path / "tour")
     assert [m for m, _ in TOUR_STEPS] == ["ppo", "rrhf", "raft", "soups", "cai", "self_align"]
     assert all(len(result[m]) == 1 and "kl/ref" in result[m][0] for m in ("ppo", "rrhf", "raft"))
     assert [row["lambda"] for row in result["soups"]] == ["0.0", "0.5", "1.0"]
@@ -70,4 +72,9 @@ def test_tour_runs_every_method_on_the_tiny_model(capsys):
     assert len(result["self_align"]["rows"]) == 2 and len(result["self_align"]["mc"]["hits"]) == 24
     out = capsys.readouterr().out
     assert "RRHF step" in out and "RAFT step" in out and "expert neutral" in out and "cai-sl" in out
-    assert "self-align --preset cpu" in out
+    assert "self-align --preset cpu" in out and f"report: {tmp_path / 'tour' / 'report.md'}" in out
+    page = (tmp_path / "tour" / "report.md").read_text()
+    assert "| PPO | 1 |" in page and "| RAFT | 1 |" in page and "## SELF-ALIGN" in page and "training.png" in page
+    assert (tmp_path / "tour" / "training.png").stat().st_size > 1000
+    histories = json.loads((tmp_path / "tour" / "histories.json").read_text())
+    assert histories["ppo"][0]["reward/mean"] == result["ppo"][0]["reward/mean"]
