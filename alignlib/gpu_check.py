@@ -42,7 +42,6 @@ import gc
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -74,10 +73,10 @@ def peak_tflops(device_name: str) -> float | None:
 
 def count_params(model) -> dict:
     """Matmul parameters, each counted once: blocks (everything but the embeddings) + the LM head's V x H."""
-    embeddings = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) for p in m.parameters()}
-    blocks = sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
-    head = model.config.vocab_size * model.config.hidden_size
-    return {"blocks": blocks, "head": head, "total": blocks + head}
+    from .bench import flop_counts
+
+    f = flop_counts(model)
+    return {"blocks": f["non_embedding"], "head": f["lm_head"], "total": f["non_embedding"] + f["lm_head"]}
 
 
 def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int) -> int:
@@ -95,22 +94,11 @@ def build_model(config_kwargs: dict, dtype: torch.dtype, device: torch.device):
     return model.train()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def timed(fn, warmup: int, steps: int, device: torch.device) -> list[float]:
     """Seconds of each of ``steps`` calls of ``fn`` after ``warmup`` untimed ones, the device synchronised."""
-    times = []
-    for i in range(warmup + steps):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
+    from .bench import _timed
+
+    return _timed(lambda rep: fn(), warmup + steps, device)[warmup:]
 
 
 def second_half_mask(n: int, length: int, device) -> torch.Tensor:

@@ -83,10 +83,10 @@ def load_rows(name: str, split: str | None = None, data_dir: str | Path | None =
     filename, required = FILES[name]
     root = Path(data_dir) if data_dir is not None else DATA_DIR / "self_align"
     rows = [r for r in read_jsonl(root / filename, required) if split is None or r.get("split") == split]
-    for r in rows:
-        label = r.get("expected", r.get("label"))
-        if name != "truthfulness" and label not in ADHERENCE_LABELS:
-            raise DataFormatError(f"{filename}: label {label!r} is not one of {ADHERENCE_LABELS}.")
+    key = {"adherence": "expected", "adherence_labels": "label"}.get(name)
+    bad = sorted({r[key] for r in rows} - set(ADHERENCE_LABELS)) if key else []
+    if bad:
+        raise DataFormatError(f"{filename}: {key} {bad} is not one of {ADHERENCE_LABELS}.")
     if name == "truthfulness":
         for r in rows:
             c = r.get("choices")
@@ -400,8 +400,8 @@ def scorer_accuracy(rows: Sequence[dict]) -> dict:
     disagreements listed so that a reader can judge them."""
     if not rows:
         raise ValueError("rows is empty: give hand-labelled replies (data/self_align/adherence_labels.jsonl).")
-    wrong = [{"reply": r["reply"], "label": r["label"], "scored": adherence_label(r["reply"])} for r in rows
-             if adherence_label(r["reply"]) != r["label"]]
+    scored = [(r, adherence_label(r["reply"])) for r in rows]
+    wrong = [{"reply": r["reply"], "label": r["label"], "scored": s} for r, s in scored if s != r["label"]]
     return {"accuracy": 1 - len(wrong) / len(rows), "n": len(rows), "wrong": wrong}
 
 

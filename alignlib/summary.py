@@ -4,9 +4,9 @@ The stored runs under ``lectures/results`` were made by the CLI on the default m
 CPU). This module reads them into one comparison, computing nothing new:
 
 - **the shared sentiment task** (VADER on 40 held-out movie openings, 2 answers each at temperature 0.7, 16 tokens):
-  PPO, RRHF and RAFT for 10 steps each over three seeds (``method_bench.json``), and rewarded soups' positive expert and the soups
-  between the positive and neutral experts (``soups.json``, one training per expert). Reward, perplexity of the answers
-  under the initial model, distinct-2, wall time and peak memory.
+  PPO, RRHF and RAFT for 10 steps each over three seeds (``method_bench.json``), and rewarded soups' positive expert
+  and the soup between the positive and neutral experts (``soups.json``, one training per expert). Reward,
+  perplexity of the answers under the initial model, distinct-2, seconds in training steps and peak memory.
 - **the harmlessness and truthfulness evaluations**: Constitutional AI's three stages (``cai_rl.json``) and
   SELF-ALIGN's four models (``self_align.json``), with their bootstrap intervals.
 - **the supervision each method consumed** (counted from the course data files) and **the models each one holds or
@@ -38,7 +38,8 @@ MODELS = {
 
 
 def load(name: str, results: str | Path | None = None) -> dict:
-    """One stored result, ``lectures/results/<name>.json``; a clear error names the command that makes it."""
+    """One stored result, ``lectures/results/<name>.json``; if it is missing, the error points to the README's
+    timing table, which names the command that writes it."""
     path = Path(results or RESULTS) / f"{name}.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: the README's timing table names the command that writes "
@@ -55,6 +56,10 @@ def _boot_cell(values: list[float]) -> dict:
 
     ci = bootstrap_mean(values)
     return {"mean": ci.mean, "low": ci.low, "high": ci.high, "n": len(values)}
+
+
+def _stored_cell(mean: float, interval: list[float], n: int) -> dict:
+    return {"mean": mean, "low": interval[0], "high": interval[1], "n": n}
 
 
 def sentiment_rows(results: str | Path | None = None) -> list[dict]:
@@ -100,11 +105,9 @@ def alignment_rows(results: str | Path | None = None) -> dict:
                    for stage, rates in cai["evaluation"]["rates"].items()},
            "self_align": {}}
     for name, ev in sa["evaluation"].items():
-        out["self_align"][name] = {
-            "mc_true": {"mean": ev["mc_true"]["accuracy"], "low": ev["mc_true"]["interval"][0],
-                        "high": ev["mc_true"]["interval"][1], "n": len(ev["mc_true"]["hits"])},
-            "adherence": {"mean": ev["adherence"]["rate"], "low": ev["adherence"]["interval"][0],
-                          "high": ev["adherence"]["interval"][1], "n": len(ev["adherence"]["labels"])}}
+        mc, ad = ev["mc_true"], ev["adherence"]
+        out["self_align"][name] = {"mc_true": _stored_cell(mc["accuracy"], mc["interval"], len(mc["hits"])),
+                                   "adherence": _stored_cell(ad["rate"], ad["interval"], len(ad["labels"]))}
     cai_s = sum(load("cai_sl", results)["timings"].values()) + sum(cai["timings"].values())
     out["wall_s"] = {"SL-CAI + RL-CAI": cai_s, "SELF-ALIGN": sum(sa["timings"].values())}
     return out
@@ -119,6 +122,7 @@ def human_supervision() -> list[dict]:
     from . import self_align as sa
     from .data import load_course_dataset
 
+    human = cai.CAIConfig.preset("cpu").human_helpful_pairs   # the helpfulness pairs RL-CAI's preference model uses
     lexicon = len(SentimentIntensityAnalyzer().lexicon)
     pairs = len(load_course_dataset("preference_pairs", "train"))
     con = [cai.load_constitution(s) for s in ("train", "test")]
@@ -128,10 +132,10 @@ def human_supervision() -> list[dict]:
          "written": f"none for the task; VADER's lexicon ({lexicon} entries) was rated by people once, for any task"},
         {"method": "PPO, learned reward model (lecture 01)", "labels": pairs,
          "written": f"{pairs} human preference pairs (half for the proxy, half for the judge)"},
-        {"method": "Constitutional AI", "labels": 64,
+        {"method": "Constitutional AI", "labels": human,
          "written": f"{sum(len(c.critiques) for c in con)} critique/revision pairs, "
                     f"{sum(len(c.principles) for c in con)} comparison principles, "
-                    f"{sum(len(c.few_shot) for c in con)} worked examples; 64 human helpfulness pairs, "
+                    f"{sum(len(c.few_shot) for c in con)} worked examples; {human} human helpfulness pairs, "
                     "no harmlessness labels"},
         {"method": "SELF-ALIGN", "labels": 0,
          "written": f"{len(data.principles)} principles, {len(data.exemplars)} exemplars, {len(data.seeds)} seeds, "

@@ -107,6 +107,10 @@ def test_bad_input_gets_clear_errors(tmp_path):
         sa.load_self_align(tmp_path)
     with pytest.raises(ValueError, match="unknown set"):
         sa.load_rows("poems")
+    (tmp_path / "adherence_prompts.jsonl").write_text(
+        '{"id": "A1", "prompt": "Hi.", "expected": "comply", "split": "test"}\n')
+    with pytest.raises(DataFormatError, match="expected \\['comply'\\] is not one of"):
+        sa.load_rows("adherence", data_dir=tmp_path)
 
 
 def test_self_align_runs_with_the_cached_prompt(tiny):
