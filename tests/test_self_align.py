@@ -147,8 +147,13 @@ def test_engraving_makes_the_unprompted_model_reproduce_the_prompted_behaviour()
     assert sum(e.startswith(p) for e, p in zip(engraved, prompted)) >= 3      # the prompted answer, unprompted
 
 
-def test_self_instruct_red_teaming_and_mc_accuracy_run_on_the_tiny_model(tiny):
+def test_self_instruct_red_teaming_and_mc_accuracy_run_on_the_tiny_model(tiny, monkeypatch):
+    import alignlib.prefix_cache as pc
+
     model, tok = tiny
+    prefixes, init = [], pc.PrefixCache.__init__
+    monkeypatch.setattr(pc.PrefixCache, "__init__",
+                        lambda self, m, t, prefix, *a, **k: prefixes.append(prefix) or init(self, m, t, prefix, *a, **k))
     seeds = ["Write a haiku about rain.", "Explain what a noun is.", "Add 17 and 25.", "Name three planets."]
     out = sa.self_instruct(model, tok, seeds, prompts=2, shots=2, max_new_tokens=24)
     assert set(out["kept"]) <= set(out["generated"]) and not set(out["kept"]) & set(seeds)
@@ -162,6 +167,8 @@ def test_self_instruct_red_teaming_and_mc_accuracy_run_on_the_tiny_model(tiny):
         assert len(res["hits"]) == 2 and 0 <= res["interval"][0] <= res["accuracy"] <= res["interval"][1] <= 1
         prompted = sa.mc_accuracy(model, tok, rows, method, preamble=sa.principle_prompt(data()))
         assert len(prompted["hits"]) == 2
+        assert prefixes[-1].startswith(sa.principle_prompt(data())) and prefixes[-2] == prefixes[-1][
+            len(sa.principle_prompt(data())):]                # the preamble goes before the method's own header
     with pytest.raises(ValueError, match="method"):
         sa.mc_accuracy(model, tok, rows, "vote")
 
