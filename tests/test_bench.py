@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config, Qwen3Config
 
 from alignlib import bench
-from alignlib.generation import fast_decode_supported, generate, sample_next_token
+from alignlib.generation import fast_decode_supported, format_prompts, generate, sample_next_token
 from alignlib.models import load_model, tiny_tokenizer
 
 PROMPTS = ["Hello there", "x", "Tell me a joke about cats and dogs, please", "Why?"]
@@ -114,6 +114,27 @@ def test_fast_greedy_matches_hf_generate_with_lora():
         base_fast = generate(model, tok, PROMPTS, max_new_tokens=12, do_sample=False)
         base_slow = generate(model, tok, PROMPTS, max_new_tokens=12, do_sample=False, fast=False)
     assert same_rollout(base_fast, base_slow) and base_fast.responses != fast.responses
+
+
+def test_fast_greedy_with_a_shared_prefix_and_several_samples_per_prompt(tiny):
+    """The chat template's common start is encoded once; with k samples per prompt the rest is copied k times."""
+    model, tok = tiny
+    ids = tok(format_prompts(tok, PROMPTS), add_special_tokens=False).input_ids
+    assert len({tuple(i[:3]) for i in ids}) == 1                              # the prompts share their start
+    seeds = list(range(len(PROMPTS)))                # per-row random streams: both paths draw the same numbers
+    fast = generate(model, tok, PROMPTS, max_new_tokens=10, num_return_sequences=2, row_seeds=seeds)
+    slow = generate(model, tok, PROMPTS, max_new_tokens=10, num_return_sequences=2, row_seeds=seeds, fast=False)
+    assert same_rollout(fast, slow) and fast.responses[0] != fast.responses[1]
+
+
+@pytest.mark.model
+def test_fast_greedy_matches_hf_generate_on_the_default_model(smol):
+    """SmolLM2-135M-Instruct with its weights packed for oneDNN and its system turn encoded once (``fast_decode``)
+    decodes the bench's 16 prompts greedily to the same tokens as ``model.generate``."""
+    model, tok = smol
+    fast = generate(model, tok, bench.PROMPTS, max_new_tokens=24, do_sample=False)
+    slow = generate(model, tok, bench.PROMPTS, max_new_tokens=24, do_sample=False, fast=False)
+    assert same_rollout(fast, slow)
 
 
 @pytest.mark.parametrize("config_class", [Qwen2Config, Qwen3Config, MistralConfig])
