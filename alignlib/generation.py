@@ -210,17 +210,16 @@ def _linears(base) -> list[tuple]:
     return out + [(base.lm_head,)]
 
 
-def _decoder_forward(base, ids, positions, cache, start: int, attn_mask, copies: int = 1,
-                     linear=None) -> torch.Tensor:
+def _decoder_forward(base, ids, positions, cache, start: int, attn_mask, linear: PackedLinears,
+                     copies: int = 1) -> torch.Tensor:
     """Run the decoder on ``ids`` (b, q) at ``positions`` (b, q); return the last position's logits (b, V).
 
     The new keys/values go into columns [start, start + q) of ``cache`` (each row ``copies`` times).
     Prefill (start == 0) attends within ``ids``; a decode step attends to cache columns [0, start + q).
     ``attn_mask`` (b, 1, q, keys) is True where a query may attend. The layers' own modules do every norm, and
-    every projection through ``linear(x, *modules)`` (default: each ``module(x)``; ``fast_decode`` passes its
-    ``PackedLinears``), so LoRA adapters (and ``disable_adapter()``) apply as in ``model(...)``.
+    every projection through ``linear(x, *modules)`` (packed products, or the modules called as they are), so LoRA
+    adapters (and ``disable_adapter()``) apply as in ``model(...)``.
     """
-    linear = linear or (lambda x, *modules: modules[0](x) if len(modules) == 1 else tuple(m(x) for m in modules))
     core = base.model
     keys, values = cache                                                      # (layers, rows, H_kv, L, hd) each
     rope = sys.modules[type(core.layers[0].self_attn).__module__].apply_rotary_pos_emb
@@ -304,14 +303,14 @@ def fast_decode(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: in
         prefix = ids[:1, P - int(real[0].sum()):][:, :shared]                 # (1, S)
         causal = torch.ones(shared, shared, dtype=torch.bool, device=ids.device).tril()
         _decoder_forward(base, prefix, positions.new_tensor(range(shared))[None], cache, 0, causal[None, None],
-                         linear=linear)                                       # columns [0, S) of every row
+                         linear)                                              # columns [0, S) of every row
         real = real & (positions >= shared)                                   # what is left of each prompt
         real[:, :shared] = True                                               # (b, P) now [prefix | pad | rest]
     # each query sees the real tokens up to itself; padding queries see themselves (finite, never read)
     causal = torch.ones(P, P, dtype=torch.bool, device=ids.device).tril()
     prefill_mask = ((causal & real[:, None, :]) | torch.eye(P, dtype=torch.bool, device=ids.device))[:, None]
     logits = _decoder_forward(base, ids[:, shared:], positions[:, shared:], cache, shared,
-                              prefill_mask[..., shared:, :], num_return_sequences, linear)   # the rest of each prompt
+                              prefill_mask[..., shared:, :], linear, num_return_sequences)   # the rest of each prompt
     logits = logits.repeat_interleave(num_return_sequences, 0)                # (rows, V)
     visible = torch.zeros(rows, total, dtype=torch.bool, device=ids.device)   # keys a new token may attend to
     visible[:, :P] = real.repeat_interleave(num_return_sequences, 0)
@@ -328,7 +327,7 @@ def fast_decode(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: in
             break
         visible[:, P + t] = True
         logits = _decoder_forward(base, token[:, None], next_position + t, cache, P + t,
-                                  visible[:, None, None, :P + t + 1], linear=linear)
+                                  visible[:, None, None, :P + t + 1], linear)
     return torch.stack(out, 1)
 
 

@@ -11,6 +11,8 @@ from alignlib import bench
 from alignlib.generation import fast_decode_supported, format_prompts, generate, sample_next_token
 from alignlib.models import load_model, tiny_tokenizer
 
+from test_packed_linear import trained_lora  # tests/ is on the path, as for grading_helpers
+
 PROMPTS = ["Hello there", "x", "Tell me a joke about cats and dogs, please", "Why?"]
 
 
@@ -101,11 +103,7 @@ def test_fast_greedy_matches_hf_generate_with_eos(tiny):
 
 def test_fast_greedy_matches_hf_generate_with_lora():
     model, tok = load_model("tiny-random", lora=True)
-    with torch.no_grad():  # a trained-looking adapter: B != 0, so LoRA changes the outputs
-        gen = torch.Generator().manual_seed(0)
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    model = trained_lora(model)  # a trained-looking adapter: B != 0, so LoRA changes the outputs
     assert fast_decode_supported(model)
     fast = generate(model, tok, PROMPTS, max_new_tokens=12, do_sample=False)
     slow = generate(model, tok, PROMPTS, max_new_tokens=12, do_sample=False, fast=False)
