@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config, Qwen3Config
 
-from alignlib import bench
+from alignlib import bench, generation
 from alignlib.generation import fast_decode_supported, format_prompts, generate, sample_next_token
 from alignlib.models import load_model, tiny_tokenizer
 
@@ -114,8 +114,12 @@ def test_fast_greedy_matches_hf_generate_with_lora():
     assert same_rollout(base_fast, base_slow) and base_fast.responses != fast.responses
 
 
-def test_fast_greedy_with_a_shared_prefix_and_several_samples_per_prompt(tiny):
-    """The chat template's common start is encoded once; with k samples per prompt the rest is copied k times."""
+@pytest.mark.parametrize("prefill_tokens", [2048, 50, 1])
+def test_fast_greedy_with_a_shared_prefix_and_several_samples_per_prompt(tiny, monkeypatch, prefill_tokens):
+    """The chat template's common start is encoded once; with k samples per prompt the rest is copied k times.
+    The prompts' own tokens are encoded without padding, all in one sequence, or in several (a small
+    ``PREFILL_TOKENS``; 1 puts each prompt in a sequence of its own)."""
+    monkeypatch.setattr(generation, "PREFILL_TOKENS", prefill_tokens)
     model, tok = tiny
     ids = tok(format_prompts(tok, PROMPTS), add_special_tokens=False).input_ids
     assert len({tuple(i[:3]) for i in ids}) == 1                              # the prompts share their start
