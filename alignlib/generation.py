@@ -339,7 +339,6 @@ def _prefill(base, ids, positions, own, shared: int, copies: int, cache, linear:
     return torch.cat(logits)                                                  # (b, V)
 
 
-
 @torch.no_grad()
 def fast_decode(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos: list[int], pad: int,
                 num_return_sequences: int = 1, do_sample: bool = True, temperature: float = 1.0, top_k: int = 0,
