@@ -43,6 +43,7 @@ def test_bench_quick_end_to_end(tmp_path):
     assert json.loads(out.read_text())["results"].keys() == report["results"].keys()
 
 
+@pytest.mark.pipeline
 def test_bench_isolated_worker_process():
     report = bench.run(bench_args("--model", "tiny-random", "--quick", "--measure", "train/full"))
     assert report["isolated"] and list(report["results"]) == ["train/full"]

@@ -152,6 +152,7 @@ def test_soft_bradley_terry():
         bradley_terry_loss(d, torch.zeros(2), torch.tensor([0.5, 1.5]))
 
 
+@pytest.mark.learning
 def test_the_preference_model_learns_a_separable_soft_preference():
     from alignlib.reward_model import RewardModelConfig, load_reward_model, pairwise_accuracy, train_reward_model
 
@@ -202,6 +203,7 @@ def test_elo_from_pairwise_outcomes():
         cai.elo_scores([], ["a", "b"])
 
 
+@pytest.mark.pipeline
 def test_both_stages_end_to_end_on_the_tiny_model(tmp_path, capsys):
     from alignlib.cli import main
 

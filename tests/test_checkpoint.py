@@ -143,6 +143,7 @@ def test_report_to_tensorboard_logs_every_step_offline_with_gradient_checkpointi
     assert [e.value for e in events.Scalars("grad/norm")] == pytest.approx([h["grad/norm"] for h in record["history"]])
 
 
+@pytest.mark.pipeline
 def test_reward_model_training_resumes_exactly_and_writes_its_run_directory(tmp_path):
     import alignlib.reward_model as rm
     from alignlib.data import load_course_dataset

@@ -59,6 +59,7 @@ def test_unknown_reward_is_a_clear_error():
         build_reward("bleu")
 
 
+@pytest.mark.pipeline
 def test_tour_runs_every_method_on_the_tiny_model_and_writes_its_report(capsys, tmp_path):
     import json
 

@@ -136,6 +136,7 @@ def test_exercise_scores_zero_on_every_check():
     assert_scores_zero(EXERCISE)
 
 
+@pytest.mark.pipeline
 def test_grade_command_prints_table(capsys):
     assert grade_command(SOLUTION) == 0
     assert "Total 12/12" in capsys.readouterr().out
@@ -223,6 +224,7 @@ def test_a_cell_that_patches_the_grader_scores_zero(patch, tmp_path):
     assert all(r.points == 0 and "modified the grader" in r.message for r in results)
 
 
+@pytest.mark.pipeline
 def test_the_grade_command_grades_in_a_separate_process_with_a_deadline(tmp_path):
     from alignlib.grading import grade_in_subprocess
 

@@ -43,6 +43,7 @@ def test_lora_reference_mode_is_the_base_model():
             pass
 
 
+@pytest.mark.pipeline
 def test_missing_cache_without_network_names_the_fix(tmp_path):
     """With an empty cache and pip unable to reach an index, loading fails with the fix in the message."""
     code = ("from alignlib.models import load_model, ModelCacheError\n"

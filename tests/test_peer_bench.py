@@ -89,6 +89,7 @@ def test_settings_round_trip_and_validation():
         BenchSettings(steps=1).validate()
 
 
+@pytest.mark.pipeline
 def test_standalone_module_prints_json():
     argv = BenchSettings(**{**TINY, "max_new_tokens": 4, "held_out": 2}).to_argv()
     proc = subprocess.run([sys.executable, "-m", "alignlib.peer_bench", "--method", "ppo", *argv],

@@ -150,6 +150,7 @@ def test_lmc_gaps_and_the_grid():
     assert check_simplex([0.25, 0.75], 2) == [0.25, 0.75]
 
 
+@pytest.mark.pipeline
 def test_the_pipeline_on_the_tiny_model(tmp_path):
     """Experts, MORL and every soup evaluated; the summary's pieces are consistent and JSON-ready."""
     def letters(p, r): return torch.tensor([float(sum(c.isalpha() for c in x)) for x in r])
