@@ -243,8 +243,9 @@ RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")  
 
 
 def _rms_norm(module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)``; for the RMSNorms of ``FAST_MODEL_TYPES`` in fp32, torch's one fused kernel instead of their six
-    (x / sqrt(mean(x^2) + eps) * weight, the same numbers)."""
+    """``module(x)``; for the RMSNorms of ``FAST_MODEL_TYPES`` in fp32, ``F.rms_norm`` instead of their Python forward
+    (x / sqrt(mean(x^2) + eps) * weight, the same numbers). On CPU torch 2.13 still runs it as pow, mean, add, rsqrt
+    and two muls, but from C++: 22 us against 30 us for the module at 16 rows (no_grad, medians of 40, 40 of 40)."""
     if x.dtype != torch.float32 or type(module).__name__ not in RMS_NORMS:
         return module(x)
     return F.rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon)
