@@ -28,6 +28,7 @@ def same_rollout(a, b):
             and a.responses == b.responses and a.prompt_width == b.prompt_width)
 
 
+@pytest.mark.pipeline
 def test_bench_quick_end_to_end(tmp_path):
     out = tmp_path / "bench.json"
     report = bench.run(bench_args("--model", "tiny-random", "--quick", "--in-process", "--hf-baseline",

@@ -210,6 +210,7 @@ def test_smollm2_backbone_pools_the_last_real_token():
     assert together.shape == (2,) and together[0] == pytest.approx(alone[0].item(), abs=1e-4)  # padding ignored
 
 
+@pytest.mark.pipeline
 def test_reward_model_command_reports_test_and_shifted_accuracy(capsys):
     from alignlib.cli import main
 

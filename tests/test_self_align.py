@@ -190,6 +190,7 @@ def test_the_course_data():
         assert not sa.PRINCIPLE_ID.search(e["answer"]) and "thought" not in e["answer"].lower()
 
 
+@pytest.mark.pipeline
 def test_the_four_stages_end_to_end_on_the_tiny_model(tmp_path, capsys, monkeypatch):
     import json
 
