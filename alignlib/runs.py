@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import (CHECKPOINT_EVERY, graceful_stop, load_checkpoint, prepare_output, read_record, save_checkpoint,
-                         write_record)
+from .checkpoint import (CHECKPOINT_EVERY, _good_copy, graceful_stop, load_checkpoint, prepare_output, read_marker,
+                         read_record, save_checkpoint, write_record)
 from .distributed import process_state
 from .generation import generate
 from .models import load_model
@@ -78,7 +78,10 @@ def train_steps(trainer, out, total: int, every: int, record: dict, progress: bo
                disable=not (progress and main))
     with graceful_stop() as stop:
         while len(trainer.history) < total:
-            metrics = step()
+            try:
+                metrics = step()
+            except FloatingPointError as err:       # name the checkpoint that holds good weights
+                raise FloatingPointError(f"{err} {_good_copy(out)}") from None
             metrics = metrics[0] if isinstance(metrics, tuple) else metrics          # PPO also returns its rollout
             bar.update(1)
             shown = "reward/mean" if "reward/mean" in metrics else "loss/total"    # a reward model has no reward
@@ -86,14 +89,26 @@ def train_steps(trainer, out, total: int, every: int, record: dict, progress: bo
             done = len(trainer.history)
             if tracker is not None and main:
                 tracker.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=done)
-            if main and (stop.signum or done == total or (every and done % every == 0)):
+            signum = agreed_stop(stop.signum)
+            if main and (signum or done == total or (every and done % every == 0)):
                 save_checkpoint(out, trainer)
-                status = "interrupted" if stop.signum and done < total else "training"
+                status = "interrupted" if signum and done < total else "training"
                 write_record(out, {**record, "history": trainer.history, "status": status})
-            if stop.signum:
-                return stop.signum
+            if signum:
+                return signum
     bar.close()
     return None
+
+
+def agreed_stop(signum: int | None) -> int | None:
+    """The stop request of any process, so that all processes of a launch stop after the same step (only the
+    main process writes the checkpoint; a process that stopped alone would leave the others waiting)."""
+    state = process_state()
+    if state.num_processes == 1:
+        return signum
+    flag = torch.tensor([signum or 0], device=state.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return int(flag.item()) or None
 
 
 def resume_run(name: str, out: Path, trainer, total: int, say=print) -> None:
@@ -108,19 +123,38 @@ def stop_run(name: str, out: Path, trainer, total: int, signum: int, say=print):
     raise SystemExit(128 + signum)
 
 
-def run_method(name: str, args, make_trainer) -> dict:
-    """Check the output, evaluate, train with ``make_trainer(task, model, tokenizer, reward_fn) -> (trainer, config)``
-    and checkpoints, evaluate, save. The same protocol for every method, so their run directories compare."""
+def run_identity(name: str, args, steps: int | None) -> dict:
+    """What a run directory is a run of: ``--resume`` refuses to continue it with anything else (``steps`` may
+    grow). ``steps`` None: the stored budget on resume."""
+    task = get_task(args.preset)
+    return {"method": name, "model": getattr(args, "model", None) or task.model, "preset": args.preset,
+            "prompts": task.prompts, "reward": getattr(args, "reward", None) or task.reward, "seed": args.seed,
+            "processes": process_state().num_processes, "steps": steps}
+
+
+def run_method(name: str, args, make_trainer, identity: dict | None = None) -> dict:
+    """Check the output, evaluate, train with ``make_trainer(task, model, tokenizer, reward_fn, steps) ->
+    (trainer, config)`` and checkpoints, evaluate, save. The same protocol for every method, so their run
+    directories compare. ``identity`` (``run_identity``) is stored with the run and compared on ``--resume``."""
     resume, overwrite = getattr(args, "resume", False), getattr(args, "overwrite", False)
     every = getattr(args, "checkpoint_every", CHECKPOINT_EVERY)
     if every is None or every < 0:
         raise ValueError(f"--checkpoint-every must be >= 0 (0: only at the end and when stopped), got {every}.")
     state = process_state()
     main = state.is_main_process
-    out = prepare_output(args.output, resume=resume, overwrite=overwrite) if main else Path(args.output)
+    identity = identity or run_identity(name, args, getattr(args, "steps", None))
+    if main:
+        out = prepare_output(args.output, resume=resume, overwrite=overwrite, identity=identity)
+        identity = read_marker(out)["identity"]
+    else:
+        out = Path(args.output)
     state.wait_for_everyone()                                                   # checked before minutes of loading
+    if state.num_processes > 1:                                                 # the resolved budget, on every rank
+        shared = [identity]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        identity = shared[0]
     task, model, tokenizer, reward_fn, held_out = prepare(args)
-    trainer, config = make_trainer(task, model, tokenizer, reward_fn)
+    trainer, config = make_trainer(task, model, tokenizer, reward_fn, identity["steps"])
     total = config.stages if name == "raft" else config.steps
     if resume:
         before = read_record(out)["before"]
@@ -129,7 +163,7 @@ def run_method(name: str, args, make_trainer) -> dict:
         before = evaluate(model, tokenizer, reward_fn, held_out, config.max_new_tokens, task.chat,
                           temperature=config.temperature)
         state.print(f"[{name}] held-out reward before: {before['reward/mean']:+.3f}")
-    record = {"method": name, "config": asdict(config), "task": asdict(task), "before": before}
+    record = {"method": name, "identity": identity, "config": asdict(config), "task": asdict(task), "before": before}
     if main:
         write_record(out, {**record, "history": trainer.history, "status": "training"})
     tracker = make_tracker(getattr(args, "report_to", "none"), out, record) if main else None
@@ -179,13 +213,19 @@ def run_named(method: str, args) -> dict:
     rejected responses (they join its candidates where the data has them)."""
     from .presets import load_task_queries
 
-    def make(task, model, tokenizer, reward_fn):
+    module, config_class, _, field = TRAINERS[method]
+    steps = getattr(args, "steps", None)
+    if steps is None and not getattr(args, "resume", False):           # a new run records the preset's budget
+        config = getattr(importlib.import_module(f".{module}", __package__), config_class)
+        steps = getattr(config.preset(args.preset), field)
+
+    def make(task, model, tokenizer, reward_fn, steps):
         load = load_task_queries if method == "rrhf" else load_task_prompts
         trainer = make_trainer(method, model, tokenizer, reward_fn, load(task.prompts, "train"), args.preset,
-                               getattr(args, "steps", None), chat=task.chat, seed=args.seed, **several_processes())
+                               steps, chat=task.chat, seed=args.seed, **several_processes())
         return trainer, trainer.config
 
-    return run_method(method, args, make)
+    return run_method(method, args, make, run_identity(method, args, steps))
 
 
 def run_ppo(args) -> dict:

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
+import subprocess
+import sys
 import types
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from alignlib.checkpoint import (RunDirectoryError, latest_checkpoint, load_checkpoint, prepare_output,
-                                 read_record, trained_module)
+from alignlib.checkpoint import (LOCK, MARKER, RunDirectoryError, StageStore, graceful_stop, latest_checkpoint,
+                                 load_checkpoint, prepare_output, read_marker, read_record, release, save_checkpoint,
+                                 trained_module)
 from alignlib.models import load_model
 from alignlib.runs import train_steps
 from alignlib.utils import seed_everything
@@ -67,13 +73,15 @@ def test_a_resumed_run_ends_exactly_where_the_uninterrupted_run_does(method, tmp
     changed = [n for n, p in a.items() if p.requires_grad]
     assert changed and all(torch.equal(a[n], b[n]) for n in changed)
     assert latest_checkpoint(tmp_path / "cut").name == "step-000003"
-    assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir() if p.is_dir()] == ["step-000003"]
+    kept = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir() if p.is_dir())
+    assert kept == ["step-000002", "step-000003"]          # the newest, and the one before it as a fallback
 
 
 def test_an_existing_run_is_refused_unless_resumed_or_overwritten(tmp_path):
-    out = tmp_path / "run"
+    out = prepare_output(tmp_path / "run")
     (out / "adapter").mkdir(parents=True)
     (out / "adapter" / "stale.safetensors").write_text("old")
+    release(out)
     with pytest.raises(RunDirectoryError, match="--resume.*--overwrite"):
         prepare_output(out)
     with pytest.raises(RunDirectoryError, match="no complete checkpoint"):
@@ -81,8 +89,131 @@ def test_an_existing_run_is_refused_unless_resumed_or_overwritten(tmp_path):
     with pytest.raises(ValueError, match="exclude each other"):
         prepare_output(out, resume=True, overwrite=True)
     prepare_output(out, overwrite=True)
-    assert out.is_dir() and not any(out.iterdir())        # nothing stale is left beside the new run
+    assert sorted(p.name for p in out.iterdir()) == sorted([LOCK, MARKER])   # nothing stale is left beside the new run
     prepare_output(tmp_path / "fresh" / "nested")         # a new directory is created
+
+
+def test_overwrite_deletes_only_what_the_run_protocol_wrote(tmp_path, monkeypatch):
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("months of work")
+    with pytest.raises(RunDirectoryError, match="not written by alignlib.*nothing was deleted"):
+        prepare_output(mine, overwrite=True)
+    assert (mine / "thesis.tex").read_text() == "months of work"
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    for output, what in [("", "empty"), (".", "current directory"), ("data", "course data"),
+                         ("data/..", "current directory"), (str(repo.parent), "parent of"), ("/", "root")]:
+        with pytest.raises(RunDirectoryError, match=what):
+            prepare_output(output, overwrite=True)
+    assert (repo / "data" / "README.md").exists() and (repo / ".git").exists()
+    monkeypatch.chdir(tmp_path / "notes")
+    with pytest.raises(RunDirectoryError, match="parent of the current directory"):
+        prepare_output(tmp_path, overwrite=True)
+
+
+def test_a_second_writer_is_refused_at_once(tmp_path):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from alignlib.checkpoint import "
+                               "prepare_output; prepare_output(sys.argv[1]); print('held', flush=True); time.sleep(60)",
+                               str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for overwrite in (False, True):
+            with pytest.raises(RunDirectoryError, match=f"another process \\(pid {holder.pid}\\)"):
+                prepare_output(out, overwrite=overwrite)
+    finally:
+        holder.kill()
+        holder.wait()
+    prepare_output(out, overwrite=True)            # the lock died with its process
+
+
+def tiny_args(out, **change):
+    return types.SimpleNamespace(**{**dict(preset="cpu", model="tiny-random", reward="length", steps=2, seed=0,
+                                           output=str(out), resume=False, overwrite=False, checkpoint_every=0),
+                                    **change})
+
+
+def test_resume_refuses_another_method_model_reward_seed_or_a_smaller_budget(tmp_path):
+    from alignlib.runs import run_ppo, run_raft
+
+    out = tmp_path / "ppo"
+    run_ppo(tiny_args(out, steps=2))
+    release(out)
+    with pytest.raises(RunDirectoryError, match="method: the run used 'ppo', this command asks for 'raft'"):
+        run_raft(tiny_args(out, resume=True))
+    with pytest.raises(RunDirectoryError, match="reward: .*'length'.*'sentiment'.*seed: the run used 0"):
+        run_ppo(tiny_args(out, resume=True, reward="sentiment", seed=1))
+    with pytest.raises(RunDirectoryError, match="steps: 1 is fewer than the 2"):
+        run_ppo(tiny_args(out, resume=True, steps=1))
+    with pytest.raises(RunDirectoryError, match="already finished its 2 steps"):
+        run_ppo(tiny_args(out, resume=True, steps=None))
+    assert read_record(out)["method"] == "ppo"                       # nothing was rewritten by the refusals
+    record = run_ppo(tiny_args(out, resume=True, steps=3))           # a larger budget extends the run
+    assert len(record["history"]) == 3 and read_marker(out)["identity"]["steps"] == 3
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_one_before(tmp_path):
+    whole = build("rrhf")
+    train_steps(whole, tmp_path, 3, every=1, record={"method": "rrhf"}, progress=False)
+    newest = latest_checkpoint(tmp_path)
+    weights = newest / "trainable.safetensors"
+    weights.write_bytes(os.urandom(weights.stat().st_size))          # same size, random bytes
+    said = []
+    resumed = build("rrhf")
+    assert load_checkpoint(tmp_path, resumed, say=lambda *a, **k: said.append(a[0])) == 2
+    assert "trainable.safetensors is damaged" in said[0]
+    (tmp_path / "checkpoints" / "step-000002" / "state.json").write_text("{")
+    with pytest.raises(RunDirectoryError, match="every checkpoint .* is damaged.*--overwrite"):
+        load_checkpoint(tmp_path, build("rrhf"), say=lambda *a, **k: None)
+
+
+def test_a_full_disk_or_non_finite_weights_leave_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    import alignlib.checkpoint as ckpt
+
+    trainer = build("raft")
+    train_steps(trainer, tmp_path, 1, every=1, record={"method": "raft"}, progress=False)
+    trainer.history.append({})
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    with pytest.raises(RunDirectoryError, match="No space left.*last good checkpoint is .*step-000001.*--resume"):
+        save_checkpoint(tmp_path, trainer)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-000001"]
+    with torch.no_grad():
+        next(p for p in trained_module(trainer).parameters() if p.requires_grad).fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="not finite.*last good checkpoint is .*step-000001"):
+        save_checkpoint(tmp_path, trainer)
+    assert latest_checkpoint(tmp_path).name == "step-000001"
+
+
+def test_a_stage_store_resumes_with_the_rng_where_the_stage_ended(tmp_path):
+    def draw():
+        return {"torch": torch.rand(2).tolist(), "python": random.random(), "numpy": float(np.random.rand())}
+
+    seed_everything(0)
+    whole = [StageStore(tmp_path / "a").run(name, draw) for name in ("one", "two")]
+    seed_everything(0)
+    StageStore(tmp_path / "b").run("one", draw)            # then the process dies
+    seed_everything(5)                                     # a new process, whatever its seed
+    resumed = [StageStore(tmp_path / "b").run(name, draw) for name in ("one", "two")]
+    assert resumed == whole
+    result = tmp_path / "b" / "stages" / "two" / "result.json"
+    result.write_text(result.read_text().replace("0", "1"))
+    with pytest.raises(RunDirectoryError, match="the finished stage two is damaged.*result.json"):
+        StageStore(tmp_path / "b").load("two")
+
+
+def test_the_same_signal_delivered_twice_is_one_stop_request():
+    with graceful_stop() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)              # terminal and accelerate launch both forward Ctrl-C
+        assert stop.signum == signal.SIGINT
 
 
 def test_an_unwritable_output_fails_before_training(tmp_path):
@@ -107,8 +238,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_run(tmp_path, monke
     monkeypatch.setattr(PPOTrainer, "step", step_then_signal)
     handler_before = signal.getsignal(signal.SIGTERM)
     out = tmp_path / "ppo"
-    args = types.SimpleNamespace(preset="cpu", model="tiny-random", reward="length", steps=6, seed=0,
-                                 output=str(out), resume=False, overwrite=False, checkpoint_every=0)
+    args = tiny_args(out, steps=3)
     with pytest.raises(SystemExit) as stop:
         run_ppo(args)
     assert stop.value.code == 128 + signal.SIGTERM
@@ -119,7 +249,8 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_run(tmp_path, monke
 
     with pytest.raises(RunDirectoryError, match="--resume"):
         run_ppo(args)                                            # the interrupted run is not replaced silently
-    run_ppo(types.SimpleNamespace(**{**vars(args), "steps": 3, "resume": True}))
+    release(out)
+    run_ppo(types.SimpleNamespace(**{**vars(args), "resume": True}))
     record = json.loads((out / "history.json").read_text())
     assert record["status"] == "finished" and len(record["history"]) == 3
     assert (out / "adapter" / "adapter_model.safetensors").exists()
