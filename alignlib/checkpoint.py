@@ -197,6 +197,9 @@ def _claim(out: Path, resume: bool, overwrite: bool, identity: dict) -> Path:
         if latest_checkpoint(out) is None and not (out / STAGES).is_dir():
             raise RunDirectoryError(f"--resume: {out} holds no complete checkpoint "
                                     f"({out / CHECKPOINTS / LATEST} is missing); start again with --overwrite.")
+        if latest_checkpoint(out) is not None and "no good checkpoint" in _good_copy(out):
+            raise RunDirectoryError(f"--resume: every checkpoint in {out / CHECKPOINTS} is damaged (checksums differ "
+                                    "from their manifests); nothing can be resumed. Start again with --overwrite.")
         record = read_record(out) or {}
         done = len(record.get("history", [])) if record.get("status") == "finished" else None
         identity = _compare(marker.get("identity", {}), identity, done)

@@ -166,6 +166,9 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before(tmp_path):
     (tmp_path / "checkpoints" / "step-000002" / "state.json").write_text("{")
     with pytest.raises(RunDirectoryError, match="every checkpoint .* is damaged.*--overwrite"):
         load_checkpoint(tmp_path, build("rrhf"), say=lambda *a, **k: None)
+    (tmp_path / MARKER).write_text(json.dumps({"identity": {}}))
+    with pytest.raises(RunDirectoryError, match="--resume: every checkpoint .* is damaged"):
+        prepare_output(tmp_path, resume=True)              # found before the model loads
 
 
 def test_a_full_disk_or_non_finite_weights_leave_the_last_good_checkpoint(tmp_path, monkeypatch):

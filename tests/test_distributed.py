@@ -208,3 +208,40 @@ def test_micro_batches_accumulate_the_same_step(method):
     assert parts["grad/norm"] == pytest.approx(whole["grad/norm"], rel=1e-4)
     for name in w_whole:
         torch.testing.assert_close(w_parts[name], w_whole[name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.distributed
+def test_ctrl_c_under_accelerate_launch_writes_the_interrupt_checkpoint_and_resumes(tmp_path):
+    """The terminal sends SIGINT to the whole process group and accelerate forwards it again to each worker: the
+    workers agree on one step, the main process checkpoints, and the same launch with --resume finishes the run."""
+    import signal
+    import time
+
+    from alignlib.checkpoint import RunDirectoryError, latest_checkpoint, prepare_output, read_record
+
+    out = tmp_path / "rrhf"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "ddp.yaml"),
+              "--num_processes", "2", "--mixed_precision", "no", "-m", "alignlib", "rrhf", "--model", "tiny-random",
+              "--reward", "length", "--steps", "60", "--output", str(out), "--checkpoint-every", "0"]
+    job = subprocess.Popen(launch, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    seen = ""
+    while "held-out reward before" not in seen:
+        line = job.stdout.readline()
+        assert line, f"the launch ended before training:\n{seen[-3000:]}"
+        seen += line
+    time.sleep(3)                                            # a few steps into training
+    os.killpg(job.pid, signal.SIGINT)                        # what Ctrl-C in a terminal does
+    seen += job.stdout.read()
+    job.wait(timeout=120)
+    record = read_record(out)
+    assert record["status"] == "interrupted", seen[-3000:]
+    done = len(record["history"])
+    assert 0 < done < 60 and latest_checkpoint(out).name == f"step-{done:06d}"
+    with pytest.raises(RunDirectoryError, match="processes: the run used 2, this command asks for 1"):
+        prepare_output(out, resume=True, identity={"processes": 1})
+    finished = subprocess.run(launch + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert f"resuming {out} after step {done} of 60" in finished.stdout
+    assert read_record(out)["status"] == "finished" and len(read_record(out)["history"]) == 60
