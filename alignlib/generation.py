@@ -18,6 +18,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from .logprobs import gather_logprobs, position_ids_from_mask
 from .packed_linear import PackedLinears
+from .utils import check_top
 
 
 @dataclass
@@ -51,6 +52,9 @@ class Rollout:
 
 
 def check_prompts(prompts) -> list[str]:
+    """``prompts`` as a list of non-empty strings that UTF-8 can encode, or an error naming the first bad index (an
+    empty prompt gives a raw-text batch no token to start from; a lone surrogate such as "\\ud800" crashes the
+    tokenizer)."""
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings, got one string; wrap it: [prompt].")
     prompts = list(prompts)
@@ -59,6 +63,15 @@ def check_prompts(prompts) -> list[str]:
     bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
     if bad:
         raise TypeError(f"prompts must be strings; items {bad[:5]} are not.")
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompts[{i}] is an empty string; give every prompt some text (drop empty ones).")
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(f"prompts[{i}] is not valid Unicode text: {p[err.start:err.end]!r} at position "
+                             f"{err.start} is a lone surrogate; decode the source text properly (e.g. bytes."
+                             "decode('utf-8')) or drop the character.") from None
     return prompts
 
 
@@ -470,6 +483,7 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 48, temperature: f
     for name, value in (("num_return_sequences", num_return_sequences), ("batch_size", batch_size or 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    check_top(top_k, top_p)
     if row_seeds is not None and len(row_seeds) != len(prompts):
         raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {len(prompts)} prompts; give one per prompt.")
     if seed is not None:

@@ -178,6 +178,8 @@ def make_steps(model, decoder, value_head, optimizer, shapes: dict, device: torc
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from .utils import threads_arg
+
     gpu = DEFAULTS["gpu"]
     for name, help_ in (("sft-batch", "SFT sequences B"), ("sft-len", "SFT tokens per sequence T"),
                         ("rrhf-prompts", "RRHF prompts P"), ("rrhf-k", "RRHF candidates per prompt k"),
@@ -199,7 +201,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--compile", action="store_true", help="torch.compile the decoder for the training steps")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="no GPU: run every code path on the CPU, fp32, tiny config and shapes (a test)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (--cpu-smoke default: 1)")
+    parser.add_argument("--threads", type=threads_arg, default=None, help="torch CPU threads (--cpu-smoke default: 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="runs/gpu_check.json", metavar="PATH", help="write the results here")
     return parser

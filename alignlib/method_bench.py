@@ -22,6 +22,9 @@ PPO's reference is the adapter switched off and its value head shares the trunk,
 ``--mode full``: full fine-tuning as in the papers; PPO then keeps a frozen reference copy and a separate value
 model (a copy with its own adapter), RRHF a frozen copy of the initial model (its "initial" samples), RAFT nothing
 else; every method then trains with lr ``FULL_LR`` instead of the presets' LoRA rate. The reward (VADER) is a lexicon, not a model, in both modes.
+
+With ``--json PATH``, each finished (method, seed) run is kept at once beside it (``<PATH stem>.runs/``): Ctrl-C
+or SIGTERM terminates the running subprocess and ``--resume`` runs only what had not finished (``run``).
 """
 from __future__ import annotations
 
@@ -183,14 +186,23 @@ def time_to_reach(history: list[dict], target: float, window: int = 3) -> float 
     return None
 
 
-def run_subprocess(method: str, opts: dict) -> dict:
-    """``bench_method`` in a fresh interpreter, so its peak memory is its own."""
+def run_subprocess(method: str, opts: dict, stop=None) -> dict | None:
+    """``bench_method`` in a fresh interpreter, so its peak memory is its own. With ``stop`` (``graceful_stop``):
+    a SIGINT/SIGTERM terminates the interpreter, and the result is None."""
+    from .ppo_check import wait_workers
+
     with tempfile.TemporaryDirectory(prefix="method_bench_") as tmp:
         path = Path(tmp) / "out.json"
         code = ("import json, sys; from alignlib.method_bench import bench_method; "
                 f"json.dump(bench_method({method!r}, **{opts!r}), open({str(path)!r}, 'w'))")
-        proc = subprocess.run([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
-                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
+                                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        if stop is None:
+            proc.wait()
+        else:
+            wait_workers([proc], stop)
+            if stop.signum and (proc.returncode != 0 or not path.exists()):
+                return None                                       # stopped before it finished
         if proc.returncode != 0 or not path.exists():
             raise RuntimeError(f"the {method} benchmark failed with exit status {proc.returncode}.")
         return json.loads(path.read_text())
@@ -265,39 +277,75 @@ def fig4_table(runs: dict[int, dict]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from .utils import threads_arg
+
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model name, Hub id or directory (tests: tiny-random)")
     parser.add_argument("--steps", type=int, default=10, help="steps (RAFT: stages) per method")
     parser.add_argument("--mode", choices=["lora", "full"], default="lora", help="LoRA adapters or every weight")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=threads_arg, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run of every method per seed")
     parser.add_argument("--held-out", type=int, default=40, help="held-out prompts (2 answers each)")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH (each finished "
+                                                       "run is kept at once in <PATH without .json>.runs/)")
+    parser.add_argument("--resume", action="store_true", help="with --json: reuse the finished runs of an "
+                                                              "interrupted benchmark")
+    parser.add_argument("--overwrite", action="store_true", help="with --json: replace PATH and its finished runs")
     return parser
 
 
 def run(args) -> dict:
+    """Every method per seed, each in a subprocess. ``--json`` is checked before any run (an existing file is
+    refused unless ``--overwrite`` or ``--resume``), each finished (method, seed) run is kept at once in
+    ``<json stem>.runs/stages/`` and the JSON is rewritten after every seed. SIGINT/SIGTERM terminates the running
+    subprocess and exits with 128 + the signal; ``--resume`` runs only what had not finished (the same model,
+    steps, mode, methods, threads, seeds and held-out prompts; ``--resume`` refuses others)."""
+    from .checkpoint import atomic_write, graceful_stop
+    from .ppo_check import prepare_results
+
     if "ppo" not in args.methods:
         raise ValueError("--methods must include ppo: every ratio is relative to PPO.")
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}.")
+    resume, overwrite = getattr(args, "resume", False), getattr(args, "overwrite", False)
+    if (resume or overwrite) and not args.json:
+        raise ValueError("--resume and --overwrite need --json: the finished runs are kept beside that file.")
+    store = None
     if args.json:  # checked before an hour of runs, not after
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).touch()
+        identity = {"command": "method-bench", "model": args.model, "bench_steps": args.steps, "mode": args.mode,
+                    "methods": [m for m in METHODS if m in args.methods], "threads": args.threads,
+                    "seeds": list(args.seeds), "held_out": args.held_out}
+        store = prepare_results(Path(args.json), resume, overwrite, identity, flag="--json")
     runs = {}
-    for seed in args.seeds:
-        opts = {"model_name": args.model, "steps": args.steps, "mode": args.mode, "threads": args.threads,
-                "seed": seed, "held_out": args.held_out}
-        results = {}
-        for method in METHODS:
-            if method in args.methods:
+    with graceful_stop() as stop:
+        for seed in args.seeds:
+            opts = {"model_name": args.model, "steps": args.steps, "mode": args.mode, "threads": args.threads,
+                    "seed": seed, "held_out": args.held_out}
+            results = {}
+            for method in METHODS:
+                if method not in args.methods:
+                    continue
+                name = f"seed-{seed}_{method}"
+                if store is not None and store.done(name):
+                    print(f"[method-bench] seed {seed}: {method} finished before: {store.path(name)}",
+                          file=sys.stderr, flush=True)
+                    results[method] = store.load(name)
+                    continue
                 print(f"[method-bench] seed {seed}: {method} in a subprocess ...", file=sys.stderr, flush=True)
-                results[method] = run_subprocess(method, opts)
-        reference_perplexity(list(results.values()), args.model)
-        runs[seed] = results
-        print(f"\nseed {seed}\n" + format_table(results, summarize(results)), flush=True)
-        out = {"runs": {str(s): r for s, r in runs.items()}, "summary": {str(s): summarize(r) for s, r in runs.items()}}
-        if args.json:  # after every seed: a later failure loses only the runs after it
-            Path(args.json).write_text(json.dumps(out, indent=1))
+                results[method] = run_subprocess(method, opts, stop)
+                if results[method] is not None and store is not None:
+                    store.save(name, results[method])
+                if stop.signum:
+                    print(f"[method-bench] stopped at seed {seed}'s {method} run"
+                          + (f"; the finished runs are kept in {store.root}. Run the same command with --resume "
+                             "to continue." if store is not None else "."), file=sys.stderr, flush=True)
+                    raise SystemExit(128 + stop.signum)
+            reference_perplexity(list(results.values()), args.model)
+            runs[seed] = results
+            print(f"\nseed {seed}\n" + format_table(results, summarize(results)), flush=True)
+            out = {"runs": {str(s): r for s, r in runs.items()},
+                   "summary": {str(s): summarize(r) for s, r in runs.items()}}
+            if args.json:  # after every seed: a later failure loses only the runs after it
+                atomic_write(Path(args.json), json.dumps(out, indent=1))
     print("\n" + fig4_table(runs))
     return out

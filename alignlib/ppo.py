@@ -150,11 +150,22 @@ class PPOConfig(PresetMixin):
 
 # ---------------------------------------------------------------- pure functions (graded in exercise 01)
 
+def same_shape(fn: str, **tensors: torch.Tensor) -> None:
+    """Raise a ValueError naming the first argument of ``fn`` whose shape differs from the first one's (instead of
+    torch's broadcasting error, or a silent broadcast). Compares shapes only: no tensor work."""
+    (first, ref), *rest = tensors.items()
+    for name, t in rest:
+        if t.shape != ref.shape:
+            raise ValueError(f"{fn}: {first} has shape {tuple(ref.shape)} but {name} has shape {tuple(t.shape)}; "
+                             "pass tensors of one shape (B, T), one entry per response token.")
+
+
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
     """Per-token KL estimate from log-probs of the sampled tokens: (B, T), (B, T) -> (B, T).
 
     k1 = log pi - log rho;  k3 = (rho/pi - 1) - log(rho/pi)  (Schulman, "Approximating KL divergence", 2020).
     """
+    same_shape("kl_penalty", logp=logp, ref_logp=ref_logp)
     log_ratio = logp - ref_logp  # log pi/rho
     if estimator == "k1":
         return log_ratio
@@ -168,6 +179,10 @@ def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, k
 
     scores (B,), kl (B, T), mask (B, T) with at least one 1 per row -> (B, T), zero off the mask.
     """
+    same_shape("shaped_rewards", kl=kl, mask=mask)
+    if scores.shape != kl.shape[:1]:
+        raise ValueError(f"shaped_rewards: scores has shape {tuple(scores.shape)} but kl has shape {tuple(kl.shape)}; "
+                         "scores must be (B,), one score per row of kl (B, T).")
     if (mask.sum(-1) == 0).any():
         raise ValueError("every row needs at least one response token in mask.")
     rewards = -kl_coef * kl * mask
@@ -183,6 +198,10 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
     rewards, values, mask: (B, T); positions with mask 0 are skipped (the episode is the response tokens,
     which are contiguous). Returns advantages and returns G = A + V, both (B, T), zero off the mask.
     """
+    same_shape("compute_gae", rewards=rewards, values=values, mask=mask)
+    if rewards.dim() != 2:
+        raise ValueError(f"compute_gae: rewards has shape {tuple(rewards.shape)}; rewards, values and mask must be "
+                         "(B, T).")
     B, T = rewards.shape
     mask = mask.to(rewards.dtype)
     advantages = torch.zeros_like(rewards)
@@ -202,6 +221,7 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
 
 def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
     """(x - mean) / std over the masked positions (mean kept if ``shift_mean=False``); zero off the mask."""
+    same_shape("whiten", values=values, mask=mask)
     mean = masked_mean(values, mask)
     var = masked_mean((values - mean) ** 2, mask)
     out = (values - mean) * torch.rsqrt(var + 1e-8)
@@ -216,6 +236,7 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
 
     All inputs (B, T). Returns the loss and statistics (clip fraction, approximate KL pi_old || pi).
     """
+    same_shape("clipped_policy_loss", logp=logp, old_logp=old_logp, advantages=advantages, mask=mask)
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
@@ -230,6 +251,7 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
 def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
                        cliprange_value: float = 0.2) -> tuple[torch.Tensor, dict]:
     """L^V = 1/2 mean_t max((V - G)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - G)^2); inputs (B, T)."""
+    same_shape("clipped_value_loss", values=values, old_values=old_values, returns=returns, mask=mask)
     clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
     loss_unclipped = (values - returns) ** 2
     loss_clipped = (clipped - returns) ** 2

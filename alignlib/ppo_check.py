@@ -28,6 +28,11 @@ The JSON it writes (``--output``) holds every run's history, held-out rewards an
 stored copies in ``lectures/results/`` to show the spread over seeds and the effect of beta. Exit code 1 if any
 run at the preset's beta fails a criterion (runs at other betas are reported, not judged: beta = 0 is expected
 to break the KL budget).
+
+``--output`` is checked before any run: an existing file is refused unless ``--overwrite`` or ``--resume``. Each
+finished run is kept at once in ``<output stem>.runs/stages/`` (``StageStore``). SIGINT/SIGTERM terminates the
+running workers, keeps the finished runs and exits with 128 + the signal; ``--resume`` runs only the runs that
+had not finished (the same seeds, threads, betas, task and steps; ``--resume`` refuses others).
 """
 from __future__ import annotations
 
@@ -38,7 +43,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -50,8 +54,10 @@ MIN_GAIN = {"sentiment": 0.1, "reward-model": 0.02}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .utils import threads_arg
+
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts to try")
+    parser.add_argument("--threads", type=threads_arg, nargs="+", default=[1, 2], help="torch thread counts to try")
     parser.add_argument("--kl-coefs", type=float, nargs="+", default=None,
                         help="beta values (default: the preset's); extra values run at the first seed and thread count")
     parser.add_argument("--steps", type=int, default=None, help="PPO steps per run (default: the cpu preset's)")
@@ -61,7 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="required rise of the held-out reward (default 0.1 for sentiment, 0.02 for reward-model)")
     parser.add_argument("--kl-budget", type=float, default=12.0, help="nats per sequence")
     parser.add_argument("--parallel", type=int, default=1, help="runs at once (only 1-thread runs are paired)")
-    parser.add_argument("--output", default="runs/ppo_check.json")
+    parser.add_argument("--output", default="runs/ppo_check.json",
+                        help="the JSON of every run; each finished run is kept in <output without .json>.runs/")
+    parser.add_argument("--resume", action="store_true", help="reuse the finished runs of an interrupted check")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output and its finished runs")
     parser.add_argument("--rejudge", action="store_true",
                         help="run nothing: score and judge the runs stored in --output again, and rewrite it")
 
@@ -171,6 +180,7 @@ def judge(run: dict, min_gain: float, kl_budget: float) -> dict:
 
 def run(args) -> int:
     from . import ppo
+    from .checkpoint import graceful_stop
 
     preset_beta = ppo.PPOConfig.preset("cpu").kl_coef
     out = Path(args.output)
@@ -185,27 +195,85 @@ def run(args) -> int:
     specs += [dict(seed=args.seeds[0], threads=args.threads[0], kl_coef=b, **common)
               for b in betas if b != preset_beta]
     specs.sort(key=lambda s: s["threads"])  # 1-thread runs first, so that --parallel 2 can pair them
-    out.parent.mkdir(parents=True, exist_ok=True)
-    runs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        pending = list(enumerate(specs))
+    steps = args.steps or (8 if args.task == "reward-model" else ppo.PPOConfig.preset("cpu").steps)
+    identity = {"command": "ppo-check", "task": args.task, "ppo_steps": steps, "seeds": list(args.seeds),
+                "threads": list(args.threads), "kl_coefs": betas}
+    store = prepare_results(out, getattr(args, "resume", False), getattr(args, "overwrite", False), identity)
+    name = lambda spec: f"seed-{spec['seed']}_threads-{spec['threads']}_beta-{spec['kl_coef']}"  # noqa: E731
+    runs = {i: store.load(name(spec)) for i, spec in enumerate(specs) if store.done(name(spec))}
+    if runs:
+        print(f"[ppo-check] {len(runs)} of {len(specs)} runs finished before: read from {store.root}", flush=True)
+    pending = [(i, spec) for i, spec in enumerate(specs) if i not in runs]
+    with graceful_stop() as stop:
         while pending:
             batch = [pending.pop(0)]
             while pending and len(batch) < args.parallel and batch[0][1]["threads"] == 1 and pending[0][1]["threads"] == 1:
                 batch.append(pending.pop(0))
             procs = []
             for i, spec in batch:
-                path = Path(tmp) / f"{i}.json"
+                path = store.root / f".{name(spec)}.worker-{os.getpid()}.json"
                 env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
-                procs.append((path, subprocess.Popen([sys.executable, "-m", "alignlib.ppo_check", "--worker",
-                                                      json.dumps(spec), str(path)], env=env)))
-            for path, proc in procs:
-                if proc.wait() != 0:
-                    raise RuntimeError(f"a PPO run failed (exit code {proc.returncode}); see its output above.")
-                runs.append(json.loads(path.read_text()))
-                print(f"done: seed {runs[-1]['seed']}, {runs[-1]['threads']} thread(s), beta {runs[-1]['kl_coef']}: "
-                      f"{runs[-1]['seconds']:.0f} s", flush=True)
-    return report(runs, preset_beta, args, out)
+                procs.append((i, spec, path, subprocess.Popen([sys.executable, "-m", "alignlib.ppo_check", "--worker",
+                                                               json.dumps(spec), str(path)], env=env)))
+            wait_workers([proc for *_, proc in procs], stop)
+            for i, spec, path, proc in procs:               # keep every run that finished, even when stopped
+                if proc.returncode == 0 and path.exists():
+                    runs[i] = json.loads(path.read_text())
+                    store.save(name(spec), runs[i])
+                    print(f"done: seed {spec['seed']}, {spec['threads']} thread(s), beta {spec['kl_coef']}: "
+                          f"{runs[i]['seconds']:.0f} s", flush=True)
+                path.unlink(missing_ok=True)
+            failed = [proc.returncode for *_, proc in procs if proc.returncode != 0]
+            if stop.signum:
+                print(f"[ppo-check] stopped: {len(runs)} of {len(specs)} runs finished, kept in {store.root}. Run the "
+                      "same command with --resume to continue.", flush=True)
+                raise SystemExit(128 + stop.signum)
+            if failed:
+                raise RuntimeError(f"a PPO run failed (exit codes {failed}; see its output above). The finished "
+                                   "runs are kept: fix the cause and run the same command with --resume.")
+    return report([runs[i] for i in range(len(specs))], preset_beta, args, out)
+
+
+def prepare_results(path: Path, resume: bool, overwrite: bool, identity: dict, flag: str = "--output"):
+    """Check the JSON file ``path`` before any work and claim the run directory beside it, ``<path stem>.runs/``
+    (``prepare_output``: refused if it holds an earlier run unless ``resume`` or ``overwrite``; ``resume`` needs
+    the same ``identity``). Its ``StageStore`` keeps each finished run, so that ``resume`` reuses them. An existing
+    ``path`` is refused unless ``resume`` or ``overwrite``."""
+    from .checkpoint import RunDirectoryError, StageStore, prepare_output
+
+    path = Path(path)
+    runs = path.with_name(path.stem + ".runs")
+    if path.is_dir() or path == runs:
+        raise RunDirectoryError(f"{flag} {path} is a directory or has no file suffix; name a JSON file.")
+    if path.exists() and not (resume or overwrite):
+        raise RunDirectoryError(f"{path} already exists; pass --overwrite to replace it, --resume to continue the "
+                                f"run whose finished parts are in {runs}, or choose another {flag}.")
+    try:
+        store = StageStore(prepare_output(runs, resume=resume, overwrite=overwrite, identity=identity))
+    except RunDirectoryError as err:
+        raise RunDirectoryError(str(err).replace("--output", flag)) from None
+    store.root.mkdir(exist_ok=True)        # an empty store: --resume is valid before the first run finishes
+    return store
+
+
+def wait_workers(procs: list, stop) -> None:
+    """Wait until every worker process has exited. On a stop request (``graceful_stop``) or a failed worker,
+    terminate the others and wait for them; an exception here (a second Ctrl-C) kills them before it goes on."""
+    try:
+        while None in [p.poll() for p in procs]:               # polls every one
+            if stop.signum or any(p.returncode not in (None, 0) for p in procs):
+                for p in procs:
+                    if p.poll() is None:
+                        p.terminate()
+                for p in procs:
+                    p.wait()
+                return
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 def report(runs: list[dict], preset_beta: float, args, out: Path) -> int:
@@ -224,9 +292,11 @@ def report(runs: list[dict], preset_beta: float, args, out: Path) -> int:
                      if "judge_after" in r else "")
         print(f"{r['seed']:>4} {r['threads']:>3} {r['kl_coef']:>5} {cells}  "
               f"{r['distinct2_before']:.2f} -> {r['distinct2_after']:.2f}{judged_by}")
-    out.write_text(json.dumps({"task": runs[0].get("task", "sentiment") if runs else args.task,
-                               "criteria": {"min_gain": args.min_gain, "kl_budget": args.kl_budget},
-                               "preset_kl_coef": preset_beta, "runs": runs}, indent=1))
+    from .checkpoint import atomic_write
+
+    atomic_write(out, json.dumps({"task": runs[0].get("task", "sentiment") if runs else args.task,
+                                  "criteria": {"min_gain": args.min_gain, "kl_budget": args.kl_budget},
+                                  "preset_kl_coef": preset_beta, "runs": runs}, indent=1))
     print(f"\n{len(runs)} runs, {failed} failed at the preset's beta; written to {out}")
     return 1 if failed else 0
 

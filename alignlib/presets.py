@@ -36,7 +36,9 @@ def get_task(preset: str) -> Task:
 def load_task_queries(spec: str, split: str = "train", n: int | None = None) -> list[dict]:
     """Rows with a ``prompt`` and, where the data set has them, ``chosen``/``rejected`` responses (RRHF)."""
     from .data import load_course_dataset, load_hub_dataset
+    from .utils import check_count
 
+    check_count(n, "n")                                          # -1 would keep all but the last row
     kind, _, name = spec.partition(":")
     if kind == "course":
         ds = load_course_dataset(name, split)

@@ -19,19 +19,38 @@ class RewardFn(Protocol):
 
 
 def score(reward_fn: Callable, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
-    """Call a reward function the way every trainer does, and check what it returns: a finite float tensor (B,).
+    """Call a reward function the way every trainer does, and check what it returns (``check_rewards``): a finite
+    float tensor (B,).
 
-    A reward of shape (1,) or (B, 1) would broadcast silently over the batch, a NaN would train on nothing; both
-    stop here with the name of the function and the fix.
+    A reward of shape (1,) or (B, 1) would broadcast silently over the batch, a NaN would train on nothing, a
+    complex reward would lose its imaginary part; all stop here with the name of the function and the fix.
     """
-    name = getattr(reward_fn, "__name__", type(reward_fn).__name__)
-    out = reward_fn(prompts, responses)
+    return check_rewards(reward_fn(prompts, responses), len(responses), reward_name(reward_fn))
+
+
+def reward_name(reward_fn: Callable) -> str:
+    return getattr(reward_fn, "__name__", type(reward_fn).__name__)
+
+
+def check_rewards(out, n: int, name: str, tensor_only: bool = True) -> torch.Tensor:
+    """The output ``out`` of the reward function ``name`` for ``n`` responses as a float32 tensor (n,), or an error
+    that names the function and the fix: not a tensor (a list or array too, unless ``tensor_only=False``), not real
+    numbers (complex, strings), the wrong shape, or a non-finite value. The one place reward outputs become tensors."""
+    fix = f"it must return a torch.Tensor of shape ({n},), one real float per response"
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"the reward function {name} returned {type(out).__name__}; it must return a torch.Tensor "
-                        f"of shape ({len(responses)},), one float per response.")
-    if out.shape != (len(responses),):
-        raise ValueError(f"the reward function {name} returned shape {tuple(out.shape)} for {len(responses)} "
-                         f"responses; it must return shape ({len(responses)},), one reward per response.")
+        if tensor_only:
+            raise TypeError(f"the reward function {name} returned {type(out).__name__}; {fix}.")
+        try:
+            out = torch.as_tensor(out)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"the reward function {name} returned {type(out).__name__} of non-numbers "
+                            f"({str(out)[:60]}); {fix}.") from None
+    if out.is_complex():
+        raise TypeError(f"the reward function {name} returned complex rewards ({out.dtype}), whose imaginary part a "
+                        f"conversion would drop silently; {fix} (take .real or .abs() yourself).")
+    if out.shape != (n,):
+        raise ValueError(f"the reward function {name} returned shape {tuple(out.shape)} for {n} "
+                         f"responses; it must return shape ({n},), one reward per response.")
     out = out.float()
     if not torch.isfinite(out).all():
         bad = (~torch.isfinite(out)).nonzero().flatten()[:3].tolist()
@@ -175,5 +194,6 @@ class WeightedSum:
 
     def __call__(self, prompts, responses) -> torch.Tensor:
         prompts, responses = check_pairs(prompts, responses)
-        self.last = {name: fn(prompts, responses).float() for name, fn in self.rewards.items()}
+        self.last = {name: check_rewards(fn(prompts, responses), len(responses), name)
+                     for name, fn in self.rewards.items()}
         return sum(self.weights[name] * r for name, r in self.last.items())

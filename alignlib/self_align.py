@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .data import DATA_DIR, DataFormatError, read_jsonl
+from .data import DATA_DIR, DataFormatError, read_jsonl, read_text
 from .models import DEFAULT_MODEL
-from .utils import PresetMixin
+from .utils import PresetMixin, threads_arg
 
 FILES = {"principles": ("principles.jsonl", ("id", "title", "rule")),
          "exemplars": ("exemplars.jsonl", ("id", "instruction", "thought", "answer")),
@@ -70,8 +70,11 @@ def load_self_align(data_dir: str | Path | None = None) -> SelfAlignData:
     verbose = root / "verbose_prompt.txt"
     if not verbose.exists():
         raise FileNotFoundError(f"{verbose} does not exist: write the verbose-cloning prompt there.")
-    return SelfAlignData(rows["principles"], rows["exemplars"], rows["seeds"], rows["question_types"],
-                         verbose.read_text().strip())
+    prompt = read_text(verbose).strip()
+    if not prompt:
+        raise DataFormatError(f"{verbose} is empty: write the verbose-cloning prompt (the system message that asks "
+                              "for thorough answers) there.")
+    return SelfAlignData(rows["principles"], rows["exemplars"], rows["seeds"], rows["question_types"], prompt)
 
 
 def load_rows(name: str, split: str | None = None, data_dir: str | Path | None = None) -> list[dict]:
@@ -82,18 +85,28 @@ def load_rows(name: str, split: str | None = None, data_dir: str | Path | None =
         raise ValueError(f"unknown set {name!r}; choose one of {sets}.")
     filename, required = FILES[name]
     root = Path(data_dir) if data_dir is not None else DATA_DIR / "self_align"
-    rows = [r for r in read_jsonl(root / filename, required) if split is None or r.get("split") == split]
+    rows = read_jsonl(root / filename, required)
+    if name == "truthfulness":
+        for r in rows:
+            check_choices(r, root / filename)
+    rows = [r for r in rows if split is None or r.get("split") == split]
     key = {"adherence": "expected", "adherence_labels": "label"}.get(name)
     bad = sorted({r[key] for r in rows} - set(ADHERENCE_LABELS)) if key else []
     if bad:
         raise DataFormatError(f"{filename}: {key} {bad} is not one of {ADHERENCE_LABELS}.")
-    if name == "truthfulness":
-        for r in rows:
-            c = r.get("choices")
-            if not (isinstance(c, list) and 2 <= len(c) <= 5 and isinstance(r.get("answer"), int)
-                    and 0 <= r["answer"] < len(c)):
-                raise DataFormatError(f"{filename} row {r['id']}: needs 2-5 choices and an answer index among them.")
     return rows
+
+
+def check_choices(row: dict, path) -> None:
+    """A multiple-choice row: ``choices`` a list of 2-5 non-empty strings, ``answer`` the index of the true one (an
+    integer, not ``true`` or a letter)."""
+    c, a = row.get("choices"), row.get("answer")
+    if not (isinstance(c, list) and 2 <= len(c) <= 5 and all(isinstance(x, str) and x.strip() for x in c)):
+        raise DataFormatError(f"{path} row {row['id']}: field choices must be a list of 2-5 non-empty strings, "
+                              f"got {c!r}.")
+    if isinstance(a, bool) or not isinstance(a, int) or not 0 <= a < len(c):
+        raise DataFormatError(f"{path} row {row['id']}: field answer must be the index of the true choice, an "
+                              f"integer from 0 to {len(c) - 1}, got {a!r}.")
 
 
 # ---------------------------------------------------------------- stage 1: self-instruct with a novelty filter
@@ -440,72 +453,147 @@ class SelfAlignConfig(PresetMixin):
     }
 
 
-def run(config: SelfAlignConfig | None = None, progress: bool = True) -> dict:
+STAGES = ("stage1-self-instruct", "stage2-principle-driven", "stage3-engraving", "stage4-verbose-cloning",
+          "evaluation")
+"""The stages ``run`` stores in ``<output>/stages/`` (``checkpoint.StageStore``), in order."""
+ENGRAVING_LORA = {"r": 16, "lora_alpha": 32}
+
+
+def run(config: SelfAlignConfig | None = None, progress: bool = True, out: str | Path | None = None,
+        stop=None) -> dict:
     """Stages 1-4 on the default model, with the filter counts; then the base model, the base model with the
     principles in context (``principled``), the engraved and the verbose-cloned models on the held-out rows:
-    multiple-choice accuracy both ways, principle adherence and answer length, with intervals. JSON-ready."""
+    multiple-choice accuracy both ways, principle adherence and answer length, with intervals. JSON-ready.
+
+    Resumable: with ``out`` (a run directory ``checkpoint.prepare_output`` has claimed; ``main`` does it), each of
+    ``STAGES`` is stored in ``out/stages/<stage>/`` as it finishes: stage 1's instructions, stage 2's answers and
+    filter, stage 3's and stage 4's histories with their LoRA adapters, and the evaluation. A stage finished before
+    is read back instead of computed (files verified, RNG states restored to its end), so an interrupted run, rerun
+    on the same ``out``, ends with the uninterrupted run's result. ``stop`` (``graceful_stop()``): a SIGINT/SIGTERM
+    during a stage raises ``StopRun`` once that stage is stored (during the evaluation, the run finishes). Without
+    ``out`` the stages live in a temporary directory."""
+    import tempfile
+
+    from .checkpoint import StageStore
+
+    config = config or SelfAlignConfig()
+    if out is not None:
+        return _stages(config, StageStore(out), stop)
+    with tempfile.TemporaryDirectory(prefix="alignlib-self-align-") as scratch:
+        return _stages(config, StageStore(scratch), stop)
+
+
+def _stages(config: SelfAlignConfig, store, stop) -> dict:
+    """``run``'s stages in ``store``."""
     import copy
     import time
 
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from .checkpoint import StopRun
     from .models import load_model, with_lora
 
-    config = config or SelfAlignConfig()
+    def stop_after(name):
+        if stop is not None and stop.signum:
+            raise StopRun(stop.signum, name)
+
+    def stored_model(name):       # base + the LoRA adapter stage ``name`` saved: the trained model, bit for bit
+        with torch.random.fork_rng(devices=[]):        # the adapter's initialisation draws, then is replaced
+            model = with_lora(copy.deepcopy(base), ENGRAVING_LORA)
+        set_peft_model_state_dict(model, load_file(str(store.path(name) / "adapter" / "adapter_model.safetensors")))
+        return model
+
     data = load_self_align(config.data_dir)
-    t, timings = time.perf_counter(), {}
+    t = time.perf_counter()
     base, tok = load_model(config.model, seed=config.seed)
     seeds = [s["instruction"] for s in data.seeds]
-    generated = self_instruct(base, tok, seeds, prompts=config.instruct_prompts, threshold=config.threshold,
-                              seed=config.seed)
-    red = red_team_questions(base, tok, data.question_types, topics=config.topics, seed=config.seed)
-    red_kept, red_rejected = novelty_filter([q["question"] for q in red], seeds + generated["kept"], config.threshold)
-    pool = seeds + generated["kept"] + red_kept
-    timings["stage1_s"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    rows = self_align(base, tok, pool, data, config.answer_tokens)
-    drops = {}
-    for r in rows:
-        drops[r["dropped"] or "kept"] = drops.get(r["dropped"] or "kept", 0) + 1
-    timings["stage2_s"] = time.perf_counter() - t
+    def stage1():
+        generated = self_instruct(base, tok, seeds, prompts=config.instruct_prompts, threshold=config.threshold,
+                                  seed=config.seed)
+        red = red_team_questions(base, tok, data.question_types, topics=config.topics, seed=config.seed)
+        red_kept, red_rejected = novelty_filter([q["question"] for q in red], seeds + generated["kept"],
+                                                config.threshold)
+        return {"generated": generated["generated"], "kept": generated["kept"], "rejected": generated["rejected"],
+                "red_team": red, "red_team_kept": red_kept, "red_team_rejected": red_rejected,
+                "seconds": time.perf_counter() - t}
 
-    t = time.perf_counter()
-    engraved = with_lora(copy.deepcopy(base), {"r": 16, "lora_alpha": 32})
-    prompts, answers = engraving_pairs(rows)
-    engrave_history = distil(engraved, tok, prompts, answers, config.engrave_epochs, config.lr, seed=config.seed)
-    timings["stage3_s"] = time.perf_counter() - t
+    first = store.run(STAGES[0], stage1, stop)
+    pool = seeds + first["kept"] + first["red_team_kept"]
 
-    t = time.perf_counter()
-    teacher = verbose_answers(engraved, tok, prompts, data.verbose_prompt, config.verbose_tokens, config.seed)
-    verbose = copy.deepcopy(engraved)
-    verbose_history = distil(verbose, tok, prompts, teacher, config.verbose_epochs, config.lr, seed=config.seed)
-    timings["stage4_s"] = time.perf_counter() - t
+    def stage2():
+        t = time.perf_counter()
+        rows = self_align(base, tok, pool, data, config.answer_tokens)
+        drops = {}
+        for r in rows:
+            drops[r["dropped"] or "kept"] = drops.get(r["dropped"] or "kept", 0) + 1
+        return {"rows": rows, "filter": drops, "seconds": time.perf_counter() - t}
 
-    t = time.perf_counter()
-    from .generation import generate
+    second = store.run(STAGES[1], stage2, stop)
 
-    mc = load_rows("truthfulness", config.eval_split, config.data_dir)
-    held = load_rows("adherence", config.eval_split, config.data_dir)
-    prompts_held, expected = [r["prompt"] for r in held], [r["expected"] for r in held]
-    evaluation = {}
-    for name, model in (("base", base), ("principled", base), ("engraved", engraved.eval()),
-                        ("verbose", verbose.eval())):
-        if name == "principled":   # the base model with the 16 principles and the exemplars in context
-            replies = [r["answer"] for r in self_align(base, tok, prompts_held, data, config.verbose_tokens)]
-        else:
-            replies = generate(model, tok, prompts_held, max_new_tokens=config.verbose_tokens,
-                               do_sample=False).responses
-        preamble = principle_prompt(data) if name == "principled" else ""
-        evaluation[name] = {"mc_true": mc_accuracy(model, tok, mc, "true", preamble),
-                            "mc_likelihood": mc_accuracy(model, tok, mc, "likelihood", preamble),
-                            "adherence": adherence(replies, expected),
-                            "answers": answer_stats([x or " " for x in replies]), "replies": replies}
-    timings["evaluation_s"] = time.perf_counter() - t
+    prompts, answers = engraving_pairs(second["rows"])     # principles, exemplars and thoughts pruned away
+    engraved = verbose = None
+    if store.done(STAGES[2]):
+        third = store.load(STAGES[2])
+    else:
+        t = time.perf_counter()
+        with store.stage(STAGES[2], result_of=lambda: third) as folder:
+            engraved = with_lora(copy.deepcopy(base), ENGRAVING_LORA)
+            third = {"engrave_history": distil(engraved, tok, prompts, answers, config.engrave_epochs, config.lr,
+                                               seed=config.seed), "seconds": time.perf_counter() - t}
+            engraved.save_pretrained(folder / "adapter")
+        stop_after(STAGES[2])
+
+    if store.done(STAGES[3]):
+        fourth = store.load(STAGES[3])
+    else:
+        engraved = engraved if engraved is not None else stored_model(STAGES[2])
+        t = time.perf_counter()
+        with store.stage(STAGES[3], result_of=lambda: fourth) as folder:
+            teacher = verbose_answers(engraved, tok, prompts, data.verbose_prompt, config.verbose_tokens, config.seed)
+            verbose = copy.deepcopy(engraved)
+            fourth = {"teacher": teacher, "verbose_history": distil(verbose, tok, prompts, teacher,
+                                                                    config.verbose_epochs, config.lr, seed=config.seed),
+                      "seconds": time.perf_counter() - t}
+            verbose.save_pretrained(folder / "adapter")
+        stop_after(STAGES[3])
+
+    def evaluation():
+        from .generation import generate
+
+        t = time.perf_counter()
+        engraved_model = engraved if engraved is not None else stored_model(STAGES[2])
+        verbose_model = verbose if verbose is not None else stored_model(STAGES[3])
+        mc = load_rows("truthfulness", config.eval_split, config.data_dir)
+        held = load_rows("adherence", config.eval_split, config.data_dir)
+        prompts_held, expected = [r["prompt"] for r in held], [r["expected"] for r in held]
+        evaluation = {}
+        for name, model in (("base", base), ("principled", base), ("engraved", engraved_model.eval()),
+                            ("verbose", verbose_model.eval())):
+            if name == "principled":   # the base model with the 16 principles and the exemplars in context
+                replies = [r["answer"] for r in self_align(base, tok, prompts_held, data, config.verbose_tokens)]
+            else:
+                replies = generate(model, tok, prompts_held, max_new_tokens=config.verbose_tokens,
+                                   do_sample=False).responses
+            preamble = principle_prompt(data) if name == "principled" else ""
+            evaluation[name] = {"mc_true": mc_accuracy(model, tok, mc, "true", preamble),
+                                "mc_likelihood": mc_accuracy(model, tok, mc, "likelihood", preamble),
+                                "adherence": adherence(replies, expected),
+                                "answers": answer_stats([x or " " for x in replies]), "replies": replies}
+        return {"evaluation": evaluation, "seconds": time.perf_counter() - t}
+
+    evaluated = store.run(STAGES[4], evaluation)           # the last stage: a stop request lets the run finish
     return {"config": {k: getattr(config, k) for k in config.__dataclass_fields__},
-            "stage1": {"generated": generated["generated"], "kept": generated["kept"],
-                       "rejected": generated["rejected"], "red_team": red, "red_team_kept": red_kept,
-                       "red_team_rejected": red_rejected, "pool": len(pool)},
-            "stage2": {"rows": rows, "filter": drops}, "engrave_history": engrave_history,
-            "verbose_history": verbose_history, "teacher": teacher, "evaluation": evaluation, "timings": timings}
+            "stage1": {"generated": first["generated"], "kept": first["kept"], "rejected": first["rejected"],
+                       "red_team": first["red_team"], "red_team_kept": first["red_team_kept"],
+                       "red_team_rejected": first["red_team_rejected"], "pool": len(pool)},
+            "stage2": {"rows": second["rows"], "filter": second["filter"]},
+            "engrave_history": third["engrave_history"], "verbose_history": fourth["verbose_history"],
+            "teacher": fourth["teacher"], "evaluation": evaluated["evaluation"],
+            "timings": {"stage1_s": first["seconds"], "stage2_s": second["seconds"], "stage3_s": third["seconds"],
+                        "stage4_s": fourth["seconds"], "evaluation_s": evaluated["seconds"]}}
 
 
 def add_arguments(parser) -> None:
@@ -516,15 +604,30 @@ def add_arguments(parser) -> None:
     parser.add_argument("--verbose-tokens", type=int, default=None, help="stage 4 and evaluation: answer tokens")
     parser.add_argument("--data-dir", default=None, help="the SELF-ALIGN data (default: data/self_align)")
     parser.add_argument("--json", default="runs/self_align.json", help="where the result goes")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--output", default="runs/self_align", help="the run directory: finished stages (with the "
+                                                                    "adapters) and self_align.json")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --output after its last "
+                                                              "finished stage (same settings)")
+    parser.add_argument("--overwrite", action="store_true", help="delete the run in --output and start again")
+    parser.add_argument("--threads", type=threads_arg, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
 
 
 def main(args) -> dict:
-    """``python -m alignlib self-align``: the four stages, the filter counts and the evaluation, as JSON."""
+    """``python -m alignlib self-align``: the four stages, the filter counts and the evaluation, as JSON in
+    ``<output>/self_align.json`` and ``--json``.
+
+    ``--output`` (and ``--json``) are checked and the run directory locked before the model loads
+    (``checkpoint.prepare_output``): an earlier run is refused unless ``--resume`` continues it (with the same
+    preset, seed, model, token counts and data) or ``--overwrite`` deletes it. Every stage is stored as it finishes
+    (``STAGES``); SIGINT/SIGTERM stops the command after the running stage (exit status 128 + the signal; a second
+    signal stops at once), and the same command with ``--resume`` continues it to the uninterrupted run's result."""
     import json
 
     import torch
+
+    from .cai import check_json_path
+    from .checkpoint import StageStore, StopRun, atomic_write, graceful_stop, prepare_output
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -532,14 +635,30 @@ def main(args) -> dict:
                                    ("answer_tokens", args.answer_tokens), ("verbose_tokens", args.verbose_tokens),
                                    ("data_dir", args.data_dir))
                  if v is not None}
-    result = run(SelfAlignConfig.preset(args.preset, seed=args.seed, **overrides))
+    config = SelfAlignConfig.preset(args.preset, seed=args.seed, **overrides)
+    check_json_path(args.json)
+    identity = {"method": "self-align", "preset": args.preset, "seed": config.seed, "model": config.model,
+                "instruct_prompts": config.instruct_prompts, "answer_tokens": config.answer_tokens,
+                "verbose_tokens": config.verbose_tokens, "data_dir": config.data_dir}
+    run_dir = prepare_output(args.output, resume=args.resume, overwrite=args.overwrite, identity=identity)
+    done = [name for name in STAGES if StageStore(run_dir).done(name)]
+    if done:
+        print(f"[self-align] resuming {run_dir}: stored stages {', '.join(done)} are read back", flush=True)
+    with graceful_stop() as stop:
+        try:
+            result = run(config, out=run_dir, stop=stop)
+        except StopRun as err:
+            print(f"[self-align] stopped after {err.stage}; run the same command with --resume to continue",
+                  flush=True)
+            raise SystemExit(128 + err.signum) from None
+    text = json.dumps(result, indent=1)
+    atomic_write(run_dir / "self_align.json", text)
     out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    out.write_text(text)
     print(f"stage 1: {result['stage1']['pool']} instructions in the pool; stage 2 filter: {result['stage2']['filter']}")
     for name, ev in result["evaluation"].items():
         print(f"{name:10s} MC by p(True) {ev['mc_true']['accuracy']:.2f}, by likelihood "
               f"{ev['mc_likelihood']['accuracy']:.2f}; adherence {ev['adherence']['rate']:.2f}; "
               f"answers {ev['answers']['words']:.0f} words")
-    print(f"wrote {out}")
+    print(f"wrote {out} and {run_dir / 'self_align.json'}")
     return result

@@ -43,7 +43,7 @@ from typing import Callable, Sequence
 import torch
 
 from .models import DEFAULT_MODEL
-from .utils import PresetMixin
+from .utils import PresetMixin, threads_arg
 
 
 # ---------------------------------------------------------------- the simplex and weight arithmetic (graded in exercise 04)
@@ -58,24 +58,36 @@ def check_simplex(weights, n: int, name: str = "weights") -> list[float]:
     return w
 
 
+def check_experts(state_dicts: Sequence[dict], what: str = "expert", hint: str = "experts must share one "
+                  "architecture (and, for LoRA, one adapter configuration).") -> list:
+    """Check every expert before any arithmetic: expert i has expert 0's keys and shapes, and only finite values (a
+    NaN expert would put NaN into every soup). Returns the keys; errors name the expert and the parameter."""
+    keys = list(state_dicts[0])
+    for i, sd in enumerate(state_dicts):
+        if set(sd) != set(keys):
+            diff = sorted(set(sd) ^ set(keys))[:3]
+            raise ValueError(f"{what} {i} has different parameters from {what} 0 (e.g. {diff}); {hint}")
+        for k in keys:
+            t = sd[k]
+            if t.shape != state_dicts[0][k].shape:
+                raise ValueError(f"{what} {i}'s {k} has shape {tuple(t.shape)}, {what} 0's "
+                                 f"{tuple(state_dicts[0][k].shape)}; {hint}")
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise ValueError(f"{what} {i}'s {k} holds non-finite values (NaN or inf): that {what} diverged or "
+                                 "its file is damaged; retrain it or load an earlier checkpoint.")
+    return keys
+
+
 def interpolate(state_dicts: Sequence[dict], weights) -> dict:
     """theta(lambda) = sum_i lambda_i theta_i, key by key: full weights (or any matching state dicts).
 
-    state_dicts: N dicts name -> tensor with the same keys and shapes; weights: N numbers on the simplex.
+    state_dicts: N dicts name -> tensor with the same keys and shapes, finite values; weights: N numbers on the
+    simplex.
     """
     if not state_dicts:
         raise ValueError("state_dicts is empty: pass one state dict per expert.")
     w = check_simplex(weights, len(state_dicts))
-    keys = list(state_dicts[0])
-    for i, sd in enumerate(state_dicts[1:], 1):
-        if set(sd) != set(keys):
-            diff = sorted(set(sd) ^ set(keys))[:3]
-            raise ValueError(f"expert {i} has different parameters from expert 0 (e.g. {diff}); experts must share "
-                             "one architecture (and, for LoRA, one adapter configuration).")
-        for k in keys:
-            if sd[k].shape != state_dicts[0][k].shape:
-                raise ValueError(f"expert {i}'s {k} has shape {tuple(sd[k].shape)}, expert 0's "
-                                 f"{tuple(state_dicts[0][k].shape)}.")
+    keys = check_experts(state_dicts)
     return {k: sum(wi * sd[k] for wi, sd in zip(w, state_dicts)) for k in keys}
 
 
@@ -89,11 +101,27 @@ def lora_modules(adapter: dict) -> list[str]:
     return names
 
 
-def lora_soup(adapters: Sequence[dict], weights, mode: str = "product", scaling: float = 1.0) -> dict:
+def check_scaling(scaling, n: int) -> float:
+    """The one LoRA scaling s = lora_alpha / r of N experts: a finite number, or one per expert, all equal (experts
+    with different lora_alpha or r are not one adapter configuration, and one s for all would mix them silently)."""
+    values = [float(x) for x in scaling] if isinstance(scaling, (list, tuple)) else [float(scaling)] * n
+    if len(values) != n:
+        raise ValueError(f"scaling has {len(values)} entries for {n} experts; give one scaling, or one per expert.")
+    if not all(math.isfinite(x) for x in values):
+        raise ValueError(f"scaling must be finite (lora_alpha / r), got {values}.")
+    if len(set(values)) > 1:
+        raise ValueError(f"the experts' LoRA scalings lora_alpha / r differ ({values}): their adapters were trained "
+                         "with different lora_alpha or r. Soup experts of one LoRA configuration (the same r, "
+                         "lora_alpha and target modules).")
+    return values[0]
+
+
+def lora_soup(adapters: Sequence[dict], weights, mode: str = "product", scaling: float | Sequence[float] = 1.0) -> dict:
     """The weight change Delta W of each LoRA module for the soup lambda: ``{module: (out, in) tensor}``.
 
     adapters: N LoRA state dicts (``<m>.lora_A.weight`` (r, in), ``<m>.lora_B.weight`` (out, r)) from one
-    initialisation; scaling: s = lora_alpha / r.
+    initialisation, finite, with the same modules and ranks; scaling: s = lora_alpha / r, one number or one per
+    expert (then they must agree).
     mode ``"product"``: s sum_i lambda_i B_i A_i (the soup of the full weights);
     mode ``"factors"``: s (sum_i lambda_i B_i)(sum_i lambda_i A_i) (A and B averaged separately, as the
     reference code does).
@@ -108,13 +136,13 @@ def lora_soup(adapters: Sequence[dict], weights, mode: str = "product", scaling:
             raise ValueError(f"adapter {i} adapts different modules from adapter 0; experts must share one LoRA "
                              "configuration (target modules and rank).")
     w = check_simplex(weights, len(adapters))
+    scaling = check_scaling(scaling, len(adapters))
+    check_experts(adapters, "adapter", "experts must share one LoRA configuration: different ranks give factors of "
+                                       "different shapes.")
     out = {}
     for m in modules:
         A = [ad[f"{m}.lora_A.weight"] for ad in adapters]            # N x (r, in)
         B = [ad[f"{m}.lora_B.weight"] for ad in adapters]            # N x (out, r)
-        if any(a.shape != A[0].shape for a in A) or any(b.shape != B[0].shape for b in B):
-            raise ValueError(f"the adapters' {m} factors differ in shape (different ranks); experts must share "
-                             "one LoRA configuration.")
         if mode == "product":
             out[m] = scaling * sum(wi * (b @ a) for wi, a, b in zip(w, A, B))
         else:
@@ -238,25 +266,28 @@ class SoupModel:
 
     @torch.no_grad()
     def set(self, delta: dict) -> None:
-        for name in list(self.w0):                                  # back to W_0 where the last soup wrote
-            if name not in {base_weight_name(m) for m in delta}:
-                self.params[name].copy_(self.w0.pop(name))
+        """Write W_0 + Delta W for every module of ``delta`` and W_0 elsewhere. All or nothing: every module is
+        checked and its new weight computed before the first write, so a bad module leaves the model as it was."""
+        new = {}
         for module, d in delta.items():
             name = base_weight_name(module)
             if name not in self.params:
                 raise ValueError(f"the adapter's module {module} has no weight {name} in the base model; the "
                                  "experts were trained from a different base model.")
-            if name not in self.w0:
-                self.w0[name] = self.params[name].detach().clone()
-            if d.shape != self.w0[name].shape:
+            w0 = self.w0.get(name, self.params[name])               # W_0: saved where a soup wrote, else in place
+            if d.shape != w0.shape:
                 raise ValueError(f"Delta W of {module} has shape {tuple(d.shape)}, the base weight "
-                                 f"{tuple(self.w0[name].shape)}; the experts come from a different base model.")
-            self.params[name].copy_(self.w0[name] + d.to(self.w0[name]))
+                                 f"{tuple(w0.shape)}; the experts come from a different base model.")
+            new[name] = w0 + d.to(w0)
+            if not torch.isfinite(new[name]).all():
+                raise ValueError(f"Delta W of {module} makes the weight {name} non-finite; the soup was not set. "
+                                 "Check the experts (lora_soup refuses non-finite adapters) and the scaling.")
+        self._write(new)
 
     @torch.no_grad()
     def set_full(self, state: dict) -> None:
-        """Write full weights (``interpolate`` of fully fine-tuned experts' state dicts) into the model."""
-        self.set({})                                                  # no LoRA delta left in place
+        """Write full weights (``interpolate`` of fully fine-tuned experts' state dicts) into the model, W_0
+        elsewhere; all or nothing, as ``set``."""
         missing = sorted(set(state) - set(self.params))
         if missing:
             raise ValueError(f"the soup has weights the base model lacks (e.g. {missing[:2]}); the experts were "
@@ -265,6 +296,18 @@ class SoupModel:
             if value.shape != self.params[name].shape:
                 raise ValueError(f"the soup's {name} has shape {tuple(value.shape)}, the model's "
                                  f"{tuple(self.params[name].shape)}.")
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise ValueError(f"the soup's {name} holds non-finite values; the soup was not set. Check the "
+                                 "experts' weights (interpolate refuses non-finite experts).")
+        self._write(state)
+
+    def _write(self, new: dict) -> None:
+        """Copy ``new`` {weight name: value}, checked and computed in full, into the model; W_0 back wherever the
+        last soup wrote and ``new`` does not."""
+        for name in list(self.w0):
+            if name not in new:
+                self.params[name].copy_(self.w0.pop(name))
+        for name, value in new.items():
             if name not in self.w0:
                 self.w0[name] = self.params[name].detach().clone()
             self.params[name].copy_(value)
@@ -411,19 +454,24 @@ def _key(weights) -> str:
     return ",".join(f"{w:.4f}" for w in weights)
 
 
-def run(config: SoupsConfig | None = None, out=None, progress: bool = True) -> dict:
+def run(config: SoupsConfig | None = None, out=None, progress: bool = True, stop=None) -> dict:
     """Train N experts and MORL's weightings, evaluate soups and MORL policies, and compare (JSON-ready dict).
 
     Every policy is evaluated on the same held-out prompts with the same sampling seed. ``points`` maps a name
     (``rs:<lambda>`` for a product soup, ``rs-factors:<lambda>``, ``morl:<mu>``, ``initial``) to its evaluation;
-    ``trainings`` holds the wall time and history of each fine-tuning. With ``out``, each adapter is written
-    there as safetensors.
-    """
-    from pathlib import Path
+    ``trainings`` holds the wall time and history of each fine-tuning.
 
-    from safetensors.torch import save_file
+    With ``out`` (a run directory ``prepare_output`` has checked), every training and every evaluation is a stage
+    of a ``StageStore`` in ``out/stages/``: a training's folder holds its adapter (``adapter.safetensors``), its
+    history and seconds. A stage that finished before is read back instead of being computed again (the adapter
+    bit-exact, the RNG states as they were at its end), so an interrupted run resumes after its last finished
+    stage and ends with the result of the uninterrupted run. ``stop`` (``graceful_stop()``): a SIGINT/SIGTERM
+    during a stage raises ``StopRun`` once that stage is stored.
+    """
+    from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
+    from .checkpoint import StageStore, StopRun
     from .presets import load_task_prompts
     from .rewards import WeightedSum
 
@@ -441,7 +489,12 @@ def run(config: SoupsConfig | None = None, out=None, progress: bool = True) -> d
               "rewards": names,
               "points": {}, "trainings": {}}
     points, trainings = result["points"], result["trainings"]
-    points["initial"] = soup.evaluate(**ev)
+    store = StageStore(out) if out is not None else None
+
+    def stage(name: str, compute):                                  # computed, or read back from ``out``
+        return store.run(name.replace(":", "-"), compute, stop) if store is not None else compute()
+
+    points["initial"] = stage("eval-initial", lambda: soup.evaluate(**ev))
     half = config.eval_prompts // 2 * config.samples                 # answers of the validation half
     norms = {n: (torch.tensor(points["initial"]["rewards"][n][:half]).mean().item(),
                  torch.tensor(points["initial"]["rewards"][n][:half]).std().item()) for n in names}
@@ -452,22 +505,35 @@ def run(config: SoupsConfig | None = None, out=None, progress: bool = True) -> d
                          "standardised or traded off; choose rewards that vary on this model's answers.")
 
     def train(label: str, weights: Sequence[float]) -> dict:
-        if 1.0 in weights:                                            # an expert: its own reward
-            reward = rewards[names[weights.index(1.0)]]
-        else:                                                         # MORL: the weighted sum, standardised
-            used = [(n, w) for n, w in zip(names, weights) if w > 0]
-            reward = WeightedSum({n: Standardized(rewards[n], *norms[n]) for n, _ in used}, [w for _, w in used])
-        done = train_policy(config, reward, train_prompts, progress=progress)
+        name = label.replace(":", "-")
+        if store is not None and store.done(name):                    # trained before: its stored adapter
+            done = store.load(name)
+            device = str(next(soup.model.parameters()).device)        # where the trained adapter lived
+            done["adapter"] = load_file(str(store.path(name) / "adapter.safetensors"), device=device)
+        else:
+            if 1.0 in weights:                                        # an expert: its own reward
+                reward = rewards[names[weights.index(1.0)]]
+            else:                                                     # MORL: the weighted sum, standardised
+                used = [(n, w) for n, w in zip(names, weights) if w > 0]
+                reward = WeightedSum({n: Standardized(rewards[n], *norms[n]) for n, _ in used},
+                                     [w for _, w in used])
+            done = train_policy(config, reward, train_prompts, progress=progress)
+            if store is not None:
+                kept = {k: done[k] for k in ("scaling", "seconds", "history")}
+                with store.stage(name, result_of=lambda: kept) as folder:
+                    save_file({k: v.contiguous() for k, v in done["adapter"].items()},
+                              str(folder / "adapter.safetensors"))
+                if stop is not None and stop.signum:
+                    raise StopRun(stop.signum, name)
         trainings[label] = {"weights": list(weights), "seconds": done["seconds"], "history": done["history"]}
-        if out is not None:
-            Path(out).mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in done["adapter"].items()},
-                      str(Path(out) / f"{label.replace(':', '-')}.safetensors"))
         return done
 
     def evaluate(label: str, adapters: list, weights, mode: str = "product") -> None:
-        soup.set(lora_soup([a["adapter"] for a in adapters], weights, mode, adapters[0]["scaling"]))
-        points[label] = {"weights": list(weights), "mode": mode, **soup.evaluate(**ev)}
+        def compute():
+            soup.set(lora_soup([a["adapter"] for a in adapters], weights, mode,
+                               [a["scaling"] for a in adapters]))     # one per expert: they must agree
+            return {"weights": list(weights), "mode": mode, **soup.evaluate(**ev)}
+        points[label] = stage(f"eval-{label}", compute)
 
     n3 = len(names) >= 3
     vertices = [tuple(1.0 if j == i else 0.0 for j in range(len(names))) for i in range(len(names))]
@@ -671,13 +737,37 @@ def add_arguments(parser) -> None:
     parser.add_argument("--output", default="runs/soups", help="experts' adapters, soups.json and the plots")
     parser.add_argument("--json", default=None, help="also write the results here (lecture 04 reads "
                                                      "lectures/results/soups.json)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=threads_arg, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --output after its last finished training or evaluation")
     parser.add_argument("--overwrite", action="store_true", help="delete an earlier run in --output first")
 
 
+def soups_identity(preset: str, config: SoupsConfig) -> dict:
+    """What a soups run directory is a run of (``--resume`` refuses anything else): the preset and every field
+    of the configuration, with the fine-tuner's steps resolved (None: its preset's), as JSON would store them."""
+    import importlib
+    import json
+
+    from .runs import TRAINERS
+
+    module, config_class, _, field = TRAINERS[config.trainer]
+    trainer_config = getattr(importlib.import_module(f".{module}", __package__), config_class)
+    fields = {k: getattr(config, k) for k in config.__dataclass_fields__ if k != "steps"}
+    fields["rewards"] = [r if isinstance(r, str) else getattr(r, "__name__", repr(r)) for r in config.rewards]
+    trainer_steps = config.steps or getattr(trainer_config.preset(config.trainer_preset), field)
+    # not the key "steps", which --resume lets grow: a finished training cannot be extended
+    return json.loads(json.dumps({"command": "soups", "preset": preset, **fields, "trainer_steps": trainer_steps}))
+
+
 def main(args) -> dict:
-    """``python -m alignlib soups``: train, evaluate, compare; write the adapters, the JSON and the plots."""
+    """``python -m alignlib soups``: train, evaluate, compare; write the adapters, the JSON and the plots.
+
+    ``--output`` is checked before any work (an earlier run is refused unless ``--resume`` or ``--overwrite``).
+    Every training and evaluation is a stage in ``<output>/stages/`` (``run``); SIGINT/SIGTERM stops after the
+    running one (exit code 128 + the signal) and ``--resume`` continues after it, with the same soups.json in the
+    end as an uninterrupted run (except the seconds and the machine)."""
     import json
     import os
     import platform
@@ -687,20 +777,31 @@ def main(args) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .checkpoint import prepare_output
+    from .checkpoint import RunDirectoryError, StopRun, atomic_write, graceful_stop, prepare_output
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = prepare_output(args.output, overwrite=args.overwrite)     # refuses an earlier run without --overwrite
     config = SoupsConfig.preset(args.preset, steps=args.steps, seed=args.seed)
-    result = run(config, out=out)
+    if args.json:                                                     # checked now, not after half an hour
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(Path(args.json).parent, os.W_OK) or Path(args.json).is_dir():
+            raise RunDirectoryError(f"--json {args.json}: cannot write that file; choose another path.")
+    out = prepare_output(args.output, resume=getattr(args, "resume", False), overwrite=args.overwrite,
+                         identity=soups_identity(args.preset, config))
+    (out / "stages").mkdir(exist_ok=True)         # --resume is valid even before the first stage finishes
+    with graceful_stop() as stop:
+        try:
+            result = run(config, out=out, stop=stop)
+        except StopRun as err:
+            print(f"[soups] stopped after {err.stage}; its results are in {out}/stages. Run the same command with "
+                  "--resume to continue.", flush=True)
+            raise SystemExit(128 + err.signum) from None
     result["machine"] = {"threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
                          "loadavg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     text = json.dumps(result, indent=1)
-    (out / "soups.json").write_text(text)
+    atomic_write(out / "soups.json", text)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text)
+        atomic_write(Path(args.json), text)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     plot_front(result, axes[0])
     plot_lmc(result, axes[1])
@@ -713,5 +814,5 @@ def main(args) -> dict:
             print(f"[soups] {n.upper()}: hypervolume RS / MORL = {s[n]['ratio']:.3f} [{iv[0]:.3f}, {iv[1]:.3f}] "
                   f"({s[n]['trainings_rs']} trainings in {s[n]['seconds_rs']:.0f} s against "
                   f"{s[n]['trainings_morl']} in {s[n]['seconds_morl']:.0f} s)")
-    print(f"[soups] wrote {out}/soups.json, {out}/fronts.png and the adapters")
+    print(f"[soups] wrote {out}/soups.json, {out}/fronts.png and the adapters ({out}/stages/*/adapter.safetensors)")
     return result

@@ -7,6 +7,10 @@ the initial model and the seconds of each step; then two soup experts and their 
 then Constitutional AI's critique, revision and AI feedback, each measured (lecture 05); then SELF-ALIGN's
 principle-driven answers, their filter and the truthfulness and adherence evaluations (lecture 06). At the end
 it writes a report (a markdown page with tables and a plot, and the raw histories as JSON) to a directory it prints.
+
+The report directory (``--report``, default ``runs/tour``) is checked before any work and refused if it holds an
+earlier tour, unless ``--resume`` or ``--overwrite``. Every step is stored in it when it finishes; Ctrl-C (or
+SIGTERM) stops after the running step, and ``--resume`` continues after the last finished one.
 """
 from __future__ import annotations
 
@@ -40,14 +44,63 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, int]]) -> None:
 
 
 def run(model_name: str = DEFAULT_MODEL, n_prompts: int = 4, max_new_tokens: int = 40, seed: int = 0,
-        steps: int = 3, report: str | Path | None = "runs/tour") -> dict:
-    """Every step below on ``model_name``; with ``report``, also writes the report there (see ``write_report``)."""
+        steps: int = 3, report: str | Path | None = "runs/tour", resume: bool = False, overwrite: bool = False) -> dict:
+    """Every step below on ``model_name``; with ``report``, also writes the report there (see ``write_report``).
+
+    ``report`` is a run directory, checked before any work: an earlier tour there is refused unless ``resume`` or
+    ``overwrite``. Each step's result is a stage in ``<report>/stages/`` (``StageStore``); SIGINT/SIGTERM stops
+    after the running step (exit code 128 + the signal), ``resume`` continues after the last finished step, and the
+    report is written from the stored steps, as the uninterrupted tour writes it."""
+    from contextlib import nullcontext
+
+    from .checkpoint import RunDirectoryError, StageStore, StopRun, graceful_stop, prepare_output
+
+    store = None
+    if report is not None:
+        identity = {"command": "tour", "model": model_name, "prompts": n_prompts, "max_new_tokens": max_new_tokens,
+                    "seed": seed, "method_steps": steps}     # not "steps": --resume may not lengthen finished steps
+        try:
+            store = StageStore(prepare_output(report, resume=resume, overwrite=overwrite, identity=identity))
+        except RunDirectoryError as err:                   # the tour's flag is --report
+            raise RunDirectoryError(str(err).replace("--output", "--report")) from None
+        store.root.mkdir(exist_ok=True)                    # --resume is valid even before the first step finishes
     seed_everything(seed)
     start = t0 = time.perf_counter()
     model, tokenizer = load_model(model_name)
     print(f"[tour] loaded {model_name} on {next(model.parameters()).device} in {time.perf_counter() - t0:.1f} s")
+    compute = {"sample": lambda: tour_sample(model, tokenizer, n_prompts, max_new_tokens, seed),
+               "soups": lambda: tour_soups(model_name, steps=steps, seed=seed),
+               "cai": lambda: tour_cai(model, tokenizer, n_prompts=min(n_prompts, 4), seed=seed),
+               "self_align": lambda: tour_self_align(model, tokenizer, n_prompts=min(n_prompts, 4))}
+    titles = [("sample", "Step 0: sample and score (lecture 00)")] + TOUR_STEPS
+    done = {}
+    with graceful_stop() if store is not None else nullcontext() as stop:   # no report: Ctrl-C stops at once
+        for method, title in titles:
+            print(f"\n== {title} ==")
+            work = compute.get(method, lambda: tour_method(method, model_name, steps=steps, seed=seed))
+            if store is None:
+                done[method] = work()
+                continue
+            if store.done(method):
+                print(f"[tour] finished before: {store.path(method)}")
+            try:
+                done[method] = store.run(method, work, stop)
+            except StopRun as err:
+                print(f"[tour] stopped after the step {err.stage}; run the same command with --resume to continue "
+                      f"(finished steps are in {store.root}).", flush=True)
+                raise SystemExit(128 + err.signum) from None
+    if store is not None:
+        done = {method: store.load(method) for method, _ in titles}   # the report from the stored steps
+    result = {**done.pop("sample"), **done, "seconds": time.perf_counter() - start}
+    if report is not None:
+        path = write_report(result, report, model_name)
+        print(f"\n[tour] done in {result['seconds'] / 60:.1f} min; report: {path}")
+    return result
 
-    print("\n== Step 0: sample and score (lecture 00) ==")
+
+def tour_sample(model, tokenizer, n_prompts: int, max_new_tokens: int, seed: int) -> dict:
+    """Step 0: answers to helpful prompts (chat) and review openings (raw), scored by the model's log-probs, VADER
+    and length, printed as a table."""
     prompts = load_prompts("helpful_prompts", "test", n_prompts) + load_prompts("movie_openings", "test", n_prompts)
     chat = [True] * n_prompts + [False] * n_prompts
     t0 = time.perf_counter()
@@ -69,22 +122,7 @@ def run(model_name: str = DEFAULT_MODEL, n_prompts: int = 4, max_new_tokens: int
                        ("sentiment", "VADER", 7), ("words", "words", 5), ("ended", "EOS", 3)])
     print(f"\n[tour] {len(rows)} responses in {gen_s:.1f} s (chat prompts: {sum(chat[:n_prompts])}, "
           f"raw review openings: {n_prompts}).")
-    result = {"rows": rows, "time/generate_s": gen_s}
-    for method, title in TOUR_STEPS:
-        print(f"\n== {title} ==")
-        if method == "soups":
-            result[method] = tour_soups(model_name, steps=steps, seed=seed)
-        elif method == "cai":
-            result[method] = tour_cai(model, tokenizer, n_prompts=min(n_prompts, 4), seed=seed)
-        elif method == "self_align":
-            result[method] = tour_self_align(model, tokenizer, n_prompts=min(n_prompts, 4))
-        else:
-            result[method] = tour_method(method, model_name, steps=steps, seed=seed)
-    result["seconds"] = time.perf_counter() - start
-    if report is not None:
-        path = write_report(result, report, model_name)
-        print(f"\n[tour] done in {result['seconds'] / 60:.1f} min; report: {path}")
-    return result
+    return {"rows": rows, "time/generate_s": gen_s}
 
 
 def write_report(result: dict, directory: str | Path, model_name: str = DEFAULT_MODEL) -> Path:
@@ -166,7 +204,8 @@ def tour_soups(model_name: str, steps: int, seed: int = 0) -> list[dict]:
     soup = SoupModel(model_name)
     rows = []
     for lam in (0.0, 0.5, 1.0):
-        soup.set(lora_soup([e["adapter"] for e in experts], [1 - lam, lam], "product", experts[0]["scaling"]))
+        soup.set(lora_soup([e["adapter"] for e in experts], [1 - lam, lam], "product",
+                           [e["scaling"] for e in experts]))
         ev = soup.evaluate(load_prompts("movie_openings", "test", 8), rewards, config.max_new_tokens,
                            config.temperature, samples=1)
         rows.append({"lambda": f"{lam:.1f}", **{n: sum(v) / len(v) for n, v in ev["rewards"].items()},

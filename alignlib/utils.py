@@ -5,6 +5,7 @@ Everything here is used by every method module; nothing here knows about a parti
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import random
 import resource
@@ -131,9 +132,72 @@ def guarded_step(optimizer, max_grad_norm: float = 0.0, name: str = "training", 
     return float(norm)
 
 
+def check_count(value, name: str, minimum: int = 0, allow_none: bool = True):
+    """``value`` if it is a count: an int >= ``minimum`` (or None where ``allow_none``); else a ValueError naming
+    ``name``. Bools are refused (True is not 1 prompt), and so are negative numbers, which slicing would read as
+    "all but the last few"."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        none = "None (all) or " if allow_none else ""
+        raise ValueError(f"{name} must be {none}an integer >= {minimum}, got {value!r}.")
+    return value
+
+
+def count(minimum: int = 1):
+    """An argparse ``type=`` for counts: ``type=count(0)`` turns "-1" into a one-line usage error
+    ("argument --helpful: must be an integer >= 0, got '-1'") instead of a count that slices from the end."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            return check_count(int(text), "the value", minimum, allow_none=False)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}") from None
+
+    parse.__name__ = f"count(>= {minimum})"
+    return parse
+
+
+def _check_threads(n) -> int:
+    cores = os.cpu_count() or 1
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"threads must be an integer >= 1, got {n!r}; this machine has {cores} cores "
+                         f"(--threads {cores} uses them all; leave it out for torch's choice).")
+    return n
+
+
+def set_threads(n) -> int:
+    """``torch.set_num_threads(n)`` after checking ``n``: an integer >= 1 (the error says how many cores this
+    machine has; torch's own error for 0 or -1 does not). Returns ``n``."""
+    torch.set_num_threads(_check_threads(n))
+    return n
+
+
+def threads_arg(text: str) -> int:
+    """The argparse ``type=`` of every ``--threads``: an integer >= 1, with the machine's core count in the error."""
+    import argparse
+
+    try:
+        return _check_threads(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}; this machine has "
+                                         f"{os.cpu_count() or 1} cores") from None
+
+
+def check_top(top_k, top_p) -> None:
+    """Sampling filters: ``top_k`` an integer >= 0 (0: off, the course's convention; None would mean transformers'
+    default of 50) and ``top_p`` a number in (0, 1] (1.0: off). NaN, 0 or 2 would silently sample from nothing or
+    from everything."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 keeps every token), got {top_k!r}.")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be a number in (0, 1] (1.0 keeps every token), got {top_p!r}.")
+
+
 def check_sampling_fields(config) -> None:
     """Shared up-front checks of a trainer config: ``max_new_tokens`` an integer >= 1, ``temperature`` finite and
-    > 0, ``lr`` finite and >= 0 (each only if the config has the field)."""
+    > 0, ``lr`` finite and >= 0, ``top_k``/``top_p`` as ``check_top`` says (each only if the config has the field)."""
     tokens = getattr(config, "max_new_tokens", 1)
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {tokens!r}.")
@@ -143,6 +207,7 @@ def check_sampling_fields(config) -> None:
     lr = getattr(config, "lr", 0.0)
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
         raise ValueError(f"lr must be a finite number >= 0, got {lr!r}.")
+    check_top(getattr(config, "top_k", 0), getattr(config, "top_p", 1.0))
 
 
 class PresetMixin:

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from alignlib.data import (COURSE_SETS, DataFormatError, load_course_dataset, load_hub_dataset, load_prompts,
+from alignlib.data import (COURSE_SETS, DATA_DIR, DataFormatError, load_course_dataset, load_hub_dataset, load_prompts,
                            read_jsonl, split_hh_transcript)
 
 MINIMUM = {"movie_openings": 150, "helpful_prompts": 150, "red_team_prompts": 100, "preference_pairs": 180,
@@ -46,6 +46,30 @@ def test_malformed_jsonl_names_line_and_fix(tmp_path):
     missing.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
     with pytest.raises(DataFormatError, match=r"missing.jsonl:2: missing or empty fields \['prompt'\]"):
         read_jsonl(missing, ("prompt",))
+
+
+def test_duplicate_ids_and_non_utf8_files_name_file_line_and_field(tmp_path):
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text('{"id": "p1", "prompt": "a"}\n{"id": "p2", "prompt": "b"}\n{"id": "p1", "prompt": "c"}\n')
+    with pytest.raises(DataFormatError, match=r"dup.jsonl:3: field id 'p1' repeats line 1; every row needs its own"):
+        read_jsonl(dup, ("id", "prompt"))
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes('{"prompt": "ok"}\n{"prompt": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(DataFormatError, match=r"latin.jsonl:2: not UTF-8 text \(byte 0xe9 at offset 32\).*UTF-8"):
+        read_jsonl(latin, ("prompt",))
+
+
+def test_duplicate_comparison_principle_ids_are_refused(tmp_path):
+    from alignlib.cai import load_constitution
+
+    (tmp_path / "constitution").mkdir()
+    for name in ("critique_revision.jsonl", "comparison_principles.jsonl", "few_shot.jsonl"):
+        (tmp_path / "constitution" / name).write_text((DATA_DIR / "constitution" / name).read_text())
+    principles = tmp_path / "constitution" / "comparison_principles.jsonl"
+    lines = principles.read_text().splitlines()
+    principles.write_text("\n".join(lines + [lines[2]]) + "\n")
+    with pytest.raises(DataFormatError, match=rf"comparison_principles.jsonl:{len(lines) + 1}: field id "):
+        load_constitution(data_dir=tmp_path)
 
 
 def test_unknown_names_and_splits():

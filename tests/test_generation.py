@@ -65,6 +65,15 @@ def test_bad_prompts_are_clear_errors(tiny):
         generate(model, tok, ["a"], temperature=0.0)
 
 
+@pytest.mark.parametrize("chat", [True, False])
+def test_an_empty_or_lone_surrogate_prompt_is_named_by_its_index(tiny, chat):
+    model, tok = tiny
+    with pytest.raises(ValueError, match=r"prompts\[1\] is an empty string"):
+        generate(model, tok, ["Hello", ""], max_new_tokens=2, chat=chat)
+    with pytest.raises(ValueError, match=r"prompts\[2\] is not valid Unicode text: '\\ud800' at position 3"):
+        generate(model, tok, ["Hello", "Hi", "abc\ud800"], max_new_tokens=2, chat=chat)
+
+
 def test_diverse_beam_search_gives_distinct_candidates(tiny):
     model, tok = tiny
     r = diverse_beam_search(model, tok, ["Tell me", "Why"], num_beams=4, num_groups=4, max_new_tokens=6,
@@ -91,6 +100,10 @@ def test_diverse_beam_search_one_group_is_beam_search(tiny):
     ({"max_new_tokens": 2_000_000}, "exceeds the model's context of 1024 tokens"),
     ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer"),
     ({"num_return_sequences": 0}, "num_return_sequences must be an integer >= 1"),
+    ({"top_p": float("nan")}, r"top_p must be a number in \(0, 1\]"),
+    ({"top_p": 0.0}, r"top_p must be a number in \(0, 1\]"),
+    ({"top_p": 2.0}, r"top_p must be a number in \(0, 1\]"),
+    ({"top_k": -1}, "top_k must be an integer >= 0"),
 ])
 def test_bad_sampling_arguments_are_refused_before_decoding(kwargs, message):
     from alignlib.models import load_model

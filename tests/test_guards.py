@@ -97,3 +97,101 @@ def test_a_diverging_reward_model_stops_instead_of_finishing_with_broken_weights
                                   warmup_ratio=0.0)
     with pytest.raises(FloatingPointError, match="not finite|non-finite"):
         rm.train_reward_model(model, tok, pairs, config, progress=False)
+
+
+@pytest.mark.parametrize("out, error, message", [
+    (torch.tensor([1 + 2j, 3 + 0j]), TypeError, "reward function bad returned complex rewards"),
+    (torch.tensor([1.0, float("inf")]), ValueError, "bad returned non-finite rewards"),
+    (torch.ones(3), ValueError, r"bad returned shape \(3,\) for 2 responses"),
+])
+def test_score_refuses_complex_non_finite_and_misshapen_rewards_by_name(out, error, message):
+    from alignlib.rewards import WeightedSum
+
+    def bad(prompts, responses):
+        return out
+
+    with pytest.raises(error, match=message):
+        score(bad, ["a", "b"], ["x", "y"])
+    with pytest.raises(error, match=message):                  # a part of a weighted sum, named by its key
+        WeightedSum({"bad": bad, "ok": lambda p, r: torch.ones(len(r))}, [0.5, 0.5])(["a", "b"], ["x", "y"])
+
+
+def test_pairwise_accuracy_refuses_complex_and_non_numeric_rewards():
+    from alignlib.reward_model import pairwise_accuracy
+
+    pairs = [{"prompt": "p", "chosen": "good", "rejected": "bad"}] * 2
+    with pytest.raises(TypeError, match="complex rewards"):
+        pairwise_accuracy(lambda p, r: torch.full((len(r),), 1j), None, pairs)
+    with pytest.raises(TypeError, match="returned list of non-numbers"):
+        pairwise_accuracy(lambda p, r: ["high"] * len(r), None, pairs)
+    assert pairwise_accuracy(lambda p, r: [float(len(x)) for x in r], None, pairs)["accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: __import__("alignlib.data", fromlist=["x"]).load_prompts("movie_openings", "test", n=-1),
+     r"n must be None \(all\) or an integer >= 0, got -1"),
+    (lambda: __import__("alignlib.data", fromlist=["x"]).load_prompts("movie_openings", "test", n=True),
+     "got True"),
+    (lambda: __import__("alignlib.presets", fromlist=["x"]).load_task_prompts("course:movie_openings", "test", -2),
+     "n must be None"),
+    (lambda: __import__("alignlib.cai", fromlist=["x"]).CAIConfig(helpful=-1), "helpful must be an integer >= 0"),
+    (lambda: __import__("alignlib.cai", fromlist=["x"]).CAIConfig(study_prompts=-1), "study_prompts must be"),
+    (lambda: __import__("alignlib.cai", fromlist=["x"]).CAIConfig(eval_red_team=-1), "eval_red_team must be an "
+                                                                                       "integer >= 1"),
+    (lambda: __import__("alignlib.cai", fromlist=["x"]).CAIConfig(human_helpful_pairs=-1), "human_helpful_pairs"),
+])
+def test_negative_and_boolean_counts_are_refused_by_the_library(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+@pytest.mark.parametrize("argv, flag, least", [
+    (["cai-sl", "--helpful", "-1"], "--helpful", 0), (["cai-sl", "--study-prompts", "-1"], "--study-prompts", 0),
+    (["cai-rl", "--eval", "-1"], "--eval", 1), (["cai-rl", "--human-pairs", "-1"], "--human-pairs", 0),
+    (["tour", "--prompts", "-1"], "--prompts", 1), (["tour", "--prompts", "0"], "--prompts", 1),
+])
+def test_the_parser_refuses_negative_counts_with_a_usage_line(argv, flag, least, capsys):
+    from alignlib.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv)
+    assert f"argument {flag}: must be an integer >= {least}, got '{argv[-1]}'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["soups", "cai-sl", "cai-rl", "self-align", "bench", "peer-bench", "gpu-check",
+                                     "method-bench", "ppo-check"])
+@pytest.mark.parametrize("threads", ["-1", "0"])
+def test_every_threads_flag_refuses_non_positive_counts_and_names_the_cores(command, threads, capsys):
+    import os
+
+    from alignlib.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--threads", threads])
+    assert f"argument --threads: must be an integer >= 1, got '{threads}'; this machine has {os.cpu_count()} cores" \
+        in capsys.readouterr().err
+
+
+def test_set_threads_checks_before_torch_does():
+    import os
+
+    from alignlib.utils import set_threads
+
+    before = torch.get_num_threads()
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match=f"threads must be an integer >= 1, got {bad!r}; this machine has "
+                                             f"{os.cpu_count()} cores"):
+            set_threads(bad)
+    assert set_threads(before) == before == torch.get_num_threads()
+
+
+def test_configs_carrying_top_k_or_top_p_are_checked():
+    from types import SimpleNamespace
+
+    from alignlib.utils import check_sampling_fields
+
+    check_sampling_fields(SimpleNamespace(top_k=0, top_p=1.0))
+    for fields, message in (({"top_p": float("nan")}, "top_p"), ({"top_p": 0.0}, "top_p"), ({"top_k": -1}, "top_k"),
+                            ({"top_k": None}, "top_k")):
+        with pytest.raises(ValueError, match=message):
+            check_sampling_fields(SimpleNamespace(**fields))

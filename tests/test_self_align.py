@@ -1,4 +1,6 @@
 """SELF-ALIGN: prompt assembly and pruning, the novelty filter, output extraction and filters, engraving learns."""
+import json
+
 import pytest
 import torch
 
@@ -113,6 +115,44 @@ def test_bad_input_gets_clear_errors(tmp_path):
         sa.load_rows("adherence", data_dir=tmp_path)
 
 
+def _course_copy(folder):
+    """A copy of data/self_align to spoil one file of."""
+    import shutil
+
+    shutil.copytree(sa.DATA_DIR / "self_align", folder)
+    return folder
+
+
+def test_duplicate_ids_and_an_empty_verbose_prompt_are_refused_naming_file_line_and_field(tmp_path):
+    folder = _course_copy(tmp_path / "dup")
+    lines = (folder / "principles.jsonl").read_text().splitlines()
+    (folder / "principles.jsonl").write_text("\n".join(lines + [lines[0]]) + "\n")      # P01 again
+    with pytest.raises(DataFormatError, match=rf"principles.jsonl:{len(lines) + 1}: field id 'P01' repeats line 1"):
+        sa.load_self_align(folder)
+    folder = _course_copy(tmp_path / "empty")
+    (folder / "verbose_prompt.txt").write_text(" \n\n")
+    with pytest.raises(DataFormatError, match="verbose_prompt.txt is empty: write the verbose-cloning prompt"):
+        sa.load_self_align(folder)
+    folder = _course_copy(tmp_path / "latin")
+    (folder / "verbose_prompt.txt").write_bytes("Be thorough.\nCaf\u00e9".encode("latin-1"))
+    with pytest.raises(DataFormatError, match=r"verbose_prompt.txt:2: not UTF-8 text \(byte 0xe9"):
+        sa.load_self_align(folder)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"answer": True}, r"field answer must be the index of the true choice, an integer from 0 to \d, got True"),
+    ({"answer": "B"}, "field answer must be the index"),
+    ({"choices": [1, 2, 3]}, r"field choices must be a list of 2-5 non-empty strings, got \[1, 2, 3\]"),
+])
+def test_multiple_choice_rows_need_string_choices_and_an_integer_answer(tmp_path, change, message):
+    folder = _course_copy(tmp_path / "mc")
+    rows = [json.loads(x) for x in (folder / "truthfulness_mc.jsonl").read_text().splitlines()]
+    rows[3].update(change)
+    (folder / "truthfulness_mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataFormatError, match=rf"truthfulness_mc.jsonl row {rows[3]['id']}: {message}"):
+        sa.load_rows("truthfulness", "train", data_dir=folder)
+
+
 def test_self_align_runs_with_the_cached_prompt(tiny):
     model, tok = tiny
     rows = sa.self_align(model, tok, ["Name a fruit.", "Add two and three."], data(), max_new_tokens=8)
@@ -221,7 +261,7 @@ def test_the_four_stages_end_to_end_on_the_tiny_model(tmp_path, capsys, monkeypa
         (small / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "sa.json"
     main(["self-align", "--model", "tiny-random", "--instruct-prompts", "1", "--answer-tokens", "8",
-          "--verbose-tokens", "8", "--data-dir", str(small), "--json", str(out)])
+          "--verbose-tokens", "8", "--data-dir", str(small), "--json", str(out), "--output", str(tmp_path / "run")])
     result = json.loads(out.read_text())
     assert sum(result["stage2"]["filter"].values()) == result["stage1"]["pool"] >= 24
     assert result["stage2"]["filter"]["kept"] == 2 and len(result["engrave_history"]) >= 1

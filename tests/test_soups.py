@@ -167,7 +167,7 @@ def test_the_pipeline_on_the_tiny_model(tmp_path):
     assert [row["gap"] for row in s["lmc"]["lower"]][0] == pytest.approx(0.0)      # lambda = 0 is expert 1
     assert s["n3"]["trainings_rs"] == 3 and s["n3"]["trainings_morl"] == 5
     assert set(s["users"]) == {"enthusiast", "matter-of-fact"}
-    assert len(list(tmp_path.glob("*.safetensors"))) == 5                           # 3 experts, 2 MORL runs
+    assert len(list(tmp_path.glob("stages/*/adapter.safetensors"))) == 5            # 3 experts, 2 MORL runs
 
 
 def test_presets_and_bad_configs():
@@ -181,3 +181,42 @@ def test_presets_and_bad_configs():
     from alignlib.soups import make_reward
     with pytest.raises(ValueError, match="unknown reward"):
         make_reward("funny")
+
+
+def test_non_finite_experts_and_mixed_lora_scalings_are_refused():
+    ads = adapters()
+    ads[1]["m.lora_B.weight"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="adapter 1's m.lora_B.weight holds non-finite values"):
+        lora_soup(ads, [0.5, 0.5])
+    with pytest.raises(ValueError, match="adapter 1's m.lora_B.weight holds non-finite values"):
+        lora_soup(ads, [1.0, 0.0])                 # even at weight 0: 0 * NaN is NaN
+    with pytest.raises(ValueError, match="expert 1's w holds non-finite values"):
+        interpolate([{"w": torch.zeros(2)}, {"w": torch.tensor([1.0, float("inf")])}], [0.5, 0.5])
+    with pytest.raises(ValueError, match=r"scalings lora_alpha / r differ \(\[2.0, 4.0\]\)"):
+        lora_soup(adapters(), [0.5, 0.5], scaling=[2.0, 4.0])
+    same = lora_soup(adapters(), [0.3, 0.7], scaling=[2.0, 2.0])["m"]
+    assert torch.equal(same, lora_soup(adapters(), [0.3, 0.7], scaling=2.0)["m"])
+
+
+def test_a_soup_that_fails_at_a_later_module_leaves_the_weights_bit_identical():
+    from alignlib.models import load_model
+
+    torch.manual_seed(0)
+    expert, _ = load_model("tiny-random", lora=True)
+    ad, s = adapter_state(expert)
+    ad = {k: torch.randn_like(v) * 0.05 for k, v in ad.items()}
+    soup = SoupModel("tiny-random")
+    soup.set(lora_soup([ad, ad], [0.5, 0.5], "product", s))           # a soup in place
+    before = {k: v.clone() for k, v in soup.model.state_dict().items()}
+    good = lora_soup([ad, ad], [0.2, 0.8], "product", s)
+    last = list(good)[-1]
+    for bad, message in (({**good, last: good[last][:, :-1]}, "has shape"),
+                         ({**good, last: torch.full_like(good[last], float("nan"))}, "non-finite"),
+                         ({**good, "base_model.model.model.nowhere": torch.zeros(2, 2)}, "different base model")):
+        with pytest.raises(ValueError, match=message):
+            soup.set(bad)
+        assert all(torch.equal(v, before[k]) for k, v in soup.model.state_dict().items())
+    first, *_, last = (n for n, _ in soup.model.named_parameters())
+    with pytest.raises(ValueError, match=f"the soup's {last} holds non-finite values"):
+        soup.set_full({first: torch.zeros_like(before[first]), last: before[last] * float("nan")})
+    assert all(torch.equal(v, before[k]) for k, v in soup.model.state_dict().items())
