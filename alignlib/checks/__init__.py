@@ -19,6 +19,7 @@ import functools
 import importlib
 import math
 import inspect
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
@@ -110,23 +111,49 @@ def _disarmed(*args, **kwargs):
                          "yourself (torch operations are fine)")
 
 
+def _code_key(code) -> tuple:
+    """What a copy of a code object shares with it: its bytecode, constants (the docstring too) and names."""
+    return code.co_code, code.co_consts, code.co_names
+
+
 @contextmanager
 def forbid_reference_calls():
-    """While active, every function in ``GRADED_IMPLEMENTATIONS`` raises instead of computing.
+    """While active, every function in ``GRADED_IMPLEMENTATIONS`` raises instead of computing, and so does any copy.
 
     The function objects themselves are disarmed (their code is swapped), so any alias of them is caught too;
-    the originals are restored on exit, even if the student's code raises.
+    the originals are restored on exit, even if the student's code raises. A copy (a function built from an
+    original's code object, ``code.replace(...)``, or alignlib's source compiled again: the same bytecode,
+    constants and names) is stopped by a trace hook when it is called, and the block then fails even if the
+    student's code caught that error. Code compiled from a graded cell (``<graded cell N>``) is the student's
+    own and never counts as a copy. Switching the hook off (``sys.settrace``) fails the block too.
     """
-    saved = []
+    saved, keys, copies_called = [], set(), []
+
+    def trace(frame, event, arg):
+        code = frame.f_code
+        if (event == "call" and code.co_names in names and _code_key(code) in keys
+                and not code.co_filename.startswith("<graded cell")):
+            copies_called.append(code.co_name)
+            _disarmed()
+        return None   # no line events: the hook costs one call per Python function call
+
+    previous = sys.gettrace()
     try:
-        for module_name, names in GRADED_IMPLEMENTATIONS.items():
+        for module_name, fn_names in GRADED_IMPLEMENTATIONS.items():
             module = importlib.import_module(module_name)
-            for name in names:
+            for name in fn_names:
                 fn = getattr(module, name)
                 saved.append((fn, fn.__code__))
+                if fn.__code__ is not _disarmed.__code__:   # (already disarmed by an enclosing block)
+                    keys.add(_code_key(fn.__code__))
                 fn.__code__ = _disarmed.__code__
+        names = {key[2] for key in keys}
+        sys.settrace(trace)
         yield
+        if copies_called or sys.gettrace() is not trace:   # a copy was called (and the error caught), or no hook
+            _disarmed()
     finally:
+        sys.settrace(previous)
         for fn, code in saved:
             fn.__code__ = code
 
