@@ -552,8 +552,8 @@ def graceful_stop():
             signal.signal(signum, previous.get(signum) or signal.SIG_DFL)
             raise KeyboardInterrupt
         request.signum, request.at = signum, time.monotonic()
-        print(f"\n[alignlib] {signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
-              "(send it again to stop at once).", flush=True)
+        print(f"\n[alignlib] {signal.Signals(signum).name}: finishing the current step, then saving what is "
+              "finished (send it again to stop at once).", flush=True)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:

@@ -105,12 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--gradient-checkpointing", action="store_true",
                          help="recompute activations in the backward pass: less memory, about a third more compute")
 
-    grade = sub.add_parser("grade", help="grade an exercise notebook and print the score table")
-    grade.add_argument("notebook", help="path to an exercises/NN_*.ipynb (or solutions/) notebook")
+    from .grading import add_exercises_arguments, add_grade_arguments
 
-    ex = sub.add_parser("exercises", help="regenerate exercises/ from solutions/")
-    ex.add_argument("--check", action="store_true", help="only report exercises that are out of date")
-    ex.add_argument("--force", action="store_true", help="overwrite exercise files that differ (answers are lost)")
+    add_grade_arguments(sub.add_parser("grade", help="grade an exercise notebook and print the score table"))
+    add_exercises_arguments(sub.add_parser("exercises", help="regenerate exercises/ from solutions/"))
     return parser
 
 
@@ -170,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "grade":
         from .grading import grade_command
 
-        return grade_command(args.notebook)
+        return grade_command(args.notebook, args.exercise, args.check_timeout, args.timeout)
     elif args.command == "exercises":
         from .grading import exercises_command
 

@@ -599,19 +599,27 @@ def exercises_command(check: bool = False, solutions_dir: str | Path = "solution
     return 0
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """Sub-commands ``grade`` and ``exercises`` (added to ``parser``'s sub-parsers if one is given)."""
-    parser = parser or argparse.ArgumentParser(prog="python -m alignlib.grading", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("grade", help="grade an exercise notebook and print the score table")
+def add_grade_arguments(g: argparse.ArgumentParser) -> None:
+    """The flags of ``grade`` (here and in ``python -m alignlib grade``)."""
     g.add_argument("notebook", help="path to the notebook, e.g. exercises/00_logprobs.ipynb")
     g.add_argument("--exercise", default=None, help="which checks to use (default: the notebook's file stem)")
     g.add_argument("--check-timeout", type=float, default=CHECK_TIMEOUT, help="seconds for each graded cell and check")
     g.add_argument("--timeout", type=float, default=None,
                    help="seconds for the whole grading (default: 120 plus --check-timeout per cell and per check)")
-    e = sub.add_parser("exercises", help="regenerate exercises/ from solutions/")
+
+
+def add_exercises_arguments(e: argparse.ArgumentParser) -> None:
+    """The flags of ``exercises`` (here and in ``python -m alignlib exercises``)."""
     e.add_argument("--check", action="store_true", help="write nothing; exit 1 if exercises/ is out of date")
     e.add_argument("--force", action="store_true", help="overwrite exercise files that differ (answers are lost)")
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Sub-commands ``grade`` and ``exercises`` (added to ``parser``'s sub-parsers if one is given)."""
+    parser = parser or argparse.ArgumentParser(prog="python -m alignlib.grading", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_grade_arguments(sub.add_parser("grade", help="grade an exercise notebook and print the score table"))
+    add_exercises_arguments(sub.add_parser("exercises", help="regenerate exercises/ from solutions/"))
     return parser
 
 
