@@ -24,6 +24,11 @@ context alone (lecture 05 measures it), so the course adds two adaptations besid
   prompt and one under a careless one, labelled by construction (as in RLCD, Yang et al. 2023).
 
 The few-shot prefix is encoded once (``PrefixCache``) and its keys and values reused by every request.
+
+``cai-sl`` and ``cai-rl`` share one run directory (``--output``), checked and locked before any model loads. Every
+stage (``SL_STAGES``, ``RL_STAGES``) is kept as it finishes, with its adapters and weights
+(``checkpoint.StageStore``), so a run stopped by Ctrl-C or SIGTERM (after the running stage), or killed, continues
+with ``--resume`` to the result the uninterrupted run gives.
 """
 from __future__ import annotations
 

@@ -1,0 +1,167 @@
+"""cai-sl and cai-rl under the run protocol: the output is checked before any model loads, each finished stage
+is kept, SIGINT stops after the running stage, and --resume ends with the uninterrupted result."""
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from alignlib import cai
+from alignlib.checkpoint import RunDirectoryError, StageStore, prepare_output, release
+from alignlib.cli import build_parser, main
+
+VOLATILE = ("timings", "seconds", "time/", "memory/")          # wall-clock and memory fields
+CAI = ["--model", "tiny-random", "--red-team", "4", "--helpful", "2", "--few-shot", "1", "--format-epochs", "1",
+       "--study-prompts", "2"]
+RL = ["--ppo-steps", "1", "--eval", "3", "--feedback-model", "tiny-random", "--human-pairs", "4"]
+
+
+def stable(path) -> str:
+    """The JSON file at ``path`` without wall-clock and memory fields (dumped, so that NaN equals NaN)."""
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if not k.startswith(VOLATILE)}
+        return [strip(v) for v in x] if isinstance(x, list) else x
+    return json.dumps(strip(json.loads(path.read_text())), sort_keys=True)
+
+
+def sigint_on_first_call(fn):
+    """``fn`` that sends SIGINT to this process when it is first called (then runs as usual): Ctrl-C mid-stage."""
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return fn(*args, **kwargs)
+    return wrapped
+
+
+def stored(out, names) -> list[str]:
+    return [name for name in names if StageStore(out).done(name)]
+
+
+def stopped(monkeypatch, capsys, owner, name: str, argv: list[str]) -> str:
+    """Run the command ``argv`` with Ctrl-C pressed when ``owner.name`` is first called; it must exit with
+    128 + SIGINT and say how to continue. Returns the stage it stopped after."""
+    with monkeypatch.context() as patch:
+        patch.setattr(owner, name, sigint_on_first_call(getattr(owner, name)))
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+    assert stop.value.code == 128 + signal.SIGINT
+    said = capsys.readouterr().out
+    assert "; run the same command with --resume to continue" in said
+    return said.split("stopped after ")[1].split(";")[0]
+
+
+def no_model(*args, **kwargs):
+    raise AssertionError("a model was loaded before the output was checked")
+
+
+def test_an_unwritable_output_or_json_fails_before_any_model_loads(tmp_path, monkeypatch):
+    import alignlib.models
+
+    monkeypatch.setattr(alignlib.models, "load_model", no_model)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    for argv in (["cai-sl", *CAI, "--output", str(blocker / "run")],):
+        with pytest.raises(RunDirectoryError, match="cannot write to the output directory"):
+            main(argv)
+    for argv in (["cai-sl", *CAI, "--output", str(tmp_path / "cai"), "--json", str(blocker / "cai.json")],):
+        with pytest.raises(RunDirectoryError, match="cannot write --json"):
+            main(argv)
+    assert not (tmp_path / "cai").exists()                                         # refused before claiming
+
+
+def test_cai_sl_refuses_an_earlier_run_and_cai_rl_an_unfinished_sl_before_any_model_loads(tmp_path, monkeypatch):
+    import alignlib.models
+
+    monkeypatch.setattr(alignlib.models, "load_model", no_model)
+    old = tmp_path / "old"                           # what cai-sl wrote before the run protocol
+    (old / "sl_adapter").mkdir(parents=True)
+    (old / "sl.json").write_text("{}")
+    with pytest.raises(RunDirectoryError, match="already holds a run; pass --resume"):
+        main(["cai-sl", *CAI, "--output", str(old)])
+    with pytest.raises(RunDirectoryError, match="not written by alignlib's run protocol"):
+        main(["cai-sl", *CAI, "--output", str(old), "--overwrite"])
+    assert (old / "sl.json").read_text() == "{}"     # nothing replaced, nothing deleted
+
+    args = build_parser().parse_args(["cai-sl", *CAI])
+    cut = prepare_output(tmp_path / "cut", identity=cai.run_identity(cai.config_from_args(args), args.preset, "sl"))
+    StageStore(cut).save("sl-start", {})             # a cai-sl that was stopped after its first stage
+    release(cut)
+    with pytest.raises(FileNotFoundError, match="no finished cai-sl run.*cai-sl --resume --output"):
+        main(["cai-rl", *CAI, "--output", str(cut)])
+
+
+def test_cai_rl_overwrite_redoes_only_cai_rl_with_its_new_settings(tmp_path):
+    def args(*extra):
+        return build_parser().parse_args(["cai-rl", *CAI, *RL, "--output", str(tmp_path / "run"), *extra])
+
+    first = args()
+    out = prepare_output(first.output, identity=cai.run_identity(cai.config_from_args(first), "cpu", "rl"))
+    store = StageStore(out)
+    for name in ("sl-sft", "rl-pairs", "rl-ppo"):    # a finished cai-sl and a cai-rl stopped after PPO
+        store.save(name, {"stage": name})
+    (out / "sl.json").write_text("{}")
+    (out / "rl.json").write_text("{}")
+    release(out)
+    with pytest.raises(RunDirectoryError, match="already holds a cai-rl run; pass --resume"):
+        cai.claim_output(args("--ppo-steps", "2"), "rl", cai.config_from_args(args("--ppo-steps", "2")))
+    with pytest.raises(RunDirectoryError, match="ppo_steps: the run used 1, this command asks for 2"):
+        cai.claim_output(args("--ppo-steps", "2", "--resume"), "rl", cai.config_from_args(args("--ppo-steps", "2")))
+    again = args("--ppo-steps", "2", "--overwrite")
+    assert cai.claim_output(again, "rl", cai.config_from_args(again)) == out
+    assert [n for n in (*cai.SL_STAGES, *cai.RL_STAGES) if store.done(n)] == ["sl-sft"]   # cai-sl's part is kept
+    assert (out / "sl.json").exists() and not (out / "rl.json").exists()
+    assert json.loads((out / ".alignlib-run.json").read_text())["identity"]["ppo_steps"] == 2
+    release(out)
+
+
+@pytest.mark.pipeline
+def test_cai_stopped_by_sigint_in_a_stage_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, capsys):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    torch.manual_seed(0)                             # both runs start from the same process state
+    main(["cai-sl", *CAI, "--output", str(whole)])
+    main(["cai-rl", *CAI, *RL, "--output", str(whole)])
+
+    import alignlib.reward_model
+    import alignlib.runs
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    sl, rl = ["cai-sl", *CAI, "--output", str(cut)], ["cai-rl", *CAI, *RL, "--output", str(cut)]
+    torch.manual_seed(0)
+    assert stopped(monkeypatch, capsys, cai, "train_critic", sl) == "sl-critic"       # Ctrl-C in the 2nd stage
+    assert stored(cut, cai.SL_STAGES) == ["sl-start", "sl-answers", "sl-critic"] and not (cut / "sl.json").exists()
+    with pytest.raises(RunDirectoryError, match="already holds a run; pass --resume"):
+        main(sl)
+    with pytest.raises(FileNotFoundError, match="cai-sl --resume"):
+        main(rl)
+    torch.manual_seed(5)                             # a new process, whatever its state
+    assert stopped(monkeypatch, capsys, cai, "revision_study", [*sl, "--resume"]) == "sl-study"  # the critic reloaded
+    main([*sl, "--resume"])
+    assert stable(cut / "sl.json") == stable(whole / "sl.json")
+    adapter = "sl_adapter/adapter_model.safetensors"
+    assert (cut / adapter).read_bytes() == (whole / adapter).read_bytes()
+    policy = cai.run_sl(cai.config_from_args(build_parser().parse_args(sl)), out=cut)["policy"]   # every stage read
+    saved = load_file(str(whole / adapter))
+    assert all(torch.equal(v, saved[k]) for k, v in get_peft_model_state_dict(policy).items())
+    with pytest.raises(RunDirectoryError, match="already holds a run; pass --resume"):
+        main(sl)                                     # a second cai-sl does not replace the first
+    with pytest.raises(RunDirectoryError, match="red_team: the run used 4, this command asks for 48"):
+        main(["cai-rl", "--model", "tiny-random", "--output", str(cut)])    # cai-rl continues this run only
+
+    assert stopped(monkeypatch, capsys, cai, "judge_accuracy", rl) == "rl-feedback"    # Ctrl-C in the 2nd stage
+    assert stored(cut, cai.RL_STAGES) == ["rl-pairs", "rl-feedback"] and not (cut / "rl.json").exists()
+    with pytest.raises(RunDirectoryError, match="already holds a cai-rl run; pass --resume"):
+        main(rl)
+    torch.manual_seed(5)
+    assert stopped(monkeypatch, capsys, alignlib.reward_model, "train_reward_model", [*rl, "--resume"]) == \
+        "rl-preference-model"
+    assert stopped(monkeypatch, capsys, alignlib.runs, "make_trainer", [*rl, "--resume"]) == "rl-ppo"  # PM reloaded
+    main([*rl, "--resume"])                          # PPO's adapter reloaded for the evaluation
+    assert stable(cut / "rl.json") == stable(whole / "rl.json")
+    assert stable(cut / "sl.json") == stable(whole / "sl.json")               # cai-rl left cai-sl's part alone
+    release(whole), release(cut)
