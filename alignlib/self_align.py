@@ -16,6 +16,11 @@ Alignment with a few hundred lines of human writing instead of tens of thousands
    on those answers without that prompt (context distillation), so it answers at length unprompted.
 
 The long shared prompt is encoded once (``PrefixCache``) and its keys and values reused by every instruction.
+
+``python -m alignlib self-align`` writes a run directory (``--output``), checked and locked before the model loads;
+each stage and the evaluation (``STAGES``) is kept as it finishes, adapters included (``checkpoint.StageStore``), so
+a run stopped by Ctrl-C or SIGTERM (after the running stage), or killed, continues with ``--resume`` to the result
+the uninterrupted run gives.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""cai-sl and cai-rl under the run protocol: the output is checked before any model loads, each finished stage
-is kept, SIGINT stops after the running stage, and --resume ends with the uninterrupted result."""
+"""cai-sl, cai-rl and self-align under the run protocol: the output is checked before any model loads, each
+finished stage is kept, SIGINT stops after the running stage, and --resume ends with the uninterrupted result."""
 import json
 import os
 import signal
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from alignlib import cai
+from alignlib import self_align as sa
 from alignlib.checkpoint import RunDirectoryError, StageStore, prepare_output, release
 from alignlib.cli import build_parser, main
 
@@ -65,13 +66,17 @@ def test_an_unwritable_output_or_json_fails_before_any_model_loads(tmp_path, mon
     monkeypatch.setattr(alignlib.models, "load_model", no_model)
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
-    for argv in (["cai-sl", *CAI, "--output", str(blocker / "run")],):
+    for argv in (["cai-sl", *CAI, "--output", str(blocker / "run")],
+                 ["self-align", "--model", "tiny-random", "--output", str(blocker / "run"),
+                  "--json", str(tmp_path / "sa.json")]):
         with pytest.raises(RunDirectoryError, match="cannot write to the output directory"):
             main(argv)
-    for argv in (["cai-sl", *CAI, "--output", str(tmp_path / "cai"), "--json", str(blocker / "cai.json")],):
+    for argv in (["cai-sl", *CAI, "--output", str(tmp_path / "cai"), "--json", str(blocker / "cai.json")],
+                 ["self-align", "--model", "tiny-random", "--output", str(tmp_path / "sa"),
+                  "--json", str(blocker / "sa.json")]):
         with pytest.raises(RunDirectoryError, match="cannot write --json"):
             main(argv)
-    assert not (tmp_path / "cai").exists()                                         # refused before claiming
+    assert not (tmp_path / "cai").exists() and not (tmp_path / "sa").exists()      # refused before claiming
 
 
 def test_cai_sl_refuses_an_earlier_run_and_cai_rl_an_unfinished_sl_before_any_model_loads(tmp_path, monkeypatch):
@@ -165,3 +170,51 @@ def test_cai_stopped_by_sigint_in_a_stage_resumes_to_the_uninterrupted_result(tm
     assert stable(cut / "rl.json") == stable(whole / "rl.json")
     assert stable(cut / "sl.json") == stable(whole / "sl.json")               # cai-rl left cai-sl's part alone
     release(whole), release(cut)
+
+
+def small_self_align_data(folder):
+    """The course data of SELF-ALIGN, cut to fit the tiny model's 1024-token context."""
+    folder.mkdir()
+    for name in ("seed_instructions.jsonl", "question_types.jsonl", "verbose_prompt.txt"):
+        (folder / name).write_text((sa.DATA_DIR / "self_align" / name).read_text())
+    for name in ("principles.jsonl", "truthfulness_mc.jsonl", "adherence_prompts.jsonl"):
+        rows = [json.loads(x) for x in (sa.DATA_DIR / "self_align" / name).read_text().splitlines()]
+        rows = rows[:2] if name == "principles.jsonl" else [r for r in rows if r["split"] == "test"][:3]
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "exemplars.jsonl").write_text(json.dumps({"id": "E1", "instruction": "Name a fruit.",
+                                                        "thought": "By P01 I answer.", "answer": "An apple."}) + "\n")
+    return folder
+
+
+@pytest.mark.pipeline
+def test_self_align_stopped_by_sigint_in_a_stage_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, capsys):
+    real = sa.self_align
+
+    def stage2(model, tok, pool, data, n):    # the tiny model never writes a well-formed answer: two fixed ones
+        return [{**r, "thought": "By P01 I answer.", "answer": "Here is a short answer.", "dropped": None}
+                for r in real(model, tok, pool[:2], data, n)] + [
+            {"instruction": x, "thought": "", "answer": "", "dropped": "no thoughts"} for x in pool[2:]]
+
+    data = small_self_align_data(tmp_path / "data")
+
+    def argv(name, *extra):
+        return ["self-align", "--model", "tiny-random", "--instruct-prompts", "1", "--answer-tokens", "8",
+                "--verbose-tokens", "8", "--data-dir", str(data), "--output", str(tmp_path / name),
+                "--json", str(tmp_path / f"{name}.json"), *extra]
+
+    monkeypatch.setattr(sa, "self_align", stage2)
+    main(argv("whole"))
+    assert stopped(monkeypatch, capsys, sa, "self_align", argv("cut")) == "stage2-principle-driven"   # the 2nd stage
+    assert stored(tmp_path / "cut", sa.STAGES) == list(sa.STAGES[:2]) and not (tmp_path / "cut.json").exists()
+    with pytest.raises(RunDirectoryError, match="already holds a run; pass --resume"):
+        main(argv("cut"))
+    with pytest.raises(RunDirectoryError, match="answer_tokens: the run used 8, this command asks for 9"):
+        main([*argv("cut", "--resume"), "--answer-tokens", "9"])
+    torch.manual_seed(5)                             # a new process, whatever its state
+    assert stopped(monkeypatch, capsys, sa, "distil", argv("cut", "--resume")) == "stage3-engraving"
+    assert stopped(monkeypatch, capsys, sa, "verbose_answers", argv("cut", "--resume")) == \
+        "stage4-verbose-cloning"                     # from the engraved adapter stage 3 stored
+    main(argv("cut", "--resume"))                    # the evaluation, from both stored adapters
+    assert stable(tmp_path / "cut.json") == stable(tmp_path / "whole.json")
+    assert stable(tmp_path / "cut" / "self_align.json") == stable(tmp_path / "whole.json")
+    release(tmp_path / "whole"), release(tmp_path / "cut")
