@@ -1007,20 +1007,6 @@ def run_identity(config: CAIConfig, preset: str, stage: str) -> dict:
     return {"method": "cai", "preset": preset, "seed": config.seed, **{k: getattr(config, k) for k in keys}}
 
 
-def check_json_path(path: str | Path) -> None:
-    """Fail now, not after the run, where ``--json`` cannot be written."""
-    from .checkpoint import RunDirectoryError
-
-    target = Path(path)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise RunDirectoryError(f"cannot write --json {path}: {err}. Choose another --json.") from None
-    if target.is_dir() or not os.access(target.parent, os.W_OK):
-        raise RunDirectoryError(f"cannot write --json {path}: it is a directory or its directory is not writable. "
-                                "Choose another --json.")
-
-
 def claim_output(args, stage: str, config: CAIConfig) -> Path:
     """Check and lock ``--output`` before any model loads. cai-sl starts a CAI run (``prepare_output``: an earlier
     run needs --resume or --overwrite). cai-rl continues the finished cai-sl run in the directory: the same preset,
@@ -1072,7 +1058,7 @@ def main(args, stage: str) -> dict:
     the finished cai-sl run with its settings. Every stage is stored as it finishes (``SL_STAGES``, ``RL_STAGES``);
     SIGINT/SIGTERM stops the command after the running stage (exit status 128 + the signal; a second signal stops
     at once), and the same command with ``--resume`` continues it to the result an uninterrupted run gives."""
-    from .checkpoint import StageStore, StopRun, graceful_stop
+    from .checkpoint import StageStore, StopRun, check_json_path, graceful_stop
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -529,6 +529,40 @@ class StopRun(Exception):
         self.signum, self.stage = signum, stage
 
 
+# ---------------------------------------------------------------- result files beside a run directory
+
+def check_json_path(path: str | Path) -> None:
+    """Fail now, not after the run, where ``--json`` cannot be written."""
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunDirectoryError(f"cannot write --json {path}: {err}. Choose another --json.") from None
+    if target.is_dir() or not os.access(target.parent, os.W_OK):
+        raise RunDirectoryError(f"cannot write --json {path}: it is a directory or its directory is not writable. "
+                                "Choose another --json.")
+
+
+def prepare_results(path: Path, resume: bool, overwrite: bool, identity: dict, flag: str = "--output"):
+    """Check the JSON file ``path`` before any work and claim the run directory beside it, ``<path stem>.runs/``
+    (``prepare_output``: refused if it holds an earlier run unless ``resume`` or ``overwrite``; ``resume`` needs
+    the same ``identity``). Its ``StageStore`` keeps each finished run, so that ``resume`` reuses them. An existing
+    ``path`` is refused unless ``resume`` or ``overwrite``."""
+    path = Path(path)
+    runs = path.with_name(path.stem + ".runs")
+    if path.is_dir() or path == runs:
+        raise RunDirectoryError(f"{flag} {path} is a directory or has no file suffix; name a JSON file.")
+    if path.exists() and not (resume or overwrite):
+        raise RunDirectoryError(f"{path} already exists; pass --overwrite to replace it, --resume to continue the "
+                                f"run whose finished parts are in {runs}, or choose another {flag}.")
+    try:
+        store = StageStore(prepare_output(runs, resume=resume, overwrite=overwrite, identity=identity))
+    except RunDirectoryError as err:
+        raise RunDirectoryError(str(err).replace("--output", flag)) from None
+    store.root.mkdir(exist_ok=True)        # an empty store: --resume is valid before the first run finishes
+    return store
+
+
 # ---------------------------------------------------------------- stopping cleanly
 
 class StopRequest:
@@ -565,3 +599,23 @@ def graceful_stop():
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def wait_workers(procs: list, stop) -> None:
+    """Wait until every worker process has exited. On a stop request (``graceful_stop``) or a failed worker,
+    terminate the others and wait for them; an exception here (a second Ctrl-C) kills them before it goes on."""
+    try:
+        while None in [p.poll() for p in procs]:               # polls every one
+            if stop.signum or any(p.returncode not in (None, 0) for p in procs):
+                for p in procs:
+                    if p.poll() is None:
+                        p.terminate()
+                for p in procs:
+                    p.wait()
+                return
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()

@@ -189,7 +189,7 @@ def time_to_reach(history: list[dict], target: float, window: int = 3) -> float 
 def run_subprocess(method: str, opts: dict, stop=None) -> dict | None:
     """``bench_method`` in a fresh interpreter, so its peak memory is its own. With ``stop`` (``graceful_stop``):
     a SIGINT/SIGTERM terminates the interpreter, and the result is None."""
-    from .ppo_check import wait_workers
+    from .checkpoint import wait_workers
 
     with tempfile.TemporaryDirectory(prefix="method_bench_") as tmp:
         path = Path(tmp) / "out.json"
@@ -301,7 +301,7 @@ def run(args) -> dict:
     subprocess and exits with 128 + the signal; ``--resume`` runs only what had not finished (the same model,
     steps, mode, methods, threads, seeds and held-out prompts; ``--resume`` refuses others)."""
     from .checkpoint import atomic_write, graceful_stop
-    from .ppo_check import prepare_results
+    from .checkpoint import prepare_results
 
     if "ppo" not in args.methods:
         raise ValueError("--methods must include ppo: every ratio is relative to PPO.")

@@ -180,7 +180,7 @@ def judge(run: dict, min_gain: float, kl_budget: float) -> dict:
 
 def run(args) -> int:
     from . import ppo
-    from .checkpoint import graceful_stop
+    from .checkpoint import graceful_stop, prepare_results, wait_workers
 
     preset_beta = ppo.PPOConfig.preset("cpu").kl_coef
     out = Path(args.output)
@@ -232,48 +232,6 @@ def run(args) -> int:
                 raise RuntimeError(f"a PPO run failed (exit codes {failed}; see its output above). The finished "
                                    "runs are kept: fix the cause and run the same command with --resume.")
     return report([runs[i] for i in range(len(specs))], preset_beta, args, out)
-
-
-def prepare_results(path: Path, resume: bool, overwrite: bool, identity: dict, flag: str = "--output"):
-    """Check the JSON file ``path`` before any work and claim the run directory beside it, ``<path stem>.runs/``
-    (``prepare_output``: refused if it holds an earlier run unless ``resume`` or ``overwrite``; ``resume`` needs
-    the same ``identity``). Its ``StageStore`` keeps each finished run, so that ``resume`` reuses them. An existing
-    ``path`` is refused unless ``resume`` or ``overwrite``."""
-    from .checkpoint import RunDirectoryError, StageStore, prepare_output
-
-    path = Path(path)
-    runs = path.with_name(path.stem + ".runs")
-    if path.is_dir() or path == runs:
-        raise RunDirectoryError(f"{flag} {path} is a directory or has no file suffix; name a JSON file.")
-    if path.exists() and not (resume or overwrite):
-        raise RunDirectoryError(f"{path} already exists; pass --overwrite to replace it, --resume to continue the "
-                                f"run whose finished parts are in {runs}, or choose another {flag}.")
-    try:
-        store = StageStore(prepare_output(runs, resume=resume, overwrite=overwrite, identity=identity))
-    except RunDirectoryError as err:
-        raise RunDirectoryError(str(err).replace("--output", flag)) from None
-    store.root.mkdir(exist_ok=True)        # an empty store: --resume is valid before the first run finishes
-    return store
-
-
-def wait_workers(procs: list, stop) -> None:
-    """Wait until every worker process has exited. On a stop request (``graceful_stop``) or a failed worker,
-    terminate the others and wait for them; an exception here (a second Ctrl-C) kills them before it goes on."""
-    try:
-        while None in [p.poll() for p in procs]:               # polls every one
-            if stop.signum or any(p.returncode not in (None, 0) for p in procs):
-                for p in procs:
-                    if p.poll() is None:
-                        p.terminate()
-                for p in procs:
-                    p.wait()
-                return
-            time.sleep(0.2)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
 
 
 def report(runs: list[dict], preset_beta: float, args, out: Path) -> int:

@@ -631,7 +631,7 @@ def main(args) -> dict:
 
     import torch
 
-    from .cai import check_json_path
+    from .checkpoint import check_json_path
     from .checkpoint import StageStore, StopRun, atomic_write, graceful_stop, prepare_output
 
     if args.threads:

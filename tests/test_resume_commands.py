@@ -187,7 +187,7 @@ def test_ppo_check_keeps_finished_runs_when_stopped_and_resume_runs_only_the_res
     import time
 
     import alignlib.ppo_check as pc
-    from alignlib.ppo_check import prepare_results  # noqa: F401  (finished runs are kept beside --output)
+    from alignlib.checkpoint import prepare_results  # noqa: F401  (finished runs are kept beside --output)
 
     fake = tmp_path / "fake_worker.py"
     fake.write_text(FAKE_WORKER)
@@ -235,7 +235,7 @@ def test_ppo_check_keeps_finished_runs_when_stopped_and_resume_runs_only_the_res
 @pytest.mark.pipeline
 def test_method_bench_keeps_finished_runs_when_stopped_and_resume_runs_only_the_rest(tmp_path, monkeypatch):
     import alignlib.method_bench as mb
-    from alignlib.ppo_check import prepare_results  # noqa: F401  (finished runs are kept beside --json)
+    from alignlib.checkpoint import prepare_results  # noqa: F401  (finished runs are kept beside --json)
 
     out = tmp_path / "bench.json"
     args = types.SimpleNamespace(model="tiny-random", steps=1, mode="lora", methods=["ppo", "raft"],
