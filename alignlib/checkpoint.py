@@ -31,7 +31,6 @@ module whose trainable parameters are saved.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -44,6 +43,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from .utils import sha256_file
 
 try:
     import fcntl
@@ -260,14 +261,6 @@ def _trainable(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p for name, p in module.named_parameters() if p.requires_grad}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _complete(root: Path) -> list[Path]:
     """The checkpoint directories of ``root`` that finished writing, newest first."""
     if not root.is_dir():
@@ -298,7 +291,7 @@ def verify_checkpoint(path: Path) -> None:
         file = path / name
         if not file.exists():
             raise RunDirectoryError(f"{file} is missing")
-        if file.stat().st_size != expected["bytes"] or _sha256(file) != expected["sha256"]:
+        if file.stat().st_size != expected["bytes"] or sha256_file(file) != expected["sha256"]:
             raise RunDirectoryError(f"{file} is damaged (its size or SHA-256 differs from {path / MANIFEST})")
 
 
@@ -332,7 +325,7 @@ def save_checkpoint(out: str | Path, trainer) -> Path:
                  "numpy_rng": _jsonable(np.random.get_state()), "kl_coef": kl_ctl.value if kl_ctl else None,
                  "extra": trainer.extra_state() if hasattr(trainer, "extra_state") else None}
         (tmp / "state.json").write_text(json.dumps(state, default=str))
-        files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+        files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
         final = root / name
         shutil.rmtree(final, ignore_errors=True)
@@ -487,7 +480,7 @@ class StageStore:
         try:
             (tmp / "result.json").write_text(json.dumps(result, default=str))
             (tmp / "rng.json").write_text(json.dumps(host_rng()))
-            files = {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+            files = {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
                      for f in sorted(tmp.rglob("*")) if f.is_file()}
             (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
             final = self.root / name

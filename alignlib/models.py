@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import hashlib
 import json
 import os
 import shutil
@@ -34,7 +33,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
 from .hub import hub_kwargs
-from .utils import cache_dir, default_dtype, get_device, quiet_loading
+from .utils import cache_dir, default_dtype, get_device, quiet_loading, sha256_file
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 TINY_MODEL = "tiny-random"
@@ -75,14 +74,6 @@ def default_model_dir() -> Path:
     return cache_dir() / DEFAULT_MODEL
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _record_entry(record: str, member: str) -> tuple[str, int] | None:
     """(sha256 hex, size) of ``member`` in a wheel's RECORD (rows ``path,sha256=<urlsafe base64>,size``)."""
     for row in csv.reader(record.splitlines()):
@@ -94,7 +85,7 @@ def _record_entry(record: str, member: str) -> tuple[str, int] | None:
 
 def _gguf_ok(path: Path, expected: tuple[str, int]) -> bool:
     """Whether ``path`` is the GGUF as shipped: its size, then its sha256 (0.2 s), against ``expected``."""
-    return path.is_file() and path.stat().st_size == expected[1] and _sha256(path) == expected[0]
+    return path.is_file() and path.stat().st_size == expected[1] and sha256_file(path) == expected[0]
 
 
 def _installed_gguf() -> tuple[Path, tuple[str, int]] | None:
@@ -214,7 +205,7 @@ def _write_manifest(directory: Path, gguf: tuple[str, int], files: dict | None =
     """Record the source GGUF's (sha256, size) and every file's sha256, size and mtime in ``directory/MANIFEST``
     (``files``: entries already computed), written under a temporary name and renamed."""
     if files is None:
-        files = {p.name: {"sha256": _sha256(p), "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
+        files = {p.name: {"sha256": sha256_file(p), "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
                  for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST
                  and not any(p.match(pattern) for pattern in LEFTOVERS)}
     data = {"source": GGUF_WHEEL, "gguf": GGUF_NAME, "gguf_sha256": gguf[0], "gguf_size": gguf[1], "files": files}
@@ -246,7 +237,7 @@ def _check_cache(target: Path, full: bool = False) -> str | None:
         if stat.st_size != entry["size"]:
             return f"has a {name} of {stat.st_size} bytes where {entry['size']} were written"
         if full or stat.st_mtime_ns != entry["mtime_ns"]:
-            if _sha256(target / name) != entry["sha256"]:
+            if sha256_file(target / name) != entry["sha256"]:
                 return f"has a {name} that does not match the sha256 recorded when it was written"
             moved |= stat.st_mtime_ns != entry["mtime_ns"]
             entry["mtime_ns"] = stat.st_mtime_ns

@@ -132,6 +132,17 @@ def guarded_step(optimizer, max_grad_norm: float = 0.0, name: str = "training", 
     return float(norm)
 
 
+def sha256_file(path) -> str:
+    """The SHA-256 of a file, hex, read in 1 MB blocks (checkpoints' and the model cache's manifests)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def check_count(value, name: str, minimum: int = 0, allow_none: bool = True):
     """``value`` if it is a count: an int >= ``minimum`` (or None where ``allow_none``); else a ValueError naming
     ``name``. Bools are refused (True is not 1 prompt), and so are negative numbers, which slicing would read as
