@@ -157,7 +157,7 @@ def _compare(stored: dict, new: dict, done: int | None) -> dict:
 
 
 def prepare_output(output: str | Path, resume: bool = False, overwrite: bool = False,
-                   identity: dict | None = None) -> Path:
+                   identity: dict | None = None, flag: str = "--output") -> Path:
     """Check ``output`` before any work; claim it (marker and lock) for this run.
 
     - ``output`` may not be, or contain, the current directory, the repository, ``data/``, home or the root;
@@ -166,9 +166,19 @@ def prepare_output(output: str | Path, resume: bool = False, overwrite: bool = F
     - the directory is locked while this process writes it: a second writer is refused at once;
     - ``resume`` needs a complete checkpoint (or finished stages) and the same ``identity`` (method, model, task,
       reward, seed, process count, ...: ``_compare``); ``steps`` may grow;
-    - a probe file proves the directory writable, so a bad path fails now, not after training.
+    - writing the marker proves the directory writable, so a bad path fails now, not after training.
     The marker records ``identity``; ``read_marker(out)["identity"]`` is what a resumed run continues with.
+    ``flag`` is the command's name for the directory in messages (``--report`` for the tour).
     """
+    try:
+        return _prepare(output, resume, overwrite, identity)
+    except RunDirectoryError as err:
+        if flag == "--output":
+            raise
+        raise RunDirectoryError(str(err).replace("--output", flag)) from None
+
+
+def _prepare(output, resume: bool, overwrite: bool, identity: dict | None) -> Path:
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other: continue the run, or start it again.")
     if output is None or not str(output).strip():
@@ -548,10 +558,7 @@ def prepare_results(path: Path, resume: bool, overwrite: bool, identity: dict, f
     if path.exists() and not (resume or overwrite):
         raise RunDirectoryError(f"{path} already exists; pass --overwrite to replace it, --resume to continue the "
                                 f"run whose finished parts are in {runs}, or choose another {flag}.")
-    try:
-        store = StageStore(prepare_output(runs, resume=resume, overwrite=overwrite, identity=identity))
-    except RunDirectoryError as err:
-        raise RunDirectoryError(str(err).replace("--output", flag)) from None
+    store = StageStore(prepare_output(runs, resume=resume, overwrite=overwrite, identity=identity, flag=flag))
     store.root.mkdir(exist_ok=True)        # an empty store: --resume is valid before the first run finishes
     return store
 

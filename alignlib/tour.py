@@ -53,16 +53,14 @@ def run(model_name: str = DEFAULT_MODEL, n_prompts: int = 4, max_new_tokens: int
     report is written from the stored steps, as the uninterrupted tour writes it."""
     from contextlib import nullcontext
 
-    from .checkpoint import RunDirectoryError, StageStore, StopRun, graceful_stop, prepare_output
+    from .checkpoint import StageStore, StopRun, graceful_stop, prepare_output
 
     store = None
     if report is not None:
         identity = {"command": "tour", "model": model_name, "prompts": n_prompts, "max_new_tokens": max_new_tokens,
                     "seed": seed, "method_steps": steps}     # not "steps": --resume may not lengthen finished steps
-        try:
-            store = StageStore(prepare_output(report, resume=resume, overwrite=overwrite, identity=identity))
-        except RunDirectoryError as err:                   # the tour's flag is --report
-            raise RunDirectoryError(str(err).replace("--output", "--report")) from None
+        store = StageStore(prepare_output(report, resume=resume, overwrite=overwrite, identity=identity,
+                                          flag="--report"))
         store.root.mkdir(exist_ok=True)                    # --resume is valid even before the first step finishes
     seed_everything(seed)
     start = t0 = time.perf_counter()
