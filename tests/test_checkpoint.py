@@ -308,3 +308,15 @@ def test_reward_model_training_resumes_exactly_and_writes_its_run_directory(tmp_
     assert (tmp_path / "cli" / "seed-0" / "model" / "model.safetensors").exists()
     with pytest.raises(RunDirectoryError, match="--resume"):
         rm.accuracy_over_seeds(seeds=[0], model="tiny-random", output=str(tmp_path / "cli"))
+
+
+def test_a_diverged_step_names_the_last_good_checkpoint(tmp_path, monkeypatch):
+    trainer = build("rrhf")
+    train_steps(trainer, tmp_path, 1, every=1, record={"method": "rrhf"}, progress=False)
+
+    def diverge():
+        raise FloatingPointError("training: a weight became non-finite in this optimizer step.")
+
+    monkeypatch.setattr(trainer, "step", diverge)
+    with pytest.raises(FloatingPointError, match="non-finite.*last good checkpoint is .*step-000001: --resume"):
+        train_steps(trainer, tmp_path, 2, every=1, record={"method": "rrhf"}, progress=False)
