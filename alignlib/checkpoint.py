@@ -455,6 +455,7 @@ class StageStore:
 
     def __init__(self, out: str | Path):
         self.root = Path(out) / STAGES
+        self.root.mkdir(parents=True, exist_ok=True)   # an empty store: --resume is valid before a stage finishes
 
     def done(self, name: str) -> bool:
         return (self.root / name / MANIFEST).exists()
@@ -559,7 +560,6 @@ def prepare_results(path: Path, resume: bool, overwrite: bool, identity: dict, f
         raise RunDirectoryError(f"{path} already exists; pass --overwrite to replace it, --resume to continue the "
                                 f"run whose finished parts are in {runs}, or choose another {flag}.")
     store = StageStore(prepare_output(runs, resume=resume, overwrite=overwrite, identity=identity, flag=flag))
-    store.root.mkdir(exist_ok=True)        # an empty store: --resume is valid before the first run finishes
     return store
 
 

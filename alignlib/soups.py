@@ -777,18 +777,15 @@ def main(args) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .checkpoint import RunDirectoryError, StopRun, atomic_write, graceful_stop, prepare_output
+    from .checkpoint import StopRun, atomic_write, check_json_path, graceful_stop, prepare_output
 
     if args.threads:
         torch.set_num_threads(args.threads)
     config = SoupsConfig.preset(args.preset, steps=args.steps, seed=args.seed)
     if args.json:                                                     # checked now, not after half an hour
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        if not os.access(Path(args.json).parent, os.W_OK) or Path(args.json).is_dir():
-            raise RunDirectoryError(f"--json {args.json}: cannot write that file; choose another path.")
+        check_json_path(args.json)
     out = prepare_output(args.output, resume=getattr(args, "resume", False), overwrite=args.overwrite,
                          identity=soups_identity(args.preset, config))
-    (out / "stages").mkdir(exist_ok=True)         # --resume is valid even before the first stage finishes
     with graceful_stop() as stop:
         try:
             result = run(config, out=out, stop=stop)

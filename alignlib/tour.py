@@ -61,7 +61,6 @@ def run(model_name: str = DEFAULT_MODEL, n_prompts: int = 4, max_new_tokens: int
                     "seed": seed, "method_steps": steps}     # not "steps": --resume may not lengthen finished steps
         store = StageStore(prepare_output(report, resume=resume, overwrite=overwrite, identity=identity,
                                           flag="--report"))
-        store.root.mkdir(exist_ok=True)                    # --resume is valid even before the first step finishes
     seed_everything(seed)
     start = t0 = time.perf_counter()
     model, tokenizer = load_model(model_name)
