@@ -127,11 +127,17 @@ def best_of_k(k: int, temperature: float) -> dict:
     bigrams over all bigrams: tokens, not words as in ``alignlib.raft.distinct_n``, since the tiny model's
     bytes form few words).
     """
-    from .generation import generate
-
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 8:
         raise ValueError(f"k must be an integer from 1 to 8, got {k!r}")
-    t = _check_positive("temperature", temperature)
+    return dict(_best_of_k(k, _check_positive("temperature", temperature)))   # a copy: the cache stays intact
+
+
+@functools.lru_cache(maxsize=256)
+def _best_of_k(k: int, t: float) -> dict:
+    """``best_of_k``'s measurement, once per (k, temperature) in a process: it is deterministic (fixed seeds),
+    and a student's search and each regrade ask for the same points again."""
+    from .generation import generate
+
     model, tok = model_and_tokenizer()
     roll = generate(model, tok, PROMPTS, max_new_tokens=RAFT_TOKENS, chat=False, temperature=t,
                     seed=SAMPLE_SEED, num_return_sequences=k)

@@ -112,6 +112,7 @@ def test_overwrite_deletes_only_what_the_run_protocol_wrote(tmp_path, monkeypatc
         prepare_output(tmp_path, overwrite=True)
 
 
+@pytest.mark.pipeline
 def test_a_second_writer_is_refused_at_once(tmp_path):
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from alignlib.checkpoint import "
@@ -134,6 +135,7 @@ def tiny_args(out, **change):
                                     **change})
 
 
+@pytest.mark.pipeline
 def test_resume_refuses_another_method_model_reward_seed_or_a_smaller_budget(tmp_path):
     from alignlib.runs import run_ppo, run_raft
 
@@ -226,6 +228,7 @@ def test_an_unwritable_output_fails_before_training(tmp_path):
         prepare_output(blocker / "run")
 
 
+@pytest.mark.pipeline
 def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_run(tmp_path, monkeypatch):
     from alignlib.ppo import PPOTrainer
     from alignlib.runs import run_ppo
@@ -259,6 +262,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_run(tmp_path, monke
     assert (out / "adapter" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.pipeline
 def test_report_to_tensorboard_logs_every_step_offline_with_gradient_checkpointing(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

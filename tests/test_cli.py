@@ -16,6 +16,7 @@ def test_parser_knows_the_commands():
         parser.parse_args(["ppo", "--preset", "tpu"])
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("method,field", [("ppo", "steps"), ("rrhf", "steps"), ("raft", "stages")])
 def test_method_run_writes_history_and_adapter(tmp_path, method, field):
     from alignlib.runs import RUNS
