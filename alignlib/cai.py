@@ -685,7 +685,6 @@ def run_sl(config: CAIConfig | None = None, out: str | Path | None = None, progr
 
 def _sl_stages(config: CAIConfig, store, progress: bool, stop) -> dict:
     """``run_sl``'s stages in ``store``."""
-    from .checkpoint import StopRun
     from .models import load_model, reference_mode
     from .sft import SFTConfig, train_sft
 
@@ -711,11 +710,9 @@ def _sl_stages(config: CAIConfig, store, progress: bool, stop) -> dict:
         tuned = store.load("sl-critic")
     else:
         t = time.perf_counter()
-        with store.stage("sl-critic", result_of=lambda: tuned) as folder:
+        with store.stage("sl-critic", result_of=lambda: tuned, stop=stop) as folder:
             critic, critic_tok, format_history = train_critic(config, constitution, progress, folder / "adapter")
             tuned = {"format_history": format_history, "seconds": time.perf_counter() - t}
-        if stop is not None and stop.signum:
-            raise StopRun(stop.signum, "sl-critic")
     prefix = few_shot_prefix(constitution, config.few_shot) if config.few_shot else None
     if critic is None and not (store.done("sl-revisions") and (store.done("sl-study") or not config.study_prompts)):
         critic, critic_tok = load_critic(config, store.path("sl-critic") / "adapter")
@@ -843,7 +840,6 @@ def _rl_stages(config: CAIConfig, store, sl_dir, progress: bool, stop) -> dict:
     from safetensors.torch import load_model as load_weights
     from safetensors.torch import save_model as save_weights
 
-    from .checkpoint import StopRun
     from .feedback import MultipleChoiceJudge
     from .models import load_model, reference_mode, with_lora
     from .reward_model import RewardModelConfig, as_reward_function, load_reward_model, pairwise_accuracy, \
@@ -888,7 +884,7 @@ def _rl_stages(config: CAIConfig, store, sl_dir, progress: bool, stop) -> dict:
         fitted = store.load("rl-preference-model")
     else:
         t = time.perf_counter()
-        with store.stage("rl-preference-model", result_of=lambda: fitted) as folder:
+        with store.stage("rl-preference-model", result_of=lambda: fitted, stop=stop) as folder:
             pm_rows = fed["ai_pairs"] + human_helpful_pairs(config)
             pm, pm_tok = load_reward_model(pm_config.model, seed=config.seed)
             pm_history = train_reward_model(pm, pm_tok, pm_rows, pm_config, progress=progress)
@@ -897,8 +893,6 @@ def _rl_stages(config: CAIConfig, store, sl_dir, progress: bool, stop) -> dict:
             fitted = {"pm_history": pm_history, "pm_accuracy_on_hand_labels": accuracy,
                       "seconds": time.perf_counter() - t}
             save_weights(pm, str(folder / "preference_model.safetensors"))
-        if stop is not None and stop.signum:
-            raise StopRun(stop.signum, "rl-preference-model")
 
     if store.done("rl-ppo"):
         tuned = store.load("rl-ppo")
@@ -912,15 +906,13 @@ def _rl_stages(config: CAIConfig, store, sl_dir, progress: bool, stop) -> dict:
                          device=str(next(pm.parameters()).device))
             pm.eval()
         t = time.perf_counter()
-        with store.stage("rl-ppo", result_of=lambda: tuned) as folder:
+        with store.stage("rl-ppo", result_of=lambda: tuned, stop=stop) as folder:
             policy = with_lora(sl_model)         # the reference (adapter off) is the SL-CAI model
             prompts = red + _prompts(config.helpful_prompts, "train", config.helpful)
             trainer = make_trainer("ppo", policy, tok, as_reward_function(pm, pm_tok), prompts, config.ppo_preset,
                                    config.ppo_steps, max_new_tokens=config.max_new_tokens, seed=config.seed)
             tuned = {"ppo_history": trainer.train(progress=progress), "seconds": time.perf_counter() - t}
             policy.save_pretrained(folder / "adapter")
-        if stop is not None and stop.signum:
-            raise StopRun(stop.signum, "rl-ppo")
 
     def evaluation():
         t = time.perf_counter()

@@ -290,6 +290,13 @@ def latest_checkpoint(out: str | Path) -> Path | None:
     return found[0] if found else None
 
 
+def write_manifest(folder: Path) -> None:
+    """Record the size and SHA-256 of every file under ``folder`` in ``folder/manifest.json``."""
+    files = {str(f.relative_to(folder)): {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+             for f in sorted(folder.rglob("*")) if f.is_file()}
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
 def verify_checkpoint(path: Path) -> None:
     """Raise ``RunDirectoryError`` naming the first file of checkpoint ``path`` that is missing, truncated or
     changed since it was written (``manifest.json`` holds each file's size and SHA-256)."""
@@ -335,8 +342,7 @@ def save_checkpoint(out: str | Path, trainer) -> Path:
                  "numpy_rng": _jsonable(np.random.get_state()), "kl_coef": kl_ctl.value if kl_ctl else None,
                  "extra": trainer.extra_state() if hasattr(trainer, "extra_state") else None}
         (tmp / "state.json").write_text(json.dumps(state, default=str))
-        files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir())}
-        (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+        write_manifest(tmp)
         final = root / name
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -465,9 +471,10 @@ class StageStore:
         return self.root / name
 
     @contextmanager
-    def stage(self, name: str, result_of=lambda: None):
+    def stage(self, name: str, result_of=lambda: None, stop=None):
         """Collect a stage's files in a temporary folder; on success write ``result_of()``, the RNG states and the
-        manifest, and rename the folder into place (a failure leaves no stage behind)."""
+        manifest, and rename the folder into place (a failure leaves no stage behind). With ``stop``
+        (``graceful_stop()``), a SIGINT/SIGTERM during the stage raises ``StopRun`` once it is stored."""
         tmp = self.root / f".{name}.tmp-{os.getpid()}"
         try:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -481,6 +488,8 @@ class StageStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        if stop is not None and stop.signum:
+            raise StopRun(stop.signum, name)
 
     def save(self, name: str, result) -> None:
         """Record a stage whose whole result is JSON."""
@@ -491,9 +500,7 @@ class StageStore:
         try:
             (tmp / "result.json").write_text(json.dumps(result, default=str))
             (tmp / "rng.json").write_text(json.dumps(host_rng()))
-            files = {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
-                     for f in sorted(tmp.rglob("*")) if f.is_file()}
-            (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+            write_manifest(tmp)
             final = self.root / name
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -519,9 +526,8 @@ class StageStore:
         if self.done(name):
             return self.load(name)
         result = compute()
-        self.save(name, result)
-        if stop is not None and stop.signum:
-            raise StopRun(stop.signum, name)
+        with self.stage(name, lambda: result, stop):
+            pass
         return result
 
 

@@ -497,12 +497,7 @@ def _stages(config: SelfAlignConfig, store, stop) -> dict:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from .checkpoint import StopRun
     from .models import load_model, with_lora
-
-    def stop_after(name):
-        if stop is not None and stop.signum:
-            raise StopRun(stop.signum, name)
 
     def stored_model(name):       # base + the LoRA adapter stage ``name`` saved: the trained model, bit for bit
         with torch.random.fork_rng(devices=[]):        # the adapter's initialisation draws, then is replaced
@@ -544,26 +539,24 @@ def _stages(config: SelfAlignConfig, store, stop) -> dict:
         third = store.load(STAGES[2])
     else:
         t = time.perf_counter()
-        with store.stage(STAGES[2], result_of=lambda: third) as folder:
+        with store.stage(STAGES[2], result_of=lambda: third, stop=stop) as folder:
             engraved = with_lora(copy.deepcopy(base), ENGRAVING_LORA)
             third = {"engrave_history": distil(engraved, tok, prompts, answers, config.engrave_epochs, config.lr,
                                                seed=config.seed), "seconds": time.perf_counter() - t}
             engraved.save_pretrained(folder / "adapter")
-        stop_after(STAGES[2])
 
     if store.done(STAGES[3]):
         fourth = store.load(STAGES[3])
     else:
         engraved = engraved if engraved is not None else stored_model(STAGES[2])
         t = time.perf_counter()
-        with store.stage(STAGES[3], result_of=lambda: fourth) as folder:
+        with store.stage(STAGES[3], result_of=lambda: fourth, stop=stop) as folder:
             teacher = verbose_answers(engraved, tok, prompts, data.verbose_prompt, config.verbose_tokens, config.seed)
             verbose = copy.deepcopy(engraved)
             fourth = {"teacher": teacher, "verbose_history": distil(verbose, tok, prompts, teacher,
                                                                     config.verbose_epochs, config.lr, seed=config.seed),
                       "seconds": time.perf_counter() - t}
             verbose.save_pretrained(folder / "adapter")
-        stop_after(STAGES[3])
 
     def evaluation():
         from .generation import generate

@@ -471,7 +471,7 @@ def run(config: SoupsConfig | None = None, out=None, progress: bool = True, stop
     from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
-    from .checkpoint import StageStore, StopRun
+    from .checkpoint import StageStore
     from .presets import load_task_prompts
     from .rewards import WeightedSum
 
@@ -520,11 +520,9 @@ def run(config: SoupsConfig | None = None, out=None, progress: bool = True, stop
             done = train_policy(config, reward, train_prompts, progress=progress)
             if store is not None:
                 kept = {k: done[k] for k in ("scaling", "seconds", "history")}
-                with store.stage(name, result_of=lambda: kept) as folder:
+                with store.stage(name, result_of=lambda: kept, stop=stop) as folder:
                     save_file({k: v.contiguous() for k, v in done["adapter"].items()},
                               str(folder / "adapter.safetensors"))
-                if stop is not None and stop.signum:
-                    raise StopRun(stop.signum, name)
         trainings[label] = {"weights": list(weights), "seconds": done["seconds"], "history": done["history"]}
         return done
 
