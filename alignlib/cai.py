@@ -554,7 +554,7 @@ class CAIConfig(PresetMixin):
 
 def _prompts(spec: str, split: str, n: int) -> list[str]:
     """The first ``n`` prompts of ``course:<set>`` or ``hub:<data set>`` (see ``presets.load_task_prompts``)."""
-    from .presets import load_task_prompts
+    from .data import load_task_prompts
 
     rows = load_task_prompts(spec, split, n)
     if n > len(rows):
@@ -565,7 +565,7 @@ def _prompts(spec: str, split: str, n: int) -> list[str]:
 def human_helpful_pairs(config: "CAIConfig") -> list[dict]:
     """Human helpfulness comparisons for the preference model: the course pairs of category ``helpful``, or the
     first pairs of a Hub preference set (hard labels, p = 1)."""
-    from .presets import load_task_queries
+    from .data import load_task_queries
 
     kind, _, name = config.human_pairs.partition(":")
     if kind == "course":
@@ -626,7 +626,7 @@ RL_STAGES = ("rl-pairs", "rl-feedback", "rl-preference-model", "rl-ppo", "rl-eva
 @contextmanager
 def _stage_store(out):
     """The ``StageStore`` of the run directory ``out``; without one, of a temporary directory removed at the end."""
-    from .checkpoint import StageStore
+    from .training.checkpoint import StageStore
 
     if out is not None:
         yield StageStore(out)
@@ -674,7 +674,7 @@ def run_sl(config: CAIConfig | None = None, out: str | Path | None = None, progr
     with _stage_store(out) as store:
         result = _sl_stages(config or CAIConfig(), store, progress, stop)
         if out is not None:
-            from .checkpoint import atomic_write
+            from .training.checkpoint import atomic_write
 
             out = Path(out)
             _copy_adapter(store.path("sl-sft") / "adapter", out / "sl_adapter")
@@ -829,7 +829,7 @@ def run_rl(config: CAIConfig | None = None, sl_dir: str | Path | None = None, ou
     with _stage_store(out) as store:
         result = _rl_stages(config, store, sl_dir, progress, stop)
     if out is not None:
-        from .checkpoint import atomic_write
+        from .training.checkpoint import atomic_write
 
         atomic_write(Path(out) / "rl.json", json.dumps(result, indent=1))
     return result
@@ -844,7 +844,7 @@ def _rl_stages(config: CAIConfig, store, sl_dir, progress: bool, stop) -> dict:
     from .models import load_model, reference_mode, with_lora
     from .reward_model import RewardModelConfig, as_reward_function, load_reward_model, pairwise_accuracy, \
         train_reward_model
-    from .runs import make_trainer
+    from .training.registry import make_trainer
 
     constitution = load_constitution("train")
     t = time.perf_counter()
@@ -1004,7 +1004,7 @@ def claim_output(args, stage: str, config: CAIConfig) -> Path:
     run needs --resume or --overwrite). cai-rl continues the finished cai-sl run in the directory: the same preset,
     seed, model and counts, its own settings added; a second cai-rl needs --resume, and --overwrite deletes only
     cai-rl's stages and rl.json (cai-sl's part is kept)."""
-    from .checkpoint import MARKER, RunDirectoryError, StageStore, atomic_write, prepare_output, read_marker
+    from .training.checkpoint import MARKER, RunDirectoryError, StageStore, atomic_write, prepare_output, read_marker
 
     resume, overwrite = getattr(args, "resume", False), getattr(args, "overwrite", False)
     identity = run_identity(config, args.preset, stage)
@@ -1050,7 +1050,7 @@ def main(args, stage: str) -> dict:
     the finished cai-sl run with its settings. Every stage is stored as it finishes (``SL_STAGES``, ``RL_STAGES``);
     SIGINT/SIGTERM stops the command after the running stage (exit status 128 + the signal; a second signal stops
     at once), and the same command with ``--resume`` continues it to the result an uninterrupted run gives."""
-    from .checkpoint import StageStore, StopRun, check_json_path, graceful_stop
+    from .training.checkpoint import StageStore, StopRun, check_json_path, graceful_stop
 
     if args.threads:
         torch.set_num_threads(args.threads)

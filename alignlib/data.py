@@ -181,3 +181,24 @@ def load_hub_dataset(name: str, split: str = "train", path: str | Path | None = 
         raw = raw.select(range(min(n, len(raw))))
     rows = hh_to_pairs(raw) if HUB_SETS[name] == "preference" else imdb_to_prompts(raw, **kwargs)
     return Dataset.from_list(rows)
+
+
+def load_task_queries(spec: str, split: str = "train", n: int | None = None) -> list[dict]:
+    """Rows with a ``prompt`` and, where the data set has them, ``chosen``/``rejected`` responses (RRHF)."""
+    check_count(n, "n")                                          # -1 would keep all but the last row
+    kind, _, name = spec.partition(":")
+    if kind == "course":
+        ds = load_course_dataset(name, split)
+    elif kind == "hub":
+        ds = load_hub_dataset(name, split, n=n)
+    else:
+        raise ValueError(f"prompts spec {spec!r} must start with 'course:' or 'hub:'.")
+    keys = [k for k in ("prompt", "chosen", "rejected") if k in ds.column_names]
+    columns = [list(ds[k]) for k in keys]                       # column access: far faster than row iteration
+    rows = [dict(zip(keys, values)) for values in zip(*columns)]
+    return rows[:n] if n else rows
+
+
+def load_task_prompts(spec: str, split: str = "train", n: int | None = None) -> list[str]:
+    """Prompts named by ``course:<set>`` or ``hub:<data set>``."""
+    return [row["prompt"] for row in load_task_queries(spec, split, n)]

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .generation import generate
+
 
 @dataclass(frozen=True)
 class Interval:
@@ -50,3 +52,13 @@ def paired_difference(after, before, **kwargs) -> Interval:
     if a.shape != b.shape:
         raise ValueError(f"after {tuple(a.shape)} and before {tuple(b.shape)} must score the same items.")
     return bootstrap_mean(a - b, **kwargs)
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, reward_fn, prompts: list[str], max_new_tokens: int, chat: bool, seed: int = 1234,
+             temperature: float = 1.0) -> dict:
+    """Mean reward of sampled responses on held-out prompts (fixed seed: before/after are comparable)."""
+    roll = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, chat=chat, seed=seed,
+                    temperature=temperature)
+    rewards = reward_fn(roll.prompts, roll.responses)
+    return {"reward/mean": rewards.mean().item(), "samples": list(zip(roll.prompts[:4], roll.responses[:4]))}

@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .distributed import gather_tensor, make_accelerator, mean_over_processes, query_seeds, shard, world
+from .training.distributed import gather_tensor, make_accelerator, mean_over_processes, query_seeds, shard, world
 from .generation import Rollout, check_prompts, generate
 from .logprobs import length_normalized_logprob, masked_mean, position_ids_from_mask, token_entropy_from_logits, token_logprobs_from_logits
 from .models import maybe_reference
@@ -349,7 +349,7 @@ class PPOTrainer:
 
     ``policy`` must be a LoRA model (``load_model(..., lora=True)``): its adapter-off base is the reference.
     Under ``accelerate launch`` with N processes each process rolls out and learns on its 1/N of every batch and
-    mini-batch (``alignlib.distributed``); reward and advantage whitening and the token means of the losses are
+    mini-batch (``alignlib.training.distributed``); reward and advantage whitening and the token means of the losses are
     taken over the whole batch, so N processes with one mini-batch per epoch compute what one process does. With
     several mini-batches, each process shuffles its own rows into them. ``sampler`` is the rollout's generation
     (``generate``'s signature), the one function a serving engine replaces.

@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .distributed import gather_objects, make_accelerator, mean_over_processes, query_seeds, shard
+from .training.distributed import gather_objects, make_accelerator, mean_over_processes, query_seeds, shard
 from .generation import check_prompts, generate
 from .rewards import score
 from .logprobs import divergence_from_reference

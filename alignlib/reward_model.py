@@ -45,9 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CHECKPOINT_EVERY
+from .training.checkpoint import CHECKPOINT_EVERY
 from .models import DEFAULT_MODEL, TINY_MODEL, ModelCacheError, ensure_default_model, resolve, tiny_tokenizer
-from .rewards import RewardModelReward, check_pairs, check_rewards, reward_name
+from .rewards import LengthReward, RewardModelReward, SentimentReward, check_pairs, check_rewards, reward_name
 from .utils import (PresetMixin, check_finite, default_dtype, get_device, guarded_step, peak_memory_mb, quiet_loading,
                     seed_everything)
 
@@ -409,7 +409,7 @@ def pairwise_accuracy(model, tokenizer, pairs, batch_size: int = 16, max_length:
 
 class RewardModelTrainer:
     """Bradley-Terry training one gradient step at a time (``step()``), so the run protocol of
-    ``alignlib.checkpoint`` (checkpoints, exact resume, clean stop) applies as to the policy trainers.
+    ``alignlib.training.checkpoint`` (checkpoints, exact resume, clean stop) applies as to the policy trainers.
 
     ``history`` holds one record per gradient step; ``evals`` the evaluations on ``eval_pairs`` (before training
     and after each epoch); ``records()`` interleaves them as ``train_reward_model`` returns them.
@@ -518,7 +518,7 @@ class RewardModelTrainer:
         return out
 
     def extra_state(self) -> dict:
-        """What a checkpoint needs beyond weights, optimizer and RNGs (``alignlib.checkpoint``)."""
+        """What a checkpoint needs beyond weights, optimizer and RNGs (``alignlib.training.checkpoint``)."""
         return {"evals": self.evals, "train_s": self.train_s, "info": self.info}
 
     def load_extra_state(self, state: dict) -> None:
@@ -620,8 +620,8 @@ def run(config: RewardModelConfig | None = None, device=None, progress: bool = T
     else:
         from dataclasses import asdict
 
-        from .checkpoint import write_record
-        from .runs import resume_run, stop_run, train_steps
+        from .training.checkpoint import write_record
+        from .training.loop import resume_run, stop_run, train_steps
 
         trainer = RewardModelTrainer(model, tokenizer, train, config, eval_pairs=test)
         record = {"method": "reward-model", "config": asdict(config)}
@@ -659,7 +659,7 @@ def accuracy_over_seeds(preset: str = "cpu", seeds=(0,), epochs: int | None = No
     after the running seed. Either way the exit code is 128 + the signal."""
     from contextlib import nullcontext
 
-    from .checkpoint import graceful_stop, latest_checkpoint, prepare_output, read_marker, read_record, write_record
+    from .training.checkpoint import (graceful_stop, latest_checkpoint, prepare_output, read_marker, read_record, write_record)
     from .data import load_course_dataset
 
     overrides = {k: v for k, v in (("epochs", epochs), ("max_train_pairs", max_train_pairs), ("model", model),
@@ -702,3 +702,15 @@ def accuracy_over_seeds(preset: str = "cpu", seeds=(0,), epochs: int | None = No
                       flush=True)
                 raise SystemExit(128 + stop.signum)
     return rows
+
+
+def build_reward(spec: str, device=None):
+    """A reward function from its name: ``sentiment``, ``length`` or ``rm:<model>``."""
+    if spec == "sentiment":
+        return SentimentReward()
+    if spec == "length":
+        return LengthReward()
+    if spec.startswith("rm:"):
+        model, tokenizer = load_reward_model(spec[3:], device=device)
+        return as_reward_function(model, tokenizer)
+    raise ValueError(f"unknown reward {spec!r}; use 'sentiment', 'length' or 'rm:<model>'.")

@@ -44,7 +44,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .distributed import gather_tensor, make_accelerator, mean_over_processes, query_seeds, shard
+from .training.distributed import gather_tensor, make_accelerator, mean_over_processes, query_seeds, shard
 from .generation import generate
 from .logprobs import divergence_from_reference, length_normalized_logprob
 from .models import maybe_reference
@@ -216,7 +216,7 @@ class Candidates:
 class RRHFTrainer:
     """The policy (LoRA: its adapter-off base is the "initial model" source), a reward function and queries.
 
-    Under ``accelerate launch`` each process takes its share of every step's queries (``alignlib.distributed``);
+    Under ``accelerate launch`` each process takes its share of every step's queries (``alignlib.training.distributed``);
     ``sampler`` is the rollout phase (``generate``'s signature), the one function a serving engine replaces.
     """
 

@@ -479,7 +479,7 @@ def run(config: SelfAlignConfig | None = None, progress: bool = True, out: str |
     ``out`` the stages live in a temporary directory."""
     import tempfile
 
-    from .checkpoint import StageStore
+    from .training.checkpoint import StageStore
 
     config = config or SelfAlignConfig()
     if out is not None:
@@ -624,8 +624,8 @@ def main(args) -> dict:
 
     import torch
 
-    from .checkpoint import check_json_path
-    from .checkpoint import StageStore, StopRun, atomic_write, graceful_stop, prepare_output
+    from .training.checkpoint import check_json_path
+    from .training.checkpoint import StageStore, StopRun, atomic_write, graceful_stop, prepare_output
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .distributed import mean_over_processes, shard, world
+from .training.distributed import mean_over_processes, shard, world
 from .generation import check_prompts, format_prompts
 from .logprobs import masked_mean, position_ids_from_mask, token_logprobs_from_logits
 from .utils import check_finite, guarded_step, seed_everything

@@ -340,7 +340,7 @@ class SoupModel:
 def make_reward(name: str) -> Callable:
     """The soups' rewards by name: ``positive`` (VADER compound), ``neutral`` (VADER's neutral share: a
     matter-of-fact tone), ``concise`` (about six words: 0 at six, -1 at none or twelve), or ``rm:<model>``."""
-    from .presets import build_reward
+    from .reward_model import build_reward
     from .rewards import LengthReward, SentimentReward
 
     named = {"positive": lambda: SentimentReward("positive"), "neutral": lambda: SentimentReward("neutral"),
@@ -432,7 +432,7 @@ def train_policy(config: SoupsConfig, reward: Callable, prompts: list[str], prog
     import time
 
     from .models import load_model
-    from .runs import make_trainer
+    from .training.registry import make_trainer
     from .utils import seed_everything
 
     seed_everything(config.seed)                       # the shared initialisation: the same LoRA A_0 every time
@@ -471,8 +471,8 @@ def run(config: SoupsConfig | None = None, out=None, progress: bool = True, stop
     from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
-    from .checkpoint import StageStore
-    from .presets import load_task_prompts
+    from .training.checkpoint import StageStore
+    from .data import load_task_prompts
     from .rewards import WeightedSum
 
     config = config or SoupsConfig()
@@ -745,16 +745,14 @@ def add_arguments(parser) -> None:
 def soups_identity(preset: str, config: SoupsConfig) -> dict:
     """What a soups run directory is a run of (``--resume`` refuses anything else): the preset and every field
     of the configuration, with the fine-tuner's steps resolved (None: its preset's), as JSON would store them."""
-    import importlib
     import json
 
-    from .runs import TRAINERS
+    from .training.registry import get_method
 
-    module, config_class, _, field = TRAINERS[config.trainer]
-    trainer_config = getattr(importlib.import_module(f".{module}", __package__), config_class)
+    spec = get_method(config.trainer)
     fields = {k: getattr(config, k) for k in config.__dataclass_fields__ if k != "steps"}
     fields["rewards"] = [r if isinstance(r, str) else getattr(r, "__name__", repr(r)) for r in config.rewards]
-    trainer_steps = config.steps or getattr(trainer_config.preset(config.trainer_preset), field)
+    trainer_steps = config.steps or getattr(spec.config.preset(config.trainer_preset), spec.iterations)
     # not the key "steps", which --resume lets grow: a finished training cannot be extended
     return json.loads(json.dumps({"command": "soups", "preset": preset, **fields, "trainer_steps": trainer_steps}))
 
@@ -775,7 +773,7 @@ def main(args) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .checkpoint import StopRun, atomic_write, check_json_path, graceful_stop, prepare_output
+    from .training.checkpoint import StopRun, atomic_write, check_json_path, graceful_stop, prepare_output
 
     if args.threads:
         torch.set_num_threads(args.threads)

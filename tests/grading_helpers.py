@@ -8,7 +8,7 @@ from pathlib import Path
 import nbformat
 
 from alignlib.checks import load_checks
-from alignlib.grading import BEGIN_CODE, END_CODE, GRADED_TAG, Result, grade, load_functions, print_table, \
+from alignlib.checks.grader import BEGIN_CODE, END_CODE, GRADED_TAG, Result, grade, load_functions, print_table, \
     sync_exercises
 
 ROOT = Path(__file__).resolve().parents[1]

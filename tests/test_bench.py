@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config, Qwen3Config
 
-from alignlib import bench, generation
+from alignlib import generation
+from alignlib.bench import throughput as bench
 from alignlib.generation import fast_decode_supported, format_prompts, generate, sample_next_token
 from alignlib.models import load_model, tiny_tokenizer
 

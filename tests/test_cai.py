@@ -205,7 +205,7 @@ def test_elo_from_pairwise_outcomes():
 
 @pytest.mark.pipeline
 def test_both_stages_end_to_end_on_the_tiny_model(tmp_path, capsys):
-    from alignlib.cli import main
+    from alignlib.commands.cli import main
 
     common = ["--model", "tiny-random", "--red-team", "4", "--helpful", "2", "--few-shot", "1", "--format-epochs", "1",
               "--study-prompts", "2", "--output", str(tmp_path)]
@@ -227,7 +227,7 @@ def test_both_stages_end_to_end_on_the_tiny_model(tmp_path, capsys):
 
 
 def test_cai_rl_needs_the_sl_stage_first(tmp_path):
-    from alignlib.cli import main
+    from alignlib.commands.cli import main
 
     with pytest.raises(FileNotFoundError, match="cai-sl"):
         main(["cai-rl", "--model", "tiny-random", "--output", str(tmp_path)])

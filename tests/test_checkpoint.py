@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from alignlib.checkpoint import (LOCK, MARKER, RunDirectoryError, StageStore, graceful_stop, latest_checkpoint,
+from alignlib.training.checkpoint import (LOCK, MARKER, RunDirectoryError, StageStore, graceful_stop, latest_checkpoint,
                                  load_checkpoint, prepare_output, read_marker, read_record, release, save_checkpoint,
                                  trained_module)
 from alignlib.models import load_model
-from alignlib.runs import train_steps
+from alignlib.training.loop import train_steps
 from alignlib.utils import seed_everything
 
 PROMPTS = ["Hello", "Name a colour.", "What is 2 + 2?", "Say something nice."]
@@ -115,7 +115,7 @@ def test_overwrite_deletes_only_what_the_run_protocol_wrote(tmp_path, monkeypatc
 @pytest.mark.pipeline
 def test_a_second_writer_is_refused_at_once(tmp_path):
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from alignlib.checkpoint import "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from alignlib.training.checkpoint import "
                                "prepare_output; prepare_output(sys.argv[1]); print('held', flush=True); time.sleep(60)",
                                str(out)], stdout=subprocess.PIPE, text=True)
     try:
@@ -137,7 +137,7 @@ def tiny_args(out, **change):
 
 @pytest.mark.pipeline
 def test_resume_refuses_another_method_model_reward_seed_or_a_smaller_budget(tmp_path):
-    from alignlib.runs import run_ppo, run_raft
+    from alignlib.commands.run import run_ppo, run_raft
 
     out = tmp_path / "ppo"
     run_ppo(tiny_args(out, steps=2))
@@ -176,7 +176,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before(tmp_path):
 def test_a_full_disk_or_non_finite_weights_leave_the_last_good_checkpoint(tmp_path, monkeypatch):
     import errno
 
-    import alignlib.checkpoint as ckpt
+    import alignlib.training.checkpoint as ckpt
 
     trainer = build("raft")
     train_steps(trainer, tmp_path, 1, every=1, record={"method": "raft"}, progress=False)
@@ -231,7 +231,7 @@ def test_an_unwritable_output_fails_before_training(tmp_path):
 @pytest.mark.pipeline
 def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_run(tmp_path, monkeypatch):
     from alignlib.ppo import PPOTrainer
-    from alignlib.runs import run_ppo
+    from alignlib.commands.run import run_ppo
 
     real_step, calls = PPOTrainer.step, []
 
@@ -266,7 +266,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_run(tmp_path, monke
 def test_report_to_tensorboard_logs_every_step_offline_with_gradient_checkpointing(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from alignlib.runs import run_rrhf
+    from alignlib.commands.run import run_rrhf
 
     out = tmp_path / "rrhf"
     args = types.SimpleNamespace(preset="cpu", model="tiny-random", reward="length", steps=2, seed=0,

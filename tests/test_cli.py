@@ -4,7 +4,7 @@ import types
 
 import pytest
 
-from alignlib.cli import build_parser
+from alignlib.commands.cli import build_parser
 
 
 def test_parser_knows_the_commands():
@@ -19,7 +19,7 @@ def test_parser_knows_the_commands():
 @pytest.mark.pipeline
 @pytest.mark.parametrize("method,field", [("ppo", "steps"), ("rrhf", "steps"), ("raft", "stages")])
 def test_method_run_writes_history_and_adapter(tmp_path, method, field):
-    from alignlib.runs import RUNS
+    from alignlib.commands.run import RUNS
 
     args = types.SimpleNamespace(preset="cpu", model="tiny-random", reward="length", steps=2, seed=0,
                                  output=str(tmp_path / method))
@@ -46,7 +46,7 @@ def test_method_presets_exist_for_both_machines():
 
 
 def test_task_queries_carry_stored_responses():
-    from alignlib.presets import load_task_queries
+    from alignlib.data import load_task_queries
 
     rows = load_task_queries("course:preference_pairs", "test", n=3)
     assert len(rows) == 3 and set(rows[0]) == {"prompt", "chosen", "rejected"}
@@ -54,7 +54,7 @@ def test_task_queries_carry_stored_responses():
 
 
 def test_unknown_reward_is_a_clear_error():
-    from alignlib.presets import build_reward
+    from alignlib.reward_model import build_reward
 
     with pytest.raises(ValueError, match="sentiment"):
         build_reward("bleu")
@@ -64,7 +64,7 @@ def test_unknown_reward_is_a_clear_error():
 def test_tour_runs_every_method_on_the_tiny_model_and_writes_its_report(capsys, tmp_path):
     import json
 
-    from alignlib.tour import TOUR_STEPS, run
+    from alignlib.commands.tour import TOUR_STEPS, run
 
     result = run("tiny-random", n_prompts=2, max_new_tokens=6, steps=1, report=tmp_path / "tour")
     assert [m for m, _ in TOUR_STEPS] == ["ppo", "rrhf", "raft", "soups", "cai", "self_align"]

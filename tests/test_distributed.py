@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alignlib.distributed import query_seeds, shard
+from alignlib.training.distributed import query_seeds, shard
 from alignlib.generation import generate
 
 SCRIPT = Path(__file__).with_name("distributed_run.py")
@@ -157,7 +157,7 @@ def test_several_processes_without_per_prompt_seeds_are_refused(method, tiny):
 
 def test_a_launch_whose_processes_did_not_join_one_group_is_refused(monkeypatch):
     """N independent copies of a run, each believing it is alone, would be silently wrong."""
-    from alignlib.distributed import make_accelerator
+    from alignlib.training.distributed import make_accelerator
 
     class Alone:
         process_index, num_processes = 0, 1
@@ -217,7 +217,7 @@ def test_ctrl_c_under_accelerate_launch_writes_the_interrupt_checkpoint_and_resu
     import signal
     import time
 
-    from alignlib.checkpoint import RunDirectoryError, latest_checkpoint, prepare_output, read_record
+    from alignlib.training.checkpoint import RunDirectoryError, latest_checkpoint, prepare_output, read_record
 
     out = tmp_path / "rrhf"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from alignlib import gpu_check
-from alignlib.cli import build_parser, main
+from alignlib.bench import gpu_check
+from alignlib.commands.cli import build_parser, main
 
 
 def test_flops_per_token_of_the_tiny_config_by_hand():

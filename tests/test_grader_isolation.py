@@ -16,7 +16,7 @@ import pytest
 from nbformat.v4 import new_code_cell
 
 from alignlib.checks import load_checks
-from alignlib.grading import GRADED_TAG, OUTPUT_LIMIT, grade, grade_in_subprocess, load_functions
+from alignlib.checks.grader import GRADED_TAG, OUTPUT_LIMIT, grade, grade_in_subprocess, load_functions
 from grading_helpers import exercise_path, solution_path, with_cell_replaced, with_solution
 
 SOLUTION = solution_path("00_logprobs")

@@ -7,7 +7,7 @@ import torch
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
 from alignlib.checks import load_checks
-from alignlib.grading import (ANSWER_PLACEHOLDER, BEGIN_CODE, END_CODE, exercises_command, grade, grade_command,
+from alignlib.checks.grader import (ANSWER_PLACEHOLDER, BEGIN_CODE, END_CODE, exercises_command, grade, grade_command,
                               load_functions, strip_solutions, sync_exercises)
 from grading_helpers import (ROOT, assert_full_marks, assert_import_not_accepted, assert_loses_exactly,
                              assert_registry, assert_scores_zero, assert_syntax_error_costs_only, exercise_path,
@@ -226,7 +226,7 @@ def test_a_cell_that_patches_the_grader_scores_zero(patch, tmp_path):
 
 @pytest.mark.pipeline
 def test_the_grade_command_grades_in_a_separate_process_with_a_deadline(tmp_path):
-    from alignlib.grading import grade_in_subprocess
+    from alignlib.checks.grader import grade_in_subprocess
 
     path = with_solution(SOLUTION, "masked_mean", "import os\nos._exit(3)", tmp_path)   # kills its process
     results = grade_in_subprocess(path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from alignlib.grading import grade
+from alignlib.checks.grader import grade
 from grading_helpers import (assert_full_marks, assert_import_not_accepted, assert_in_sync, assert_loses_exactly,
                              assert_one_graded_cell_per_function, assert_registry, assert_scores_zero,
                              assert_syntax_error_costs_only, exercise_path, solution_path, with_solution)

@@ -132,7 +132,7 @@ def test_pairwise_accuracy_refuses_complex_and_non_numeric_rewards():
      r"n must be None \(all\) or an integer >= 0, got -1"),
     (lambda: __import__("alignlib.data", fromlist=["x"]).load_prompts("movie_openings", "test", n=True),
      "got True"),
-    (lambda: __import__("alignlib.presets", fromlist=["x"]).load_task_prompts("course:movie_openings", "test", -2),
+    (lambda: __import__("alignlib.data", fromlist=["x"]).load_task_prompts("course:movie_openings", "test", -2),
      "n must be None"),
     (lambda: __import__("alignlib.cai", fromlist=["x"]).CAIConfig(helpful=-1), "helpful must be an integer >= 0"),
     (lambda: __import__("alignlib.cai", fromlist=["x"]).CAIConfig(study_prompts=-1), "study_prompts must be"),
@@ -151,7 +151,7 @@ def test_negative_and_boolean_counts_are_refused_by_the_library(call, message):
     (["tour", "--prompts", "-1"], "--prompts", 1), (["tour", "--prompts", "0"], "--prompts", 1),
 ])
 def test_the_parser_refuses_negative_counts_with_a_usage_line(argv, flag, least, capsys):
-    from alignlib.cli import build_parser
+    from alignlib.commands.cli import build_parser
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(argv)
@@ -164,7 +164,7 @@ def test_the_parser_refuses_negative_counts_with_a_usage_line(argv, flag, least,
 def test_every_threads_flag_refuses_non_positive_counts_and_names_the_cores(command, threads, capsys):
     import os
 
-    from alignlib.cli import build_parser
+    from alignlib.commands.cli import build_parser
 
     with pytest.raises(SystemExit):
         build_parser().parse_args([command, "--threads", threads])

@@ -1,7 +1,7 @@
 """The PPO / RRHF / RAFT benchmark: one method in-process on the tiny model, and the side-by-side summary."""
 import pytest
 
-from alignlib.method_bench import bench_method, fig4_table, format_table, summarize, time_to_reach
+from alignlib.bench.methods import bench_method, fig4_table, format_table, summarize, time_to_reach
 
 
 @pytest.mark.parametrize("method,mode", [("ppo", "lora"), ("rrhf", "full"), ("raft", "lora")])

@@ -192,7 +192,7 @@ def test_finite_garbage_in_the_cached_weights_is_caught_by_the_manifest_and_rebu
     from safetensors.torch import load_file, save_file
 
     from alignlib import models
-    from alignlib.cli import main
+    from alignlib.commands.cli import main
 
     monkeypatch.setenv("ALIGNLIB_CACHE", str(tmp_path))
     target = _fake_default_cache(tmp_path)

@@ -1,4 +1,4 @@
-"""oneDNN-packed linear layers (``alignlib.packed_linear``) and the shared-prefix prefill of ``fast_decode``:
+"""oneDNN-packed linear layers (``alignlib.engine.packed_linear``) and the shared-prefix prefill of ``fast_decode``:
 each must compute what the modules compute, LoRA included, and fall back to calling them where it cannot."""
 import pytest
 import torch
@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 
 from alignlib.generation import _causal_lm, _linears, shared_prefix_length
 from alignlib.models import load_model, tiny_tokenizer
-from alignlib.packed_linear import PackedLinears, effective_weight, packing_available
+from alignlib.engine.packed_linear import PackedLinears, effective_weight, packing_available
 
 needs_onednn = pytest.mark.skipif(not packing_available(torch.zeros(1)), reason="torch built without oneDNN")
 

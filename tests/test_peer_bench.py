@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from alignlib.peer_bench import (BenchSettings, add_arguments, bench_ppo, bench_trl, comparison, format_table,
+from alignlib.bench.peer import (BenchSettings, add_arguments, bench_ppo, bench_trl, comparison, format_table,
                                  trl_config)
 
 TINY = dict(model="tiny-random", steps=2, prompts_per_step=4, generations=4, max_new_tokens=8, mini_batch_size=8,
@@ -92,7 +92,7 @@ def test_settings_round_trip_and_validation():
 @pytest.mark.pipeline
 def test_standalone_module_prints_json():
     argv = BenchSettings(**{**TINY, "max_new_tokens": 4, "held_out": 2}).to_argv()
-    proc = subprocess.run([sys.executable, "-m", "alignlib.peer_bench", "--method", "ppo", *argv],
+    proc = subprocess.run([sys.executable, "-m", "alignlib.bench.peer", "--method", "ppo", *argv],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,5 +1,5 @@
 """ppo-check's verdicts on hand-made runs: each criterion can fail on its own."""
-from alignlib.ppo_check import judge
+from alignlib.bench.ppo_check import judge
 
 
 def run(**changes):

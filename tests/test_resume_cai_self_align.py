@@ -9,8 +9,8 @@ import torch
 
 from alignlib import cai
 from alignlib import self_align as sa
-from alignlib.checkpoint import RunDirectoryError, StageStore, prepare_output, release
-from alignlib.cli import build_parser, main
+from alignlib.training.checkpoint import RunDirectoryError, StageStore, prepare_output, release
+from alignlib.commands.cli import build_parser, main
 
 VOLATILE = ("timings", "seconds", "time/", "memory/")          # wall-clock and memory fields
 CAI = ["--model", "tiny-random", "--red-team", "4", "--helpful", "2", "--few-shot", "1", "--format-epochs", "1",
@@ -132,7 +132,7 @@ def test_cai_stopped_by_sigint_in_a_stage_resumes_to_the_uninterrupted_result(tm
     main(["cai-rl", *CAI, *RL, "--output", str(whole)])
 
     import alignlib.reward_model
-    import alignlib.runs
+    import alignlib.training.registry
     from peft import get_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -165,7 +165,7 @@ def test_cai_stopped_by_sigint_in_a_stage_resumes_to_the_uninterrupted_result(tm
     torch.manual_seed(5)
     assert stopped(monkeypatch, capsys, alignlib.reward_model, "train_reward_model", [*rl, "--resume"]) == \
         "rl-preference-model"
-    assert stopped(monkeypatch, capsys, alignlib.runs, "make_trainer", [*rl, "--resume"]) == "rl-ppo"  # PM reloaded
+    assert stopped(monkeypatch, capsys, alignlib.training.registry, "make_trainer", [*rl, "--resume"]) == "rl-ppo"  # PM reloaded
     main([*rl, "--resume"])                          # PPO's adapter reloaded for the evaluation
     assert stable(cut / "rl.json") == stable(whole / "rl.json")
     assert stable(cut / "sl.json") == stable(whole / "sl.json")               # cai-rl left cai-sl's part alone

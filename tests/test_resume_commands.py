@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 
-from alignlib.checkpoint import RunDirectoryError, release
+from alignlib.training.checkpoint import RunDirectoryError, release
 
 VOLATILE = ("seconds", "time/", "memory/", "machine", "loadavg", "wall_s")   # wall-clock and machine fields
 
@@ -94,7 +94,7 @@ def test_soups_stopped_during_a_training_resumes_to_the_uninterrupted_result(tmp
 
 @pytest.mark.pipeline
 def test_the_tour_stopped_between_steps_resumes_to_the_uninterrupted_report(tmp_path, monkeypatch):
-    import alignlib.tour as tour
+    import alignlib.commands.tour as tour
 
     small = dict(n_prompts=2, max_new_tokens=6, steps=1)
     whole = tmp_path / "whole"
@@ -186,8 +186,8 @@ open(path, "w").write(json.dumps(run))
 def test_ppo_check_keeps_finished_runs_when_stopped_and_resume_runs_only_the_rest(tmp_path, monkeypatch):
     import time
 
-    import alignlib.ppo_check as pc
-    from alignlib.checkpoint import prepare_results  # noqa: F401  (finished runs are kept beside --output)
+    import alignlib.bench.ppo_check as pc
+    from alignlib.training.checkpoint import prepare_results  # noqa: F401  (finished runs are kept beside --output)
 
     fake = tmp_path / "fake_worker.py"
     fake.write_text(FAKE_WORKER)
@@ -234,8 +234,8 @@ def test_ppo_check_keeps_finished_runs_when_stopped_and_resume_runs_only_the_res
 
 @pytest.mark.pipeline
 def test_method_bench_keeps_finished_runs_when_stopped_and_resume_runs_only_the_rest(tmp_path, monkeypatch):
-    import alignlib.method_bench as mb
-    from alignlib.checkpoint import prepare_results  # noqa: F401  (finished runs are kept beside --json)
+    import alignlib.bench.methods as mb
+    from alignlib.training.checkpoint import prepare_results  # noqa: F401  (finished runs are kept beside --json)
 
     out = tmp_path / "bench.json"
     args = types.SimpleNamespace(model="tiny-random", steps=1, mode="lora", methods=["ppo", "raft"],

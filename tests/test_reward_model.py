@@ -212,7 +212,7 @@ def test_smollm2_backbone_pools_the_last_real_token():
 
 @pytest.mark.pipeline
 def test_reward_model_command_reports_test_and_shifted_accuracy(capsys):
-    from alignlib.cli import main
+    from alignlib.commands.cli import main
 
     assert main(["reward-model", "--seeds", "0", "--epochs", "1", "--max-train-pairs", "8", "--model", "tiny-random",
                  "--max-length", "1024"]) == 0

@@ -242,7 +242,7 @@ def test_the_four_stages_end_to_end_on_the_tiny_model(tmp_path, capsys, monkeypa
         for r in stage2(model, tok, pool[:2], data, n)] + [
         {"instruction": x, "thought": "", "answer": "", "dropped": "no thoughts"} for x in pool[2:]])
 
-    from alignlib.cli import main
+    from alignlib.commands.cli import main
 
     small = tmp_path / "data"                      # the course data, cut to fit the tiny model's 1024-token context
     small.mkdir()

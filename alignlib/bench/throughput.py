@@ -48,8 +48,8 @@ from pathlib import Path
 
 import torch
 
-from .models import DEFAULT_MODEL
-from .utils import get_device, peak_memory_mb, threads_arg
+from ..models import DEFAULT_MODEL
+from ..utils import get_device, peak_memory_mb, threads_arg
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -89,7 +89,7 @@ def shared_prompt(tokenizer, tokens: int = PREFIX_TOKENS) -> str:
 def cai_requests(shots: int = 4, n: int = 16) -> tuple[str, list[str]]:
     """Lecture 05's shared prompt (``shots`` worked critique/revision examples) and ``n`` critique requests about
     the hand-labelled held-out answers to red-team prompts."""
-    from . import cai
+    from .. import cai
 
     constitution = cai.load_constitution("train")
     rows = [r for r in cai.eval_rows("test") if r["kind"] == "red_team"][:n]
@@ -102,7 +102,7 @@ def cai_requests(shots: int = 4, n: int = 16) -> tuple[str, list[str]]:
 def _prefix_step(name: str, model, tokenizer, prefix: str, suffixes: list[str]):
     """One batch of requests after ``prefix``: with ``PrefixCache`` (the prefix encoded once) or recomputing prefix +
     suffix for every request (left-padded, logits of the last position only: the cheapest full recompute)."""
-    from .prefix_cache import PrefixCache
+    from ..prefix_cache import PrefixCache
 
     if name == "prefix/cached":
         return lambda _: PrefixCache(model, tokenizer, prefix).last_logits(suffixes)
@@ -200,7 +200,7 @@ def _load() -> list[float] | None:
 def matmul_peak(opts: dict) -> dict:
     """The attainable matmul GFLOP/s, from the fastest of several square fp32 (CPU) or bf16 (CUDA) matmuls, with
     ``opts['threads']`` (the median is kept too)."""
-    from .utils import default_dtype
+    from ..utils import default_dtype
 
     threads = torch.get_num_threads()
     torch.set_num_threads(opts.get("threads") or threads)
@@ -215,8 +215,8 @@ def matmul_peak(opts: dict) -> dict:
 
 def _measure(name: str, opts: dict) -> dict:
     """Run one measurement; returns its numbers. Top-level so a spawned worker process can run it."""
-    from .generation import generate
-    from .models import load_model
+    from ..generation import generate
+    from ..models import load_model
 
     if opts.get("threads"):
         torch.set_num_threads(opts["threads"])
@@ -377,7 +377,7 @@ def format_table(report: dict) -> str:
 
 
 if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m alignlib.bench", description=__doc__,
+    _parser = argparse.ArgumentParser(prog="python -m alignlib.bench.throughput", description=__doc__,
                                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(_parser)
     run(_parser.parse_args())

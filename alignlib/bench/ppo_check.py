@@ -54,7 +54,7 @@ MIN_GAIN = {"sentiment": 0.1, "reward-model": 0.02}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .utils import threads_arg
+    from ..utils import threads_arg
 
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=threads_arg, nargs="+", default=[1, 2], help="torch thread counts to try")
@@ -77,8 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def train_reward_models(seed: int) -> tuple[dict, dict]:
     """Proxy and judge Bradley-Terry models on disjoint halves of the training pairs; their accuracies."""
-    from . import reward_model as rm
-    from .data import load_course_dataset
+    from .. import reward_model as rm
+    from ..data import load_course_dataset
 
     config = rm.RewardModelConfig.preset("cpu", epochs=3, seed=seed)
     pairs = load_course_dataset("preference_pairs", "train")
@@ -98,13 +98,13 @@ def worker(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    from . import ppo
-    from .data import load_prompts
-    from .generation import generate
-    from .models import load_model
-    from .raft import distinct_n
-    from .rewards import SentimentReward
-    from .utils import seed_everything
+    from .. import ppo
+    from ..data import load_prompts
+    from ..generation import generate
+    from ..models import load_model
+    from ..raft import distinct_n
+    from ..rewards import SentimentReward
+    from ..utils import seed_everything
 
     seed_everything(spec["seed"])
     task = spec.get("task", "sentiment")
@@ -150,9 +150,9 @@ def reference_perplexity(runs: list[dict], model_name: str = "smollm2-135m-instr
     A run is a dict with ``prompts`` and the answers ``before`` and ``after`` (one prompt per answer)."""
     import torch
 
-    from .logprobs import score_responses
-    from .models import load_model
-    from .sft import encode_sft
+    from ..logprobs import score_responses
+    from ..models import load_model
+    from ..sft import encode_sft
 
     model, tok = load_model(model_name)
     model.eval()
@@ -179,8 +179,8 @@ def judge(run: dict, min_gain: float, kl_budget: float) -> dict:
 
 
 def run(args) -> int:
-    from . import ppo
-    from .checkpoint import graceful_stop, prepare_results, wait_workers
+    from .. import ppo
+    from ..training.checkpoint import graceful_stop, prepare_results, wait_workers
 
     preset_beta = ppo.PPOConfig.preset("cpu").kl_coef
     out = Path(args.output)
@@ -213,7 +213,7 @@ def run(args) -> int:
             for i, spec in batch:
                 path = store.root / f".{name(spec)}.worker-{os.getpid()}.json"
                 env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
-                procs.append((i, spec, path, subprocess.Popen([sys.executable, "-m", "alignlib.ppo_check", "--worker",
+                procs.append((i, spec, path, subprocess.Popen([sys.executable, "-m", "alignlib.bench.ppo_check", "--worker",
                                                                json.dumps(spec), str(path)], env=env)))
             wait_workers([proc for *_, proc in procs], stop)
             for i, spec, path, proc in procs:               # keep every run that finished, even when stopped
@@ -250,7 +250,7 @@ def report(runs: list[dict], preset_beta: float, args, out: Path) -> int:
                      if "judge_after" in r else "")
         print(f"{r['seed']:>4} {r['threads']:>3} {r['kl_coef']:>5} {cells}  "
               f"{r['distinct2_before']:.2f} -> {r['distinct2_after']:.2f}{judged_by}")
-    from .checkpoint import atomic_write
+    from ..training.checkpoint import atomic_write
 
     atomic_write(out, json.dumps({"task": runs[0].get("task", "sentiment") if runs else args.task,
                                   "criteria": {"min_gain": args.min_gain, "kl_budget": args.kl_budget},

@@ -18,12 +18,12 @@ import statistics
 import time
 from pathlib import Path
 
-from .data import load_prompts
-from .generation import generate
-from .logprobs import score_responses
-from .models import DEFAULT_MODEL, load_model
-from .rewards import LengthReward, SentimentReward
-from .utils import seed_everything
+from ..data import load_prompts
+from ..generation import generate
+from ..logprobs import score_responses
+from ..models import DEFAULT_MODEL, load_model
+from ..rewards import LengthReward, SentimentReward
+from ..utils import seed_everything
 
 
 def shorten(text: str, width: int) -> str:
@@ -53,7 +53,7 @@ def run(model_name: str = DEFAULT_MODEL, n_prompts: int = 4, max_new_tokens: int
     report is written from the stored steps, as the uninterrupted tour writes it."""
     from contextlib import nullcontext
 
-    from .checkpoint import StageStore, StopRun, graceful_stop, prepare_output
+    from ..training.checkpoint import StageStore, StopRun, graceful_stop, prepare_output
 
     store = None
     if report is not None:
@@ -188,7 +188,7 @@ def write_report(result: dict, directory: str | Path, model_name: str = DEFAULT_
 def tour_soups(model_name: str, steps: int, seed: int = 0) -> list[dict]:
     """Rewarded soups in miniature: two PPO experts (positive and neutral tone) from one initialisation, and the
     soups lambda = 0, 0.5, 1 between them, scored by both rewards on 8 held-out openings."""
-    from .soups import SoupModel, SoupsConfig, lora_soup, make_reward, train_policy
+    from ..soups import SoupModel, SoupsConfig, lora_soup, make_reward, train_policy
 
     names = ("positive", "neutral")
     rewards = {n: make_reward(n) for n in names}
@@ -217,8 +217,8 @@ def tour_cai(model, tokenizer, n_prompts: int = 3, seed: int = 0) -> dict:
     """Constitutional AI in miniature: one critique-revision round on held-out red-team prompts by the model
     prompted with two worked examples (their keys and values computed once), the model as a multiple-choice judge
     of hand-labelled pairs (both orders), and the independent scorer's accuracy on held-out hand labels."""
-    from . import cai
-    from .feedback import MultipleChoiceJudge
+    from .. import cai
+    from ..feedback import MultipleChoiceJudge
 
     constitution = cai.load_constitution("train")
     prompts = load_prompts("red_team_prompts", "test", n_prompts)
@@ -248,7 +248,7 @@ def tour_self_align(model, tokenizer, n_prompts: int = 4) -> dict:
     """SELF-ALIGN in miniature: held-out prompts answered after the 16 principles and the exemplars (encoded once),
     split into thoughts and answer and filtered; the base model's multiple-choice truthfulness by p(True) on the
     held-out questions; and the adherence scorer's accuracy against the hand labels."""
-    from . import self_align as sa
+    from .. import self_align as sa
 
     data = sa.load_self_align()
     if len(tokenizer(sa.principle_prompt(data)).input_ids) > model.config.max_position_embeddings // 2:
@@ -273,7 +273,7 @@ def tour_self_align(model, tokenizer, n_prompts: int = 4) -> dict:
 
 def tour_method(method: str, model_name: str, steps: int, seed: int = 0) -> list[dict]:
     """A few steps of one method on the sentiment task (answer review openings in chat, VADER reward), printed."""
-    from .runs import make_trainer
+    from ..training.registry import make_trainer
 
     policy, tokenizer = load_model(model_name, lora=True)
     trainer = make_trainer(method, policy, tokenizer, SentimentReward(), load_prompts("movie_openings", "train"), "cpu",

@@ -1,6 +1,6 @@
 """alignlib PPO against TRL's on-policy trainer, side by side: seconds per step, peak memory, reward.
 
-``python -m alignlib.peer_bench`` runs ``alignlib.ppo.PPOTrainer`` and ``trl.GRPOTrainer`` one after the other,
+``python -m alignlib.bench.peer`` runs ``alignlib.ppo.PPOTrainer`` and ``trl.GRPOTrainer`` one after the other,
 each in its own subprocess (``--method ppo`` / ``--method trl``, which print one JSON object), on the same
 model, reward, prompts and number of generated tokens, and prints a table with the ratios alignlib / TRL.
 ``run(args)`` and ``add_arguments(parser)`` let the CLI mount it as a subcommand.
@@ -90,8 +90,8 @@ from pathlib import Path
 
 import torch
 
-from .models import DEFAULT_MODEL
-from .utils import peak_memory_mb, threads_arg
+from ..models import DEFAULT_MODEL
+from ..utils import peak_memory_mb, threads_arg
 
 METHODS = ("ppo", "trl")
 LABELS = {"ppo": "alignlib PPO", "trl": "TRL GRPO"}
@@ -198,7 +198,7 @@ class MemoryProbe:
 # ---------------------------------------------------------------- shared pieces
 
 def _prompts(s: BenchSettings) -> tuple[list[str], list[str]]:
-    from .data import load_prompts
+    from ..data import load_prompts
 
     return load_prompts("movie_openings", "train"), load_prompts("movie_openings", "test", n=s.held_out)
 
@@ -206,8 +206,8 @@ def _prompts(s: BenchSettings) -> tuple[list[str], list[str]]:
 @torch.no_grad()
 def held_out_reward(model, tokenizer, reward_fn, prompts: list[str], max_new_tokens: int) -> float:
     """Mean reward of one sampled completion per held-out prompt (alignlib's sampler, fixed seed)."""
-    from .generation import generate
-    from .rewards import score
+    from ..generation import generate
+    from ..rewards import score
 
     with torch.random.fork_rng(devices=[]):
         roll = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, chat=False, seed=HELD_OUT_SEED)
@@ -253,10 +253,10 @@ def _finish(out: dict, step_s, gen_s, rewards, lengths, mem: dict, t0: float) ->
 
 def bench_ppo(s: BenchSettings, progress: bool = True) -> dict:
     """Train alignlib PPO for ``s.steps`` steps; return timings, memory and rewards (see the module docstring)."""
-    from .models import default_lora_config, load_model
-    from .ppo import PPOConfig, PPOTrainer
-    from .rewards import SentimentReward
-    from .utils import seed_everything
+    from ..models import default_lora_config, load_model
+    from ..ppo import PPOConfig, PPOTrainer
+    from ..rewards import SentimentReward
+    from ..utils import seed_everything
 
     s.validate()
     t0 = time.perf_counter()
@@ -328,9 +328,9 @@ def bench_trl(s: BenchSettings, progress: bool = True) -> dict:
     from transformers import TrainerCallback
     from trl import GRPOTrainer
 
-    from .models import default_lora_config, load_model
-    from .rewards import SentimentReward
-    from .utils import seed_everything
+    from ..models import default_lora_config, load_model
+    from ..rewards import SentimentReward
+    from ..utils import seed_everything
 
     s.validate()
     t0 = time.perf_counter()
@@ -410,10 +410,10 @@ BENCHES = {"ppo": bench_ppo, "trl": bench_trl}
 # ---------------------------------------------------------------- side by side
 
 def run_subprocess(method: str, s: BenchSettings, python: str = sys.executable) -> dict:
-    """Run one method in a fresh interpreter (``python -m alignlib.peer_bench --method ...``); return its JSON."""
+    """Run one method in a fresh interpreter (``python -m alignlib.bench.peer --method ...``); return its JSON."""
     with tempfile.TemporaryDirectory(prefix="peer_bench_") as tmp:
         path = Path(tmp) / f"{method}.json"
-        cmd = [python, "-m", "alignlib.peer_bench", "--method", method, *s.to_argv(), "--json", str(path)]
+        cmd = [python, "-m", "alignlib.bench.peer", "--method", method, *s.to_argv(), "--json", str(path)]
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
         proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, env=env)  # progress goes to stderr
         if proc.returncode != 0 or not path.exists():
@@ -538,7 +538,7 @@ def run(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="python -m alignlib.peer_bench",
+    parser = add_arguments(argparse.ArgumentParser(prog="python -m alignlib.bench.peer",
                                                    description=__doc__.split("\n\n")[0]))
     run(parser.parse_args(argv))
     return 0

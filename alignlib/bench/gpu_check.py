@@ -73,7 +73,7 @@ def peak_tflops(device_name: str) -> float | None:
 
 def count_params(model) -> dict:
     """Matmul parameters, each counted once: blocks (everything but the embeddings) + the LM head's V x H."""
-    from .bench import flop_counts
+    from .throughput import flop_counts
 
     f = flop_counts(model)
     return {"blocks": f["non_embedding"], "head": f["lm_head"], "total": f["non_embedding"] + f["lm_head"]}
@@ -96,7 +96,7 @@ def build_model(config_kwargs: dict, dtype: torch.dtype, device: torch.device):
 
 def timed(fn, warmup: int, steps: int, device: torch.device) -> list[float]:
     """Seconds of each of ``steps`` calls of ``fn`` after ``warmup`` untimed ones, the device synchronised."""
-    from .bench import _timed
+    from .throughput import _timed
 
     return _timed(lambda rep: fn(), warmup + steps, device)[warmup:]
 
@@ -110,9 +110,9 @@ def second_half_mask(n: int, length: int, device) -> torch.Tensor:
 
 def make_steps(model, decoder, value_head, optimizer, shapes: dict, device: torch.device) -> dict:
     """Per measurement: (step function, tokens per step, T of the attention term (None: rollout), shape dict)."""
-    from .logprobs import length_normalized_logprob, token_logprobs_from_logits
-    from .ppo import PPOConfig, clipped_policy_loss, clipped_value_loss
-    from .rrhf import rrhf_loss
+    from ..logprobs import length_normalized_logprob, token_logprobs_from_logits
+    from ..ppo import PPOConfig, clipped_policy_loss, clipped_value_loss
+    from ..rrhf import rrhf_loss
 
     V = model.config.vocab_size
     s = shapes
@@ -178,7 +178,7 @@ def make_steps(model, decoder, value_head, optimizer, shapes: dict, device: torc
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from .utils import threads_arg
+    from ..utils import threads_arg
 
     gpu = DEFAULTS["gpu"]
     for name, help_ in (("sft-batch", "SFT sequences B"), ("sft-len", "SFT tokens per sequence T"),

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from .models import DEFAULT_MODEL
+from ..models import DEFAULT_MODEL
 from .ppo_check import EVAL_SAMPLES, EVAL_SEED, reference_perplexity  # ppo-check's held-out evaluation: they compare
 
 METHODS = ("ppo", "rrhf", "raft")
@@ -51,7 +51,7 @@ TEMPERATURE = 0.7    # the task's sampling temperature (PPO's cpu preset), for e
 
 def held_out_answers(model, tokenizer, reward, prompts: list[str], max_new_tokens: int) -> dict:
     """``EVAL_SAMPLES`` answers per prompt at ``TEMPERATURE``, fixed seed: the answers, each prompt's mean reward."""
-    from .generation import generate
+    from ..generation import generate
 
     with torch.random.fork_rng(devices=[]):
         roll = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, chat=True, temperature=TEMPERATURE,
@@ -67,7 +67,7 @@ class PhaseProbe:
     """
 
     def __init__(self, device: torch.device):
-        from .peer_bench import MemoryProbe
+        from .peer import MemoryProbe
 
         self.device, self.probe, self.peaks, self.process_peak = device, MemoryProbe(), [], 0.0
 
@@ -90,7 +90,7 @@ class PhaseProbe:
 
 
 def _current_mb(device: torch.device) -> float | None:
-    from .peer_bench import _status_mb
+    from .peer import _status_mb
 
     return torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else _status_mb("VmRSS")
 
@@ -98,13 +98,13 @@ def _current_mb(device: torch.device) -> float | None:
 def bench_method(method: str, model_name: str = DEFAULT_MODEL, steps: int = 10, mode: str = "lora",
                  threads: int | None = None, seed: int = 0, held_out: int = 40, progress: bool = True) -> dict:
     """Train one method for ``steps`` steps in this process; return its timings, memory and rewards."""
-    from .data import load_prompts
-    from .models import load_model
-    from .ppo import PPOConfig, PPOTrainer
-    from .raft import RAFTConfig, RAFTTrainer, distinct_n
-    from .rewards import SentimentReward
-    from .rrhf import RRHFConfig, RRHFTrainer
-    from .utils import get_device, peak_memory_mb, seed_everything
+    from ..data import load_prompts
+    from ..models import load_model
+    from ..ppo import PPOConfig, PPOTrainer
+    from ..raft import RAFTConfig, RAFTTrainer, distinct_n
+    from ..rewards import SentimentReward
+    from ..rrhf import RRHFConfig, RRHFTrainer
+    from ..utils import get_device, peak_memory_mb, seed_everything
 
     if threads:
         torch.set_num_threads(threads)
@@ -189,11 +189,11 @@ def time_to_reach(history: list[dict], target: float, window: int = 3) -> float 
 def run_subprocess(method: str, opts: dict, stop=None) -> dict | None:
     """``bench_method`` in a fresh interpreter, so its peak memory is its own. With ``stop`` (``graceful_stop``):
     a SIGINT/SIGTERM terminates the interpreter, and the result is None."""
-    from .checkpoint import wait_workers
+    from ..training.checkpoint import wait_workers
 
     with tempfile.TemporaryDirectory(prefix="method_bench_") as tmp:
         path = Path(tmp) / "out.json"
-        code = ("import json, sys; from alignlib.method_bench import bench_method; "
+        code = ("import json, sys; from alignlib.bench.methods import bench_method; "
                 f"json.dump(bench_method({method!r}, **{opts!r}), open({str(path)!r}, 'w'))")
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
                                 env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -277,7 +277,7 @@ def fig4_table(runs: dict[int, dict]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from .utils import threads_arg
+    from ..utils import threads_arg
 
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model name, Hub id or directory (tests: tiny-random)")
     parser.add_argument("--steps", type=int, default=10, help="steps (RAFT: stages) per method")
@@ -300,8 +300,8 @@ def run(args) -> dict:
     ``<json stem>.runs/stages/`` and the JSON is rewritten after every seed. SIGINT/SIGTERM terminates the running
     subprocess and exits with 128 + the signal; ``--resume`` runs only what had not finished (the same model,
     steps, mode, methods, threads, seeds and held-out prompts; ``--resume`` refuses others)."""
-    from .checkpoint import atomic_write, graceful_stop
-    from .checkpoint import prepare_results
+    from ..training.checkpoint import atomic_write, graceful_stop
+    from ..training.checkpoint import prepare_results
 
     if "ppo" not in args.methods:
         raise ValueError("--methods must include ppo: every ratio is relative to PPO.")
