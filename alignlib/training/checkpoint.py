@@ -45,13 +45,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..utils import sha256_file
+from . import CHECKPOINT_EVERY  # noqa: F401  (re-exported)
 
 try:
     import fcntl
 except ImportError:   # Windows: run directories are not locked
     fcntl = None
 
-CHECKPOINT_EVERY = 5   # default steps between checkpoints of the method commands (``--checkpoint-every``)
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 RECORD = "history.json"
