@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .training.protocol import CheckpointState
 from .training.distributed import gather_tensor, make_accelerator, mean_over_processes, query_seeds, shard, world
 from .generation import Rollout, check_prompts, generate
 from .logprobs import length_normalized_logprob, masked_mean, position_ids_from_mask, token_entropy_from_logits, token_logprobs_from_logits
@@ -344,7 +345,7 @@ class PPOBatch:
 
 
 @dataclass
-class PPOTrainer:
+class PPOTrainer(CheckpointState):
     """Holds the policy (+ value head), the reward function and the optimiser; ``train()`` returns a history.
 
     ``policy`` must be a LoRA model (``load_model(..., lora=True)``): its adapter-off base is the reference.
@@ -508,6 +509,20 @@ class PPOTrainer:
         var_returns = masked_mean((batch.returns - masked_mean(batch.returns, batch.mask)) ** 2, batch.mask)
         resid = masked_mean((batch.returns - batch.old_values - masked_mean(batch.returns - batch.old_values, batch.mask)) ** 2, batch.mask)
         metrics["value/explained_var"] = (1 - resid / var_returns).item() if var_returns > 0 else float("nan")
+
+    @property
+    def iterations(self) -> int:
+        return self.config.steps
+
+    def train_step(self) -> dict:
+        """One PPO step for the step loop: its metrics (``step()`` also returns the rollout)."""
+        return self.step()[0]
+
+    def extra_state(self) -> dict | None:
+        return {"kl_coef": self.kl_ctl.value} if self.kl_ctl else None
+
+    def load_extra_state(self, state: dict) -> None:
+        self.kl_ctl.value = state["kl_coef"]
 
     def step(self) -> tuple[dict, Rollout]:
         metrics: dict = {"step": len(self.history)}

@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .training.protocol import CheckpointState
 from .training.distributed import gather_objects, make_accelerator, mean_over_processes, query_seeds, shard
 from .generation import check_prompts, generate
 from .rewards import score
@@ -143,7 +144,7 @@ class RAFTConfig(PresetMixin):
 # ---------------------------------------------------------------- the loop
 
 @dataclass
-class RAFTTrainer:
+class RAFTTrainer(CheckpointState):
     """Algorithm 1: ``train()`` runs the stages and returns a history with one record per stage.
 
     Under ``accelerate launch`` each process samples its share of the stage's prompts; the samples are gathered,
@@ -189,6 +190,14 @@ class RAFTTrainer:
         return train_sft(self.model, self.tokenizer, [r["prompt"] for r in kept], [r["response"] for r in kept],
                          sft, optimizer=self.optimizer, add_eos=[r["finished"] for r in kept],
                          accelerator=self.accelerator)
+
+    @property
+    def iterations(self) -> int:
+        return self.config.stages
+
+    def train_step(self) -> dict:
+        """One RAFT stage (the step loop's iteration)."""
+        return self.stage()
 
     def stage(self) -> dict:
         cfg = self.config

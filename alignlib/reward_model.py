@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .training.checkpoint import CHECKPOINT_EVERY
+from .training.protocol import CheckpointState
 from .models import DEFAULT_MODEL, TINY_MODEL, ModelCacheError, ensure_default_model, resolve, tiny_tokenizer
 from .rewards import LengthReward, RewardModelReward, SentimentReward, check_pairs, check_rewards, reward_name
 from .utils import (PresetMixin, check_finite, default_dtype, get_device, guarded_step, peak_memory_mb, quiet_loading,
@@ -407,7 +408,7 @@ def pairwise_accuracy(model, tokenizer, pairs, batch_size: int = 16, max_length:
     return {**preference_metrics(r_c, r_r), "n": len(rows), "chosen": r_c, "rejected": r_r}
 
 
-class RewardModelTrainer:
+class RewardModelTrainer(CheckpointState):
     """Bradley-Terry training one gradient step at a time (``step()``), so the run protocol of
     ``alignlib.training.checkpoint`` (checkpoints, exact resume, clean stop) applies as to the policy trainers.
 
@@ -516,6 +517,16 @@ class RewardModelTrainer:
             if record["step"] in after:
                 out.append(after[record["step"]])
         return out
+
+    def trainable_module(self) -> nn.Module:
+        return self.reward_model
+
+    @property
+    def iterations(self) -> int:
+        return self.total
+
+    def train_step(self) -> dict:
+        return self.step()
 
     def extra_state(self) -> dict:
         """What a checkpoint needs beyond weights, optimizer and RNGs (``alignlib.training.checkpoint``)."""

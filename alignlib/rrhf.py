@@ -44,6 +44,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .training.protocol import CheckpointState
 from .training.distributed import gather_tensor, make_accelerator, mean_over_processes, query_seeds, shard
 from .generation import generate
 from .logprobs import divergence_from_reference, length_normalized_logprob
@@ -213,7 +214,7 @@ class Candidates:
 
 
 @dataclass
-class RRHFTrainer:
+class RRHFTrainer(CheckpointState):
     """The policy (LoRA: its adapter-off base is the "initial model" source), a reward function and queries.
 
     Under ``accelerate launch`` each process takes its share of every step's queries (``alignlib.training.distributed``);
@@ -313,6 +314,13 @@ class RRHFTrainer:
                 p, nll = candidate_scores(self.model, batch.select(slice(i, i + chunk)), cfg.alpha)
                 self.accelerator.backward((g_p[i:i + chunk] * p).sum() + (g_nll[i:i + chunk] * nll).sum())
         return stats
+
+    @property
+    def iterations(self) -> int:
+        return self.config.steps
+
+    def train_step(self) -> dict:
+        return self.step()
 
     def step(self) -> dict:
         cfg = self.config

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from alignlib.training.checkpoint import (LOCK, MARKER, RunDirectoryError, StageStore, graceful_stop, latest_checkpoint,
-                                 load_checkpoint, prepare_output, read_marker, read_record, release, save_checkpoint,
-                                 trained_module)
+from alignlib.training.checkpoint import (LOCK, MARKER, RunDirectoryError, StageStore, graceful_stop,
+                                         latest_checkpoint, load_checkpoint, prepare_output, read_marker, read_record,
+                                         release, save_checkpoint)
 from alignlib.models import load_model
 from alignlib.training.loop import train_steps
 from alignlib.utils import seed_everything
@@ -68,8 +68,8 @@ def test_a_resumed_run_ends_exactly_where_the_uninterrupted_run_does(method, tmp
     train_steps(resumed, tmp_path / "cut", 3, every=0, record=record, progress=False)
 
     assert stable(resumed.history) == stable(whole.history)
-    a = dict(trained_module(whole).named_parameters())
-    b = dict(trained_module(resumed).named_parameters())
+    a = dict(whole.trainable_module().named_parameters())
+    b = dict(resumed.trainable_module().named_parameters())
     changed = [n for n, p in a.items() if p.requires_grad]
     assert changed and all(torch.equal(a[n], b[n]) for n in changed)
     assert latest_checkpoint(tmp_path / "cut").name == "step-000003"
@@ -191,7 +191,7 @@ def test_a_full_disk_or_non_finite_weights_leave_the_last_good_checkpoint(tmp_pa
     monkeypatch.undo()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-000001"]
     with torch.no_grad():
-        next(p for p in trained_module(trainer).parameters() if p.requires_grad).fill_(float("nan"))
+        next(p for p in trainer.trainable_module().parameters() if p.requires_grad).fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="not finite.*last good checkpoint is .*step-000001"):
         save_checkpoint(tmp_path, trainer)
     assert latest_checkpoint(tmp_path).name == "step-000001"
@@ -302,7 +302,7 @@ def test_reward_model_training_resumes_exactly_and_writes_its_run_directory(tmp_
     assert load_checkpoint(tmp_path / "cut", resumed) == 4
     train_steps(resumed, tmp_path / "cut", resumed.total, every=0, record=record, progress=False)
     assert whole.total == 6 and stable(resumed.records()) == stable(whole.records())   # lr schedule and evals too
-    a, b = trained_module(whole).state_dict(), trained_module(resumed).state_dict()
+    a, b = whole.trainable_module().state_dict(), resumed.trainable_module().state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
     rows = rm.accuracy_over_seeds(seeds=[0], epochs=1, max_train_pairs=16, model="tiny-random", max_length=1024,

@@ -70,3 +70,23 @@ def test_parsing_and_help_import_no_torch():
 def test_commands_table_matches_the_parser():
     choices = build_parser(only="")._subparsers._group_actions[0].choices
     assert list(choices) == list(COMMANDS)
+
+
+def test_every_trainer_follows_the_protocol(tiny):
+    """PPO, RRHF, RAFT and the reward model conform to ``alignlib.training.protocol.Trainer``."""
+    from alignlib.models import load_model
+    from alignlib.reward_model import RewardModelConfig, RewardModelTrainer, load_reward_model
+    from alignlib.rewards import LengthReward
+    from alignlib.training.protocol import Trainer
+    from alignlib.training.registry import make_trainer
+
+    for method in ("ppo", "rrhf", "raft"):
+        policy, tokenizer = load_model("tiny-random", lora=True)
+        trainer = make_trainer(method, policy, tokenizer, LengthReward(), ["a b", "c d"] * 4, steps=1)
+        assert isinstance(trainer, Trainer) and trainer.iterations == 1
+        assert set(trainer.checkpoint_state()) == {"optimizer", "scheduler", "rng", "extra"}
+    model, tokenizer = load_reward_model("tiny-random")
+    pairs = [{"prompt": "p", "chosen": "good", "rejected": "bad"}] * 4
+    rm = RewardModelTrainer(model, tokenizer, pairs, RewardModelConfig(epochs=1, batch_size=2))
+    assert isinstance(rm, Trainer) and rm.trainable_module() is model
+    assert isinstance(rm.train_step(), dict) and len(rm.history) == 1

@@ -79,7 +79,7 @@ def run_method(name: str, args, make_trainer, identity: dict | None = None) -> d
         identity = shared[0]
     task, model, tokenizer, reward_fn, held_out = prepare(args)
     trainer, config = make_trainer(task, model, tokenizer, reward_fn, identity["steps"], identity.get("config") or {})
-    total = config.stages if name == "raft" else config.steps
+    total = trainer.iterations
     if resume:
         before = read_record(out)["before"]
         resume_run(name, out, trainer, total, state.print)

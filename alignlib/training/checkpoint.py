@@ -24,10 +24,9 @@ uninterrupted run would have (tests/test_checkpoint.py checks this for PPO, RRHF
 ``--overwrite`` deletes only a directory that carries the marker, never the current directory, a parent of it,
 the repository, ``data/``, home or the root (``prepare_output``).
 
-A trainer is checkpointable if it has ``optimizer``, ``rng`` (a ``random.Random``), ``history`` and, optionally,
-``kl_ctl`` (an adaptive KL controller with a ``value``), ``scheduler`` (a learning-rate scheduler) and
-``extra_state()`` / ``load_extra_state(state)`` (anything else, as JSON); ``trained_module(trainer)`` names the
-module whose trainable parameters are saved.
+A trainer is checkpointable if it follows ``alignlib.training.protocol.Trainer``: ``history``,
+``trainable_module()`` (whose trainable parameters are saved) and ``checkpoint_state()`` /
+``load_checkpoint_state(state)`` (optimizer, scheduler, its RNG and any extra JSON state).
 """
 from __future__ import annotations
 
@@ -257,16 +256,6 @@ def read_record(out: Path) -> dict | None:
 
 # ---------------------------------------------------------------- checkpoints
 
-def trained_module(trainer) -> torch.nn.Module:
-    """The module whose trainable parameters a checkpoint holds: PPO's policy with value head, a reward model, or
-    the policy."""
-    if hasattr(trainer, "reward_model"):
-        return trainer.reward_model
-    if hasattr(trainer, "accelerator") and hasattr(trainer, "model"):
-        return trainer.accelerator.unwrap_model(trainer.model)
-    return trainer.policy
-
-
 def _trainable(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p for name, p in module.named_parameters() if p.requires_grad}
 
@@ -321,7 +310,7 @@ def save_checkpoint(out: str | Path, trainer) -> Path:
     root = Path(out) / CHECKPOINTS
     name = f"step-{len(trainer.history):06d}"
     tmp = root / f".{name}.tmp-{os.getpid()}"
-    weights = {k: v.detach().cpu().contiguous() for k, v in _trainable(trained_module(trainer)).items()}
+    weights = {k: v.detach().cpu().contiguous() for k, v in _trainable(trainer.trainable_module()).items()}
     bad = next((k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad is not None:
         raise FloatingPointError(f"not writing a checkpoint after step {len(trainer.history)}: the weight {bad} is "
@@ -331,16 +320,13 @@ def save_checkpoint(out: str | Path, trainer) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         save_file(weights, str(tmp / "trainable.safetensors"))
-        scheduler = getattr(trainer, "scheduler", None)
-        torch.save({"optimizer": trainer.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        own = trainer.checkpoint_state()                   # alignlib.training.protocol.Trainer
+        torch.save({"optimizer": own["optimizer"], "scheduler": own["scheduler"], "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                    tmp / "state.pt")
-        kl_ctl = getattr(trainer, "kl_ctl", None)
-        state = {"step": len(trainer.history), "history": trainer.history,
-                 "trainer_rng": _jsonable(trainer.rng.getstate()), "python_rng": _jsonable(random.getstate()),
-                 "numpy_rng": _jsonable(np.random.get_state()), "kl_coef": kl_ctl.value if kl_ctl else None,
-                 "extra": trainer.extra_state() if hasattr(trainer, "extra_state") else None}
+        state = {"step": len(trainer.history), "history": trainer.history, "trainer_rng": _jsonable(own["rng"]),
+                 "python_rng": _jsonable(random.getstate()), "numpy_rng": _jsonable(np.random.get_state()),
+                 "extra": own["extra"]}
         (tmp / "state.json").write_text(json.dumps(state, default=str))
         write_manifest(tmp)
         final = root / name
@@ -391,7 +377,7 @@ def load_checkpoint(out: str | Path, trainer, say=print) -> int:
 
 
 def _restore(path: Path, trainer) -> int:
-    params = _trainable(trained_module(trainer))
+    params = _trainable(trainer.trainable_module())
     saved = load_file(str(path / "trainable.safetensors"))
     if set(saved) != set(params):
         missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
@@ -404,20 +390,14 @@ def _restore(path: Path, trainer) -> int:
                                         f"{tuple(p.shape)}; resume with the same --model and preset.")
             p.copy_(saved[name])
     blob = torch.load(path / "state.pt", weights_only=True)
-    trainer.optimizer.load_state_dict(blob["optimizer"])
-    if blob.get("scheduler") is not None:
-        trainer.scheduler.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["torch_rng"])
     if blob["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(blob["cuda_rng"])
     state = json.loads((path / "state.json").read_text())
     trainer.history[:] = state["history"]
-    trainer.rng.setstate(_tupled(state["trainer_rng"]))
+    trainer.load_checkpoint_state({"optimizer": blob["optimizer"], "scheduler": blob["scheduler"],
+                                   "rng": _tupled(state["trainer_rng"]), "extra": state["extra"]})
     set_host_rng(state["python_rng"], state["numpy_rng"])
-    if getattr(trainer, "kl_ctl", None) is not None and state["kl_coef"] is not None:
-        trainer.kl_ctl.value = state["kl_coef"]
-    if state.get("extra") is not None:
-        trainer.load_extra_state(state["extra"])
     return state["step"]
 
 

@@ -37,17 +37,15 @@ def train_steps(trainer, out, total: int, every: int, record: dict, progress: bo
     """Step ``trainer`` until its history holds ``total`` steps; checkpoint every ``every`` steps (0: never in
     between), after the last one, and when SIGINT/SIGTERM asks to stop. Returns the signal number if stopped.
     Only the main process writes (the others hold the same weights)."""
-    step = trainer.stage if hasattr(trainer, "stage") else trainer.step   # RAFT counts stages
     main = process_state().is_main_process
     bar = tqdm(total=total, initial=len(trainer.history), desc=record["method"].upper(),
                disable=not (progress and main))
     with graceful_stop() as stop:
         while len(trainer.history) < total:
             try:
-                metrics = step()
+                metrics = trainer.train_step()
             except FloatingPointError as err:       # name the checkpoint that holds good weights
                 raise FloatingPointError(f"{err} {_good_copy(out)}") from None
-            metrics = metrics[0] if isinstance(metrics, tuple) else metrics          # PPO also returns its rollout
             bar.update(1)
             shown = "reward/mean" if "reward/mean" in metrics else "loss/total"    # a reward model has no reward
             bar.set_postfix({shown.split("/")[0]: f"{metrics[shown]:+.3f}"})
