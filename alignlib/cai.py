@@ -736,7 +736,7 @@ def _sl_stages(config: CAIConfig, store, progress: bool, stop) -> dict:
         return {"revision_study": curves, "seconds": time.perf_counter() - t}
 
     studied = store.run("sl-study", study, stop) if config.study_prompts else None
-    del critic
+    critic = None                                        # the critic is not needed after the study: free it
 
     if store.done("sl-sft"):
         trained = store.load("sl-sft")

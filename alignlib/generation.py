@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from .logprobs import gather_logprobs, position_ids_from_mask
+from .logprobs import position_ids_from_mask
 from .engine.packed_linear import PackedLinears
 from .utils import check_top
 

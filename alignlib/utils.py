@@ -5,7 +5,6 @@ Everything here is used by every method module; nothing here knows about a parti
 from __future__ import annotations
 
 import math
-import numbers
 import os
 import random
 import resource

@@ -143,7 +143,6 @@ def test_non_finite_cached_weights_are_refused(tmp_path, monkeypatch):
 
 def test_the_gguf_is_extracted_under_a_temporary_name_and_the_cache_built_once(tmp_path, monkeypatch):
     import threading
-    import zipfile
 
     from alignlib import models
 

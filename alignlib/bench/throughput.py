@@ -370,8 +370,8 @@ def format_table(report: dict) -> str:
     lines.append(f"medians of {report['options']['reps']} runs after a warm-up; generation counts generated tokens only "
                  f"({report['options']['new_tokens']} new per prompt, prefill timed but not counted); training "
                  f"{report['options']['train_batch']} x {report['options']['train_len']} tokens per step.")
-    if loads and max(l[0] for l in loads) > (report["machine"]["cores"] or 1):
-        lines.append(f"warning: load average up to {max(l[0] for l in loads):.1f} on {report['machine']['cores']} cores "
+    if loads and max(load[0] for load in loads) > (report["machine"]["cores"] or 1):
+        lines.append(f"warning: load average up to {max(load[0] for load in loads):.1f} on {report['machine']['cores']} cores "
                      "during the run: other processes were competing, numbers are low.")
     return "\n".join(lines)
 

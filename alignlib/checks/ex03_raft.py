@@ -14,7 +14,7 @@ from alignlib import raft as ref
 
 from alignlib import tiny_lab
 
-from . import as_number, check, generator, get_function, run_experiment
+from . import check, generator, get_function, run_experiment
 
 LOCAL_SHAPES = [(4, 3), (1, 5), (6, 1), (3, 8), (1, 1)]          # (P, k)
 GLOBAL_CASES = [((4, 3), 3), ((10,), 2), ((5, 3), 4), ((3, 3), 9), ((7, 2), 2), ((2, 6), 5)]  # (shape, k)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .. import DEFAULT_MODEL
-from .args import UsageError, add_shared, count, read_config_file
+from .args import add_shared, count, read_config_file
 from .methods import METHODS
 
 

@@ -140,10 +140,14 @@ def write_report(result: dict, directory: str | Path, model_name: str = DEFAULT_
     for m in methods:
         axes[0].plot([h["reward/mean"] for h in result[m]], "o-", label=m.upper())
         axes[1].plot([h["kl/ref"] for h in result[m]], "o-", label=m.upper())
-    axes[0].set_title("batch reward (VADER)"); axes[1].set_title("KL(policy || initial), nats")
+    axes[0].set_title("batch reward (VADER)")
+    axes[1].set_title("KL(policy || initial), nats")
     for a in axes:
-        a.set_xlabel("step"); a.legend()
-    fig.tight_layout(); fig.savefig(out / "training.png", dpi=100); plt.close(fig)
+        a.set_xlabel("step")
+        a.legend()
+    fig.tight_layout()
+    fig.savefig(out / "training.png", dpi=100)
+    plt.close(fig)
 
     lines = [f"# alignlib tour on {model_name}", "",
              f"{result['seconds'] / 60:.1f} min in all. Each method ran a few steps; the lectures run the full "
