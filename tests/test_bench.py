@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config, Qwen3
 from alignlib import generation
 from alignlib.bench import throughput as bench
 from alignlib.generation import fast_decode_supported, format_prompts, generate, sample_next_token
-from alignlib.models import load_model, tiny_tokenizer
+from alignlib.models import tiny_tokenizer
 
 from test_packed_linear import trained_lora  # tests/ is on the path, as for grading_helpers
 
@@ -66,9 +66,9 @@ def test_lecture_05_prefix_benchmark_uses_the_constitution_and_held_out_answers(
     assert all(s.startswith("Human: ") and s.endswith("Critique:") for s in suffixes)
 
 
-def test_flop_counts_exclude_embeddings_and_adapters():
-    model, _ = load_model("tiny-random")
-    lora_model, _ = load_model("tiny-random", lora=True)
+def test_flop_counts_exclude_embeddings_and_adapters(tiny, tiny_lora):
+    model, _ = tiny
+    lora_model, _ = tiny_lora
     counts = bench.flop_counts(model)
     assert counts == bench.flop_counts(lora_model)
     embed = model.get_input_embeddings().weight.numel()
@@ -104,8 +104,8 @@ def test_fast_greedy_matches_hf_generate_with_eos(tiny):
     assert same_rollout(fast, slow)
 
 
-def test_fast_greedy_matches_hf_generate_with_lora():
-    model, tok = load_model("tiny-random", lora=True)
+def test_fast_greedy_matches_hf_generate_with_lora(tiny_lora):
+    model, tok = tiny_lora
     model = trained_lora(model)  # a trained-looking adapter: B != 0, so LoRA changes the outputs
     assert fast_decode_supported(model)
     fast = generate(model, tok, PROMPTS, max_new_tokens=12, do_sample=False)

@@ -80,9 +80,8 @@ def test_shipped_accelerate_configs_parse(name, kind):
         assert config.deepspeed_config["zero_stage"] == int(name[-1])
 
 
-def test_the_rollout_is_one_replaceable_function_in_every_trainer(tiny):
+def test_the_rollout_is_one_replaceable_function_in_every_trainer(tiny_lora):
     """A serving engine replaces ``sampler``; every trainer's sampling goes through it and nowhere else."""
-    from alignlib.models import load_model
     from alignlib.ppo import PPOConfig, PPOTrainer
     from alignlib.raft import RAFTConfig, RAFTTrainer
     from alignlib.rrhf import RRHFConfig, RRHFTrainer
@@ -93,7 +92,7 @@ def test_the_rollout_is_one_replaceable_function_in_every_trainer(tiny):
         calls.append(len(prompts))
         return generate(model, tokenizer, prompts, **kw)
 
-    model, tok = load_model("tiny-random", lora=True)
+    model, tok = tiny_lora
     reward = lambda p, r: torch.tensor([float(len(x)) for x in r])  # noqa: E731
     prompts = ["Hi", "Name a fruit."]
     small = dict(max_new_tokens=4)
@@ -115,17 +114,16 @@ def fresh_accelerate_state():
 
 
 @pytest.mark.parametrize("method", ["ppo", "rrhf", "raft"])
-def test_each_trainer_takes_a_bf16_step_under_accelerate_mixed_precision(method, fresh_accelerate_state):
+def test_each_trainer_takes_a_bf16_step_under_accelerate_mixed_precision(method, fresh_accelerate_state, tiny_lora):
     """The lab-gpu configs' bf16 autocast (here on CPU): no dtype mismatch anywhere, a finite step that trains."""
     from accelerate import Accelerator
 
-    from alignlib.models import load_model
     from alignlib.ppo import PPOConfig, PPOTrainer
     from alignlib.raft import RAFTConfig, RAFTTrainer
     from alignlib.rrhf import RRHFConfig, RRHFTrainer
 
     accelerator = Accelerator(mixed_precision="bf16", cpu=True)
-    model, tok = load_model("tiny-random", lora=True)
+    model, tok = tiny_lora
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     reward = lambda p, r: torch.tensor([float(len(x)) for x in r])  # noqa: E731
     trainer, config = {"ppo": (PPOTrainer, PPOConfig(batch_size=2, mini_batch_size=2, max_new_tokens=4)),
@@ -183,16 +181,15 @@ def test_the_cli_under_accelerate_launch_writes_one_run(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["ppo", "raft"])
-def test_micro_batches_accumulate_the_same_step(method):
+def test_micro_batches_accumulate_the_same_step(method, fresh_tiny):
     """Gradient accumulation: a mini-batch in micro-batches of 1 gives the step of the whole mini-batch."""
-    from alignlib.models import load_model
     from alignlib.ppo import PPOConfig, PPOTrainer
     from alignlib.raft import RAFTConfig, RAFTTrainer
     from alignlib.utils import seed_everything
 
     def run(micro):
         seed_everything(0)
-        model, tok = load_model("tiny-random", lora=True)
+        model, tok = fresh_tiny(lora=True)
         reward = lambda p, r: torch.tensor([float(len(x)) for x in r])  # noqa: E731
         if method == "ppo":
             config = PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1, max_new_tokens=6, micro_batch_size=micro)

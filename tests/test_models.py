@@ -25,8 +25,8 @@ def test_tiny_model_is_deterministic_and_tokenizer_round_trips():
     assert tok.padding_side == "left" and next(m1.parameters()).dtype == torch.float32
 
 
-def test_lora_reference_mode_is_the_base_model():
-    base, tok = load_model("tiny-random", device="cpu")
+def test_lora_reference_mode_is_the_base_model(tiny):
+    base, tok = tiny
     policy, _ = load_model("tiny-random", device="cpu", lora={"r": 4, "lora_alpha": 8})
     ids = torch.tensor([tok("abc")["input_ids"]])
     assert torch.allclose(policy(ids).logits, base(ids).logits)  # LoRA B = 0 at start

@@ -123,10 +123,8 @@ def lowercase_share(prompts, responses):
 
 @pytest.mark.learning
 @pytest.mark.parametrize("value_model", ["shared", "separate"])
-def test_ppo_raises_reward_on_tiny_model(value_model):
-    from alignlib.models import load_model
-
-    model, tok = load_model("tiny-random", device="cpu", lora={"r": 8, "lora_alpha": 16})
+def test_ppo_raises_reward_on_tiny_model(value_model, fresh_tiny):
+    model, tok = fresh_tiny(lora={"r": 8, "lora_alpha": 16})
     cfg = PPOConfig(steps=30, batch_size=16, mini_batch_size=8, ppo_epochs=4, max_new_tokens=8, lr=1e-2,
                     kl_coef=0.01, chat=False, value_model=value_model, seed=0)
     history = PPOTrainer(model, tok, lowercase_share, ["a", "b", "c", "hello", "xyz"], cfg).train(progress=False)
@@ -139,10 +137,8 @@ def test_ppo_raises_reward_on_tiny_model(value_model):
         assert key in history[-1] and math.isfinite(history[-1][key]) or key == "value/explained_var"
 
 
-def test_nan_reward_stops_training_before_the_update():
-    from alignlib.models import load_model
-
-    model, tok = load_model("tiny-random", device="cpu", lora=True)
+def test_nan_reward_stops_training_before_the_update(tiny_lora):
+    model, tok = tiny_lora
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     trainer = PPOTrainer(model, tok, lambda p, r: torch.full((len(r),), float("nan")), ["a"],
                          PPOConfig(steps=1, batch_size=2, mini_batch_size=2, max_new_tokens=4, chat=False))
@@ -152,10 +148,8 @@ def test_nan_reward_stops_training_before_the_update():
     assert all(torch.equal(before[n], after[n]) for n in before)
 
 
-def test_full_model_needs_a_reference():
-    from alignlib.models import load_model
-
-    model, tok = load_model("tiny-random", device="cpu")
+def test_full_model_needs_a_reference(tiny):
+    model, tok = tiny
     with pytest.raises(TypeError, match="ref_model"):
         PPOTrainer(model, tok, lowercase_share, ["a"], PPOConfig(batch_size=2, mini_batch_size=2))
 

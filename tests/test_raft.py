@@ -4,7 +4,6 @@ import string
 import pytest
 import torch
 
-from alignlib.models import load_model
 from alignlib.raft import RAFTConfig, RAFTTrainer, distinct_n, raft_select, select_global, select_local
 
 
@@ -51,8 +50,8 @@ def lowercase_share(prompts, responses):
 
 @pytest.mark.learning
 @pytest.mark.parametrize("selection", ["local", "global"])
-def test_raft_raises_the_reward(selection):
-    model, tok = load_model("tiny-random", lora=True)
+def test_raft_raises_the_reward(selection, tiny_lora):
+    model, tok = tiny_lora
     cfg = RAFTConfig(stages=25, batch_size=8, k=4, max_new_tokens=8, lr=1e-2, chat=False, sft_epochs=2,
                      selection=selection)
     trainer = RAFTTrainer(model, tok, lowercase_share, ["a", "b", "c", "hello", "xyz"] * 4, cfg)

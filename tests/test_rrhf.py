@@ -4,7 +4,6 @@ import string
 import pytest
 import torch
 
-from alignlib.models import load_model
 from alignlib.rrhf import (RRHFConfig, RRHFTrainer, as_queries, best_response_loss, candidate_scores,
                            preference_accuracy, rank_loss, rrhf_loss)
 from alignlib.sft import encode_sft
@@ -61,8 +60,8 @@ def test_valid_mask_drops_missing_candidates_and_best_response_loss():
         best_response_loss(nll, rewards, torch.zeros(1, 3, dtype=torch.bool))
 
 
-def test_chunked_backward_gives_the_same_gradient(tiny):
-    model, tok = load_model("tiny-random", lora=True)
+def test_chunked_backward_gives_the_same_gradient(tiny_lora):
+    model, tok = tiny_lora
     for name, p in model.named_parameters():
         if "lora_B" in name:  # a non-zero adapter, so every LoRA weight gets a gradient
             torch.nn.init.normal_(p, std=0.05)
@@ -113,8 +112,8 @@ def lowercase_share(prompts, responses):
 
 
 @pytest.mark.learning
-def test_rrhf_raises_the_reward_of_the_policy_samples():
-    model, tok = load_model("tiny-random", lora=True)
+def test_rrhf_raises_the_reward_of_the_policy_samples(tiny_lora):
+    model, tok = tiny_lora
     cfg = RRHFConfig(steps=30, batch_size=4, policy_samples=3, initial_samples=1, max_new_tokens=8, lr=1e-2,
                      chat=False, chunk_size=8, seed=2)
     history = RRHFTrainer(model, tok, lowercase_share, ["a", "b", "c", "hello", "xyz"], cfg).train(progress=False)

@@ -162,16 +162,15 @@ def test_self_align_runs_with_the_cached_prompt(tiny):
 
 
 @pytest.mark.learning
-def test_engraving_makes_the_unprompted_model_reproduce_the_prompted_behaviour():
+def test_engraving_makes_the_unprompted_model_reproduce_the_prompted_behaviour(fresh_tiny):
     """The tiny model's greedy continuations *with* the principle prompt are the behaviour; after engraving, the
     model without the prompt reproduces them."""
     from alignlib.generation import generate
-    from alignlib.models import load_model
     from alignlib.prefix_cache import PrefixCache
     from alignlib.sft import mean_nll
 
     torch.manual_seed(0)
-    model, tok = load_model("tiny-random", lora={"r": 8, "lora_alpha": 16})
+    model, tok = fresh_tiny(lora={"r": 8, "lora_alpha": 16})
     instructions = ["Name a fruit.", "Add two and three.", "Say hello.", "Pick a colour."]
     with model.disable_adapter():
         prompted = PrefixCache(model, tok, sa.principle_prompt(data())).generate_batch(

@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-from alignlib.models import load_model
 from alignlib.sft import SFTConfig, encode_sft, mean_nll, sft_loss, train_sft
 
 
@@ -48,8 +47,8 @@ def test_loss_does_not_depend_on_the_prompt_targets(tiny):
 
 
 @pytest.mark.learning
-def test_sft_learns_the_responses():
-    model, tok = load_model("tiny-random", lora=True)
+def test_sft_learns_the_responses(tiny_lora):
+    model, tok = tiny_lora
     prompts, responses = ["abc", "xyz", "hello"] * 4, ["def", "uvw", "world"] * 4
     before = mean_nll(model, tok, prompts, responses, chat=False)
     history = train_sft(model, tok, prompts, responses, SFTConfig(epochs=6, batch_size=4, lr=1e-2, chat=False))

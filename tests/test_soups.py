@@ -44,11 +44,9 @@ def test_product_is_the_soup_of_full_weights_and_factors_add_cross_terms():
     torch.testing.assert_close(lora_soup(shared, w, "factors")["m"], lora_soup(shared, w, "product")["m"])
 
 
-def test_soup_model_at_a_vertex_gives_the_experts_logits():
-    from alignlib.models import load_model
-
+def test_soup_model_at_a_vertex_gives_the_experts_logits(fresh_tiny):
     torch.manual_seed(0)
-    expert, tok = load_model("tiny-random", lora=True)
+    expert, tok = fresh_tiny(lora=True)
     with torch.no_grad():                     # a trained-looking adapter: B away from its zero initialisation
         for name, p in expert.named_parameters():
             if "lora_B" in name:
@@ -72,7 +70,7 @@ def test_full_weight_soups_set_and_restore():
     from alignlib.models import load_model
 
     soup = SoupModel("tiny-random")
-    a, _ = load_model("tiny-random", seed=1)
+    a, _ = load_model("tiny-random", seed=1)   # two other weight seeds than the session's tiny model
     b, _ = load_model("tiny-random", seed=2)
     sds = [{k: v for k, v in m.state_dict().items() if k.endswith("q_proj.weight")} for m in (a, b)]
     ids = torch.tensor([[5, 6, 7, 8]])
@@ -198,11 +196,9 @@ def test_non_finite_experts_and_mixed_lora_scalings_are_refused():
     assert torch.equal(same, lora_soup(adapters(), [0.3, 0.7], scaling=2.0)["m"])
 
 
-def test_a_soup_that_fails_at_a_later_module_leaves_the_weights_bit_identical():
-    from alignlib.models import load_model
-
+def test_a_soup_that_fails_at_a_later_module_leaves_the_weights_bit_identical(fresh_tiny):
     torch.manual_seed(0)
-    expert, _ = load_model("tiny-random", lora=True)
+    expert, _ = fresh_tiny(lora=True)
     ad, s = adapter_state(expert)
     ad = {k: torch.randn_like(v) * 0.05 for k, v in ad.items()}
     soup = SoupModel("tiny-random")
