@@ -52,6 +52,7 @@ def test_bench_isolated_worker_process():
     assert report["results"]["train/full"]["tokens_per_s"] > 0 and report["results"]["train/full"]["peak_mb"] > 0
 
 
+@pytest.mark.unit
 def test_bench_prefix_cache_against_recompute(capsys):
     report = bench.run(bench_args("--model", "tiny-random", "--quick", "--in-process", "--measure", *bench.PREFIX[:2]))
     cached, full = report["results"]["prefix/cached"], report["results"]["prefix/recompute"]
@@ -60,12 +61,14 @@ def test_bench_prefix_cache_against_recompute(capsys):
     assert "recomputing it per request takes" in capsys.readouterr().out
 
 
+@pytest.mark.unit
 def test_lecture_05_prefix_benchmark_uses_the_constitution_and_held_out_answers():
     prefix, suffixes = bench.cai_requests()          # too long for the tiny model's context: built, not run
     assert prefix.count("Critique request:") == 4 and len(suffixes) == 16
     assert all(s.startswith("Human: ") and s.endswith("Critique:") for s in suffixes)
 
 
+@pytest.mark.unit
 def test_flop_counts_exclude_embeddings_and_adapters(tiny, tiny_lora):
     model, _ = tiny
     lora_model, _ = tiny_lora
@@ -78,6 +81,7 @@ def test_flop_counts_exclude_embeddings_and_adapters(tiny, tiny_lora):
 
 # ---------------------------------------------------------------- fast decoding == model.generate (greedy)
 
+@pytest.mark.unit
 def test_fast_greedy_matches_hf_generate(tiny):
     model, tok = tiny
     assert fast_decode_supported(model)
@@ -89,6 +93,7 @@ def test_fast_greedy_matches_hf_generate(tiny):
     assert same_rollout(raw_fast, raw_slow)
 
 
+@pytest.mark.unit
 def test_fast_greedy_matches_hf_generate_with_eos(tiny):
     """Rows that stop early are padded, and decoding ends when every row has stopped, as in generate."""
     model, tok = tiny
@@ -104,6 +109,7 @@ def test_fast_greedy_matches_hf_generate_with_eos(tiny):
     assert same_rollout(fast, slow)
 
 
+@pytest.mark.unit
 def test_fast_greedy_matches_hf_generate_with_lora(tiny_lora):
     model, tok = tiny_lora
     model = trained_lora(model)  # a trained-looking adapter: B != 0, so LoRA changes the outputs
@@ -117,6 +123,7 @@ def test_fast_greedy_matches_hf_generate_with_lora(tiny_lora):
     assert same_rollout(base_fast, base_slow) and base_fast.responses != fast.responses
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("prefill_tokens", [2048, 50, 1])
 def test_fast_greedy_with_a_shared_prefix_and_several_samples_per_prompt(tiny, monkeypatch, prefill_tokens):
     """The chat template's common start is encoded once; with k samples per prompt the rest is copied k times.
@@ -142,6 +149,7 @@ def test_fast_greedy_matches_hf_generate_on_the_default_model(smol):
     assert same_rollout(fast, slow)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("config_class", [Qwen2Config, Qwen3Config, MistralConfig])
 def test_fast_greedy_matches_hf_generate_other_architectures(config_class):
     tok = tiny_tokenizer()
@@ -158,6 +166,7 @@ def test_fast_greedy_matches_hf_generate_other_architectures(config_class):
     assert same_rollout(fast, slow)
 
 
+@pytest.mark.unit
 def test_unsupported_architecture_falls_back_to_hf_generate():
     from transformers import GPT2Config
 
@@ -171,6 +180,7 @@ def test_unsupported_architecture_falls_back_to_hf_generate():
     assert r.response_ids.shape == (2, 4)
 
 
+@pytest.mark.unit
 def test_fast_sampling_is_seeded_and_expands_samples_per_prompt(tiny):
     model, tok = tiny
     a = generate(model, tok, PROMPTS[:2], max_new_tokens=8, seed=1, num_return_sequences=3)
@@ -184,6 +194,7 @@ def test_fast_sampling_is_seeded_and_expands_samples_per_prompt(tiny):
 
 # ---------------------------------------------------------------- the sampler
 
+@pytest.mark.unit
 def test_sampler_draws_from_the_softmax():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0]])).expand(40000, 5)
     torch.manual_seed(0)
@@ -194,6 +205,7 @@ def test_sampler_draws_from_the_softmax():
     assert torch.equal(sample_next_token(logits[:2], do_sample=False), torch.tensor([0, 0]))
 
 
+@pytest.mark.unit
 def test_sampler_filters_like_transformers_warpers():
     from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 

@@ -22,6 +22,7 @@ def constitution(**kw):
     return cai.Constitution(**{"critiques": PAIRS, "principles": PRINCIPLES, "few_shot": (SHOT,), **kw})
 
 
+@pytest.mark.unit
 def test_the_course_constitution_loads_with_its_splits():
     train, test = cai.load_constitution("train"), cai.load_constitution("test")
     assert len(train.critiques) + len(test.critiques) >= 16 and len(train.principles) + len(test.principles) >= 16
@@ -29,6 +30,7 @@ def test_the_course_constitution_loads_with_its_splits():
     assert train.few_shot and all(train.pair(s["critique_request"]) for s in train.few_shot)
 
 
+@pytest.mark.unit
 def test_prompts_hold_the_drawn_request_and_the_few_shot_conversations():
     c = constitution()
     pair = c.draw_pair(random.Random(3))
@@ -47,6 +49,7 @@ def test_prompts_hold_the_drawn_request_and_the_few_shot_conversations():
     assert prefix.endswith("\n\n")
 
 
+@pytest.mark.unit
 def test_cut_section_keeps_only_the_generated_section():
     assert cai.cut_section(" It is rude.\n\nRevision request: x") == "It is rude."
     assert cai.cut_section(" Be kind. Human: next question") == "Be kind."
@@ -70,6 +73,7 @@ class FakeCritic:
         return out
 
 
+@pytest.mark.unit
 def test_critique_and_revise_rounds_direct_and_the_sft_target():
     c = constitution()
     rows = cai.critique_and_revise(FakeCritic(), ["q1", "empty"], ["bad", "bad"], c, rounds=2, seed=0)
@@ -85,6 +89,7 @@ def test_critique_and_revise_rounds_direct_and_the_sft_target():
     assert direct[0]["rounds"][0]["critique"] is None and not any(p.endswith("Critique:") for p in critic.asked)
 
 
+@pytest.mark.unit
 def test_sl_trains_on_revision_tokens_only(tiny):
     from alignlib.sft import encode_sft
 
@@ -95,12 +100,14 @@ def test_sl_trains_on_revision_tokens_only(tiny):
     assert tok.decode(target) == "Call a locksmith."
 
 
+@pytest.mark.unit
 def test_format_examples_are_the_few_shot_sections():
     prompts, targets = cai.format_examples(constitution())
     assert prompts[0].endswith("Critique:") and targets[0] == " It helps break in.\n\n"
     assert prompts[1].endswith("Revision:") and targets[1] == " Call a locksmith if you are locked out.\n\n"
 
 
+@pytest.mark.unit
 def test_bad_constitutions_get_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="no critique/revision pairs"):
         cai.Constitution(critiques=(), principles=PRINCIPLES)
@@ -121,6 +128,7 @@ def test_bad_constitutions_get_clear_errors(tmp_path):
         cai.load_constitution(data_dir=tmp_path)
 
 
+@pytest.mark.unit
 def test_soft_labels_sum_to_one_and_swap_with_the_order():
     lp_ab = torch.log(torch.tensor([[0.9, 0.1], [0.5, 0.5], [0.7, 0.3]]))
     lp_ba = torch.log(torch.tensor([[0.6, 0.4], [0.5, 0.5], [0.7, 0.3]]))
@@ -131,6 +139,7 @@ def test_soft_labels_sum_to_one_and_swap_with_the_order():
         soft_labels(lp_ab, lp_ba[:2])
 
 
+@pytest.mark.unit
 def test_judge_labels_swap_with_the_order(tiny):
     model, tok = tiny
     judge = MultipleChoiceJudge(model, tok)
@@ -141,6 +150,7 @@ def test_judge_labels_swap_with_the_order(tiny):
         assert x["p"] + y["p"] == pytest.approx(1.0, abs=1e-5) and x["principle"] == y["principle"]
 
 
+@pytest.mark.unit
 def test_soft_bradley_terry():
     d = torch.tensor([0.0, 2.0], requires_grad=True)
     loss = bradley_terry_loss(d, torch.zeros(2), torch.tensor([0.5, 1.0]))
@@ -172,6 +182,7 @@ def test_the_preference_model_learns_a_separable_soft_preference():
     assert pairwise_accuracy(model, tok, test)["accuracy"] == 1.0
 
 
+@pytest.mark.unit
 def test_batched_prefix_generation_equals_one_at_a_time_and_a_full_recompute(tiny):
     model, tok = tiny
     prefix = "Human: hi\n\nAssistant: hello\n\nCritique request: be kind\n\nCritique: fine\n\n"
@@ -186,6 +197,7 @@ def test_batched_prefix_generation_equals_one_at_a_time_and_a_full_recompute(tin
         assert got == tok.decode(full[0, len(ids):], skip_special_tokens=True)
 
 
+@pytest.mark.unit
 def test_elo_from_pairwise_outcomes():
     outcomes = [("a", "b", 1.0)] * 75 + [("a", "b", 0.0)] * 25 + [("b", "c", 0.5)] * 40
     elo = cai.elo_scores(outcomes, ["a", "b", "c"], prior=0.0)
@@ -226,6 +238,7 @@ def test_both_stages_end_to_end_on_the_tiny_model(tmp_path, capsys):
     assert "harmless" in capsys.readouterr().out
 
 
+@pytest.mark.unit
 def test_cai_rl_needs_the_sl_stage_first(tmp_path):
     from alignlib.commands.cli import main
 

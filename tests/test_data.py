@@ -5,6 +5,8 @@ import pytest
 from alignlib.data import (COURSE_SETS, DATA_DIR, DataFormatError, load_course_dataset, load_hub_dataset, load_prompts,
                            read_jsonl, split_hh_transcript)
 
+pytestmark = pytest.mark.unit
+
 MINIMUM = {"movie_openings": 150, "helpful_prompts": 150, "red_team_prompts": 100, "preference_pairs": 180,
            "preference_pairs_shift": 0}
 TEST_ONLY = {"preference_pairs_shift"}

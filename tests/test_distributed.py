@@ -45,6 +45,7 @@ def test_two_processes_learn_what_one_process_learns(tmp_path):
             torch.testing.assert_close(w2[k], w1[k], atol=1e-4, rtol=1e-3, msg=f"{method}: {k}")
 
 
+@pytest.mark.unit
 def test_row_seeds_make_a_prompts_samples_independent_of_its_batch(tiny):
     model, tokenizer = tiny
     prompts = [f"Say something about number {i}." for i in range(4)]   # same token length: same padding
@@ -61,6 +62,7 @@ def test_row_seeds_make_a_prompts_samples_independent_of_its_batch(tiny):
     assert slow.response_ids.tolist() == both.response_ids.tolist()
 
 
+@pytest.mark.unit
 def test_shard_splits_evenly_or_says_how_to_fix_it():
     class Acc:
         process_index, num_processes = 1, 2
@@ -69,6 +71,7 @@ def test_shard_splits_evenly_or_says_how_to_fix_it():
         shard(list(range(5)), Acc())
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("zero2", "DEEPSPEED"),
                                         ("zero3", "DEEPSPEED")])
 def test_shipped_accelerate_configs_parse(name, kind):
@@ -80,6 +83,7 @@ def test_shipped_accelerate_configs_parse(name, kind):
         assert config.deepspeed_config["zero_stage"] == int(name[-1])
 
 
+@pytest.mark.unit
 def test_the_rollout_is_one_replaceable_function_in_every_trainer(tiny_lora):
     """A serving engine replaces ``sampler``; every trainer's sampling goes through it and nowhere else."""
     from alignlib.ppo import PPOConfig, PPOTrainer
@@ -113,6 +117,7 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("method", ["ppo", "rrhf", "raft"])
 def test_each_trainer_takes_a_bf16_step_under_accelerate_mixed_precision(method, fresh_accelerate_state, tiny_lora):
     """The lab-gpu configs' bf16 autocast (here on CPU): no dtype mismatch anywhere, a finite step that trains."""
@@ -136,6 +141,7 @@ def test_each_trainer_takes_a_bf16_step_under_accelerate_mixed_precision(method,
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("method", ["ppo", "rrhf", "raft"])
 def test_several_processes_without_per_prompt_seeds_are_refused(method, tiny):
     from alignlib.ppo import PPOConfig, PPOTrainer
@@ -153,6 +159,7 @@ def test_several_processes_without_per_prompt_seeds_are_refused(method, tiny):
                 accelerator=TwoProcesses())
 
 
+@pytest.mark.unit
 def test_a_launch_whose_processes_did_not_join_one_group_is_refused(monkeypatch):
     """N independent copies of a run, each believing it is alone, would be silently wrong."""
     from alignlib.training.distributed import make_accelerator
@@ -180,6 +187,7 @@ def test_the_cli_under_accelerate_launch_writes_one_run(tmp_path):
     assert record["status"] == "finished" and record["config"]["seed_per_query"] and len(record["history"]) == 2
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("method", ["ppo", "raft"])
 def test_micro_batches_accumulate_the_same_step(method, fresh_tiny):
     """Gradient accumulation: a mini-batch in micro-batches of 1 gives the step of the whole mini-batch."""

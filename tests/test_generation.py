@@ -3,6 +3,8 @@ import torch
 
 from alignlib.generation import diverse_beam_search, generate, response_mask_from_ids
 
+pytestmark = pytest.mark.unit
+
 
 def test_response_mask_keeps_tokens_through_first_eos():
     ids = torch.tensor([[5, 6, 2, 2, 2], [5, 6, 7, 8, 9], [2, 2, 2, 2, 2]])

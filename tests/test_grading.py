@@ -35,6 +35,7 @@ def tiny_notebook() -> nbformat.NotebookNode:
     return new_notebook(cells=[new_markdown_cell("# Title"), code, top_level, markdown])
 
 
+@pytest.mark.unit
 def test_strip_solutions_replaces_blocks_and_keeps_indentation():
     original = tiny_notebook()
     stripped = strip_solutions(original)
@@ -48,6 +49,7 @@ def test_strip_solutions_replaces_blocks_and_keeps_indentation():
     assert "y = x + 1" in original.cells[1].source and original.cells[1].outputs  # input left unchanged
 
 
+@pytest.mark.unit
 def test_stripped_function_raises_not_implemented():
     scope: dict = {}
     exec(strip_solutions(tiny_notebook()).cells[1].source, scope)
@@ -55,6 +57,7 @@ def test_stripped_function_raises_not_implemented():
         scope["add_one"](1)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("source", [
     f"x = 1\n{BEGIN_CODE}\ny = 2",                                   # never closed
     f"x = 1\n{END_CODE}",                                            # END without BEGIN
@@ -66,6 +69,7 @@ def test_unbalanced_markers_name_the_cell(source):
         strip_solutions(nb)
 
 
+@pytest.mark.unit
 def test_unbalanced_markdown_markers_name_the_cell():
     nb = new_notebook(cells=[new_markdown_cell("<!-- BEGIN SOLUTION -->\nanswer")])
     with pytest.raises(ValueError, match="cell 0"):
@@ -74,10 +78,12 @@ def test_unbalanced_markdown_markers_name_the_cell():
 
 # ---------------------------------------------------------------- sync_exercises
 
+@pytest.mark.unit
 def test_exercises_are_in_sync_with_solutions():
     assert sync_exercises(ROOT / "solutions", ROOT / "exercises", check=True) == []
 
 
+@pytest.mark.unit
 def test_sync_check_ignores_outputs_and_detects_edits(tmp_path):
     solutions, exercises = tmp_path / "solutions", tmp_path / "exercises"
     solutions.mkdir()
@@ -98,6 +104,7 @@ def test_sync_check_ignores_outputs_and_detects_edits(tmp_path):
     assert exercises_command(check=True, solutions_dir=solutions, exercises_dir=exercises) == 1
 
 
+@pytest.mark.unit
 def test_regenerating_never_overwrites_a_students_answers_without_force(tmp_path, capsys):
     solutions, exercises = tmp_path / "solutions", tmp_path / "exercises"
     solutions.mkdir()
@@ -116,6 +123,7 @@ def test_regenerating_never_overwrites_a_students_answers_without_force(tmp_path
 
 # ---------------------------------------------------------------- grading
 
+@pytest.mark.unit
 def test_load_checks_of_a_missing_exercise_raises():
     # the registries of the exercises 00-06: test_grading_exercises.py::test_checks_registry
     with pytest.raises(LookupError, match="no checks"):
@@ -131,6 +139,7 @@ def test_grade_command_prints_table(capsys):
 
 # ---------------------------------------------------------------- isolation: time limits and tampering
 
+@pytest.mark.unit
 def test_an_endless_function_scores_zero_on_its_checks_only(tmp_path):
     path = with_solution(SOLUTION, "masked_mean", "while True:\n    pass", tmp_path)
     results = grade(path, check_timeout=1.0)
@@ -139,6 +148,7 @@ def test_an_endless_function_scores_zero_on_its_checks_only(tmp_path):
     assert sum(r.points for r in results) == 12 - sum(r.max_points for r in lost)
 
 
+@pytest.mark.unit
 def test_an_endless_graded_cell_is_skipped_with_the_reason(tmp_path):
     nb = nbformat.read(SOLUTION, as_version=4)
     cell = next(c for c in nb.cells if "def masked_mean(" in c.source)
@@ -149,6 +159,7 @@ def test_an_endless_graded_cell_is_skipped_with_the_reason(tmp_path):
     assert "masked_mean" not in namespace and any("did not finish" in m for m in namespace.errors.values())
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("patch", [
     "import torch\ntorch.allclose = lambda *args, **kwargs: True",
     "import alignlib.checks.ex00_logprobs as grader\ngrader.assert_close = lambda *args, **kwargs: None",

@@ -7,6 +7,8 @@ import pytest
 from alignlib import tiny_lab
 from grading_helpers import assert_loses_exactly, solution_path, with_solution
 
+pytestmark = pytest.mark.unit
+
 # (exercise, experiment function, a body that returns a wrong choice, a body that returns no number)
 CASES = [
     ("00_logprobs", "choose_temperature", "return 1.0", "return 'hot'"),

@@ -5,6 +5,8 @@ import pytest
 
 from alignlib import hub
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def no_hub(monkeypatch, tmp_path):

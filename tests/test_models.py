@@ -9,6 +9,7 @@ import torch
 from alignlib.models import ModelCacheError, load_model, reference_mode, resolve
 
 
+@pytest.mark.unit
 def test_unknown_model_name_lists_the_choices():
     with pytest.raises(ValueError, match="Unknown model name 'gpt-17'.*smollm2-135m-instruct"):
         resolve("gpt-17")
@@ -16,6 +17,7 @@ def test_unknown_model_name_lists_the_choices():
     assert resolve("qwen2.5-0.5b-instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
 
 
+@pytest.mark.unit
 def test_tiny_model_is_deterministic_and_tokenizer_round_trips():
     m1, tok = load_model("tiny-random", device="cpu")
     m2, _ = load_model("tiny-random", device="cpu")
@@ -25,6 +27,7 @@ def test_tiny_model_is_deterministic_and_tokenizer_round_trips():
     assert tok.padding_side == "left" and next(m1.parameters()).dtype == torch.float32
 
 
+@pytest.mark.unit
 def test_lora_reference_mode_is_the_base_model(tiny):
     base, tok = tiny
     policy, _ = load_model("tiny-random", device="cpu", lora={"r": 4, "lora_alpha": 8})
@@ -126,6 +129,7 @@ def _fake_wheel(folder, gguf: bytes, record_of: bytes | None = None):
     return wheel
 
 
+@pytest.mark.unit
 def test_a_damaged_cache_fails_with_the_repair(tmp_path, monkeypatch):
     monkeypatch.setenv("ALIGNLIB_CACHE", str(tmp_path))
     target = _fake_default_cache(tmp_path, raw=os.urandom(4096))
@@ -133,6 +137,7 @@ def test_a_damaged_cache_fails_with_the_repair(tmp_path, monkeypatch):
         load_model("smollm2-135m-instruct", device="cpu")
 
 
+@pytest.mark.unit
 def test_non_finite_cached_weights_are_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("ALIGNLIB_CACHE", str(tmp_path))
     nan = torch.full((128, 64), float("nan"))
@@ -141,6 +146,7 @@ def test_non_finite_cached_weights_are_refused(tmp_path, monkeypatch):
         load_model("smollm2-135m-instruct", device="cpu")
 
 
+@pytest.mark.unit
 def test_the_gguf_is_extracted_under_a_temporary_name_and_the_cache_built_once(tmp_path, monkeypatch):
     import threading
     import zipfile
@@ -188,6 +194,7 @@ def _rebuilds(monkeypatch):
     return builds
 
 
+@pytest.mark.unit
 def test_finite_garbage_in_the_cached_weights_is_caught_by_the_manifest_and_rebuilt(tmp_path, monkeypatch, capsys):
     from safetensors.torch import load_file, save_file
 
@@ -212,6 +219,7 @@ def test_finite_garbage_in_the_cached_weights_is_caught_by_the_manifest_and_rebu
     assert len(builds) == 2
 
 
+@pytest.mark.unit
 def test_a_cache_without_a_manifest_is_rebuilt_and_a_copied_one_is_kept(tmp_path, monkeypatch):
     from alignlib import models
 
@@ -226,6 +234,7 @@ def test_a_cache_without_a_manifest_is_rebuilt_and_a_copied_one_is_kept(tmp_path
     assert len(builds) == 1
 
 
+@pytest.mark.unit
 def test_a_truncated_gguf_next_to_an_intact_wheel_is_extracted_again(tmp_path, monkeypatch):
     from alignlib import models
 
@@ -241,6 +250,7 @@ def test_a_truncated_gguf_next_to_an_intact_wheel_is_extracted_again(tmp_path, m
     assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
 
 
+@pytest.mark.unit
 def test_a_damaged_installed_gguf_names_the_reinstall(tmp_path, monkeypatch):
     from alignlib import models
 
@@ -253,6 +263,7 @@ def test_a_damaged_installed_gguf_names_the_reinstall(tmp_path, monkeypatch):
         models._find_gguf(tmp_path / "downloads")
 
 
+@pytest.mark.unit
 def test_stale_partial_leftovers_are_removed_and_nothing_else(tmp_path, monkeypatch):
     from alignlib import models
 

@@ -9,6 +9,8 @@ from alignlib.generation import _causal_lm, _linears, shared_prefix_length
 from alignlib.models import tiny_tokenizer
 from alignlib.engine.packed_linear import PackedLinears, effective_weight, packing_available
 
+pytestmark = pytest.mark.unit
+
 needs_onednn = pytest.mark.skipif(not packing_available(torch.zeros(1)), reason="torch built without oneDNN")
 
 

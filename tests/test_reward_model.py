@@ -32,6 +32,7 @@ def trained_toy():
 
 # ---------------------------------------------------------------- the loss
 
+@pytest.mark.unit
 def test_bt_loss_equals_hand_computation_and_log2_at_a_tie():
     torch.manual_seed(0)
     r_c, r_r = torch.randn(5), torch.randn(5)
@@ -42,6 +43,7 @@ def test_bt_loss_equals_hand_computation_and_log2_at_a_tie():
     assert torch.isfinite(far) and far.item() == pytest.approx(200.0)
 
 
+@pytest.mark.unit
 def test_bt_gradient_raises_chosen_and_lowers_rejected():
     r_c = torch.tensor([0.0, 1.0, -2.0], requires_grad=True)
     r_r = torch.tensor([0.0, 0.0, 0.5], requires_grad=True)
@@ -52,6 +54,7 @@ def test_bt_gradient_raises_chosen_and_lowers_rejected():
     assert r_c.grad[1].abs() < r_c.grad[0].abs() < r_c.grad[2].abs()  # the wider the margin, the smaller the push
 
 
+@pytest.mark.unit
 def test_bt_loss_checks_shapes():
     with pytest.raises(ValueError, match=r"shape \(B,\)"):
         bradley_terry_loss(torch.zeros(4, 1), torch.zeros(4))
@@ -63,6 +66,7 @@ def test_bt_loss_checks_shapes():
 
 # ---------------------------------------------------------------- accuracy and input checks
 
+@pytest.mark.unit
 def test_pairwise_accuracy_on_hand_made_rewards():
     scores = {"A": 3.0, "B": 1.0, "C": 0.0, "D": 2.0, "E": 5.0}
     pairs = [{"prompt": "p", "chosen": "A", "rejected": "B"},   # +2 right
@@ -80,6 +84,7 @@ def test_pairwise_accuracy_on_hand_made_rewards():
     assert preference_metrics(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 3.0]))["accuracy"] == 0.5
 
 
+@pytest.mark.unit
 def test_bad_pairs_get_clear_errors():
     with pytest.raises(ValueError, match="empty"):
         check_preference_pairs([])
@@ -95,6 +100,7 @@ def test_bad_pairs_get_clear_errors():
     assert rows[0]["chosen"] == "The film was good."
 
 
+@pytest.mark.unit
 def test_overlong_pairs_raise_or_are_counted_never_truncated():
     model, tok = load_reward_model("tiny-random", device="cpu")
     pairs = toy_pairs(TOPICS[:4]) + [{"prompt": "How was it?", "chosen": "good " * 100, "rejected": "bad"}]
@@ -105,6 +111,7 @@ def test_overlong_pairs_raise_or_are_counted_never_truncated():
     assert history[0]["data/skipped_pairs"] == 1 and history[0]["data/pairs"] == 4
 
 
+@pytest.mark.unit
 def test_non_finite_loss_stops_before_the_update():
     model, tok = load_reward_model("tiny-random", device="cpu")
     with torch.no_grad():
@@ -115,6 +122,7 @@ def test_non_finite_loss_stops_before_the_update():
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, before)
 
 
+@pytest.mark.unit
 def test_config_presets_and_trainable_parts():
     assert RewardModelConfig.preset("cpu").model == "minilm"
     assert RewardModelConfig.preset("lab-gpu", lr=2e-5).lr == 2e-5
@@ -164,6 +172,7 @@ def test_reward_function_prefers_the_chosen_style_on_new_prompts(trained_toy):
     assert text_format(tok) == "chat" and "<|im_start|>assistant" in reward.format("q", "a")
 
 
+@pytest.mark.unit
 def test_run_trains_on_the_course_pairs_and_evaluates_on_the_test_split():
     from alignlib.reward_model import run
 
@@ -190,6 +199,7 @@ def test_minilm_loads_offline_and_scores_text_pairs(monkeypatch):
     assert "[SEP]" in reward.format("q", "a")
 
 
+@pytest.mark.unit
 def test_missing_minilm_package_names_the_install(monkeypatch):
     import importlib.util
 

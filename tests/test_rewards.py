@@ -3,6 +3,8 @@ import torch
 
 from alignlib.rewards import KeywordReward, LengthReward, RewardModelReward, SentimentReward, WeightedSum
 
+pytestmark = pytest.mark.unit
+
 
 def test_sentiment_sign_and_target():
     pos = SentimentReward()
