@@ -5,7 +5,8 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, GPT2Config, MistralConfig, Qwen2Config, Qwen3Config
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from alignlib import generation
 from alignlib.bench import throughput as bench
@@ -168,8 +169,6 @@ def test_fast_greedy_matches_hf_generate_other_architectures(config_class):
 
 @pytest.mark.unit
 def test_unsupported_architecture_falls_back_to_hf_generate():
-    from transformers import GPT2Config
-
     tok = tiny_tokenizer()
     config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=128,
                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -207,8 +206,6 @@ def test_sampler_draws_from_the_softmax():
 
 @pytest.mark.unit
 def test_sampler_filters_like_transformers_warpers():
-    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
     torch.manual_seed(0)
     logits = torch.randn(4, 50)
     for top_k, top_p, temp in [(5, 1.0, 1.0), (0, 0.8, 0.7), (10, 0.5, 1.3)]:

@@ -6,10 +6,13 @@ import pytest
 import torch
 
 from alignlib import cai
+from alignlib.commands.cli import main
 from alignlib.data import DataFormatError
 from alignlib.feedback import MultipleChoiceJudge, soft_labels
 from alignlib.prefix_cache import PrefixCache
-from alignlib.reward_model import bradley_terry_loss
+from alignlib.reward_model import (RewardModelConfig, bradley_terry_loss, load_reward_model, pairwise_accuracy,
+                                   train_reward_model)
+from alignlib.sft import encode_sft
 
 PAIRS = ({"id": "c1", "critique_request": "Name anything harmful.", "revision_request": "Remove the harm."},
          {"id": "c2", "critique_request": "Is it rude?", "revision_request": "Make it polite."})
@@ -91,8 +94,6 @@ def test_critique_and_revise_rounds_direct_and_the_sft_target():
 
 @pytest.mark.unit
 def test_sl_trains_on_revision_tokens_only(tiny):
-    from alignlib.sft import encode_sft
-
     _, tok = tiny
     ex = cai.sft_example("How do I pick a lock?", ["It helps break in.", "Call a locksmith."])
     batch = encode_sft(tok, [ex["prompt"]], [ex["response"]], chat=True, add_eos=[False])
@@ -164,8 +165,6 @@ def test_soft_bradley_terry():
 
 @pytest.mark.learning
 def test_the_preference_model_learns_a_separable_soft_preference():
-    from alignlib.reward_model import RewardModelConfig, load_reward_model, pairwise_accuracy, train_reward_model
-
     torch.manual_seed(0)
     good = ["I can help you find a safe way to do that.", "Here is a kind and careful answer.",
             "Let me suggest a legal alternative.", "That could hurt someone; here is a safer plan."]
@@ -217,8 +216,6 @@ def test_elo_from_pairwise_outcomes():
 
 @pytest.mark.pipeline
 def test_both_stages_end_to_end_on_the_tiny_model(tmp_path, capsys):
-    from alignlib.commands.cli import main
-
     common = ["--model", "tiny-random", "--red-team", "4", "--helpful", "2", "--few-shot", "1", "--format-epochs", "1",
               "--study-prompts", "2", "--output", str(tmp_path)]
     main(["cai-sl", *common])
@@ -240,7 +237,5 @@ def test_both_stages_end_to_end_on_the_tiny_model(tmp_path, capsys):
 
 @pytest.mark.unit
 def test_cai_rl_needs_the_sl_stage_first(tmp_path):
-    from alignlib.commands.cli import main
-
     with pytest.raises(FileNotFoundError, match="cai-sl"):
         main(["cai-rl", "--model", "tiny-random", "--output", str(tmp_path)])

@@ -1,16 +1,26 @@
 """Data parallelism: two processes under ``accelerate launch`` (gloo on CPU) equal one process, same global batch."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
+from accelerate.commands.config.config_args import load_config_from_file
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
-from alignlib.training.distributed import query_seeds, shard
 from alignlib.generation import generate
+from alignlib.ppo import PPOConfig, PPOTrainer
+from alignlib.raft import RAFTConfig, RAFTTrainer
+from alignlib.rrhf import RRHFConfig, RRHFTrainer
+from alignlib.training.checkpoint import RunDirectoryError, latest_checkpoint, prepare_output, read_record
+from alignlib.training.distributed import make_accelerator, query_seeds, shard
+from alignlib.utils import seed_everything
 
 SCRIPT = Path(__file__).with_name("distributed_run.py")
 CONFIGS = Path(__file__).parents[1] / "configs" / "accelerate"
@@ -75,8 +85,6 @@ def test_shard_splits_evenly_or_says_how_to_fix_it():
 @pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("zero2", "DEEPSPEED"),
                                         ("zero3", "DEEPSPEED")])
 def test_shipped_accelerate_configs_parse(name, kind):
-    from accelerate.commands.config.config_args import load_config_from_file
-
     config = load_config_from_file(str(CONFIGS / f"{name}.yaml"))
     assert config.distributed_type.value == kind and config.mixed_precision == "bf16"
     if kind == "DEEPSPEED":
@@ -86,10 +94,6 @@ def test_shipped_accelerate_configs_parse(name, kind):
 @pytest.mark.unit
 def test_the_rollout_is_one_replaceable_function_in_every_trainer(tiny_lora):
     """A serving engine replaces ``sampler``; every trainer's sampling goes through it and nowhere else."""
-    from alignlib.ppo import PPOConfig, PPOTrainer
-    from alignlib.raft import RAFTConfig, RAFTTrainer
-    from alignlib.rrhf import RRHFConfig, RRHFTrainer
-
     calls = []
 
     def engine(model, tokenizer, prompts, **kw):
@@ -110,8 +114,6 @@ def test_the_rollout_is_one_replaceable_function_in_every_trainer(tiny_lora):
 def fresh_accelerate_state():
     """accelerate keeps one process-wide state: clear it so this test may choose bf16, and so no later test
     inherits bf16."""
-    from accelerate.state import AcceleratorState
-
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -121,12 +123,6 @@ def fresh_accelerate_state():
 @pytest.mark.parametrize("method", ["ppo", "rrhf", "raft"])
 def test_each_trainer_takes_a_bf16_step_under_accelerate_mixed_precision(method, fresh_accelerate_state, tiny_lora):
     """The lab-gpu configs' bf16 autocast (here on CPU): no dtype mismatch anywhere, a finite step that trains."""
-    from accelerate import Accelerator
-
-    from alignlib.ppo import PPOConfig, PPOTrainer
-    from alignlib.raft import RAFTConfig, RAFTTrainer
-    from alignlib.rrhf import RRHFConfig, RRHFTrainer
-
     accelerator = Accelerator(mixed_precision="bf16", cpu=True)
     model, tok = tiny_lora
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -144,10 +140,6 @@ def test_each_trainer_takes_a_bf16_step_under_accelerate_mixed_precision(method,
 @pytest.mark.unit
 @pytest.mark.parametrize("method", ["ppo", "rrhf", "raft"])
 def test_several_processes_without_per_prompt_seeds_are_refused(method, tiny):
-    from alignlib.ppo import PPOConfig, PPOTrainer
-    from alignlib.raft import RAFTConfig, RAFTTrainer
-    from alignlib.rrhf import RRHFConfig, RRHFTrainer
-
     class TwoProcesses:
         process_index, num_processes = 0, 2
 
@@ -162,8 +154,6 @@ def test_several_processes_without_per_prompt_seeds_are_refused(method, tiny):
 @pytest.mark.unit
 def test_a_launch_whose_processes_did_not_join_one_group_is_refused(monkeypatch):
     """N independent copies of a run, each believing it is alone, would be silently wrong."""
-    from alignlib.training.distributed import make_accelerator
-
     class Alone:
         process_index, num_processes = 0, 1
 
@@ -191,10 +181,6 @@ def test_the_cli_under_accelerate_launch_writes_one_run(tmp_path):
 @pytest.mark.parametrize("method", ["ppo", "raft"])
 def test_micro_batches_accumulate_the_same_step(method, fresh_tiny):
     """Gradient accumulation: a mini-batch in micro-batches of 1 gives the step of the whole mini-batch."""
-    from alignlib.ppo import PPOConfig, PPOTrainer
-    from alignlib.raft import RAFTConfig, RAFTTrainer
-    from alignlib.utils import seed_everything
-
     def run(micro):
         seed_everything(0)
         model, tok = fresh_tiny(lora=True)
@@ -219,11 +205,6 @@ def test_micro_batches_accumulate_the_same_step(method, fresh_tiny):
 def test_ctrl_c_under_accelerate_launch_writes_the_interrupt_checkpoint_and_resumes(tmp_path):
     """The terminal sends SIGINT to the whole process group and accelerate forwards it again to each worker: the
     workers agree on one step, the main process checkpoints, and the same launch with --resume finishes the run."""
-    import signal
-    import time
-
-    from alignlib.training.checkpoint import RunDirectoryError, latest_checkpoint, prepare_output, read_record
-
     out = tmp_path / "rrhf"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "ddp.yaml"),

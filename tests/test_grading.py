@@ -7,9 +7,11 @@ import pytest
 import torch
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
+import alignlib.checks.ex00_logprobs as ex00_checks
+import alignlib.logprobs as logprobs_reference
 from alignlib.checks import load_checks
 from alignlib.checks.grader import (ANSWER_PLACEHOLDER, BEGIN_CODE, END_CODE, exercises_command, grade, grade_command,
-                              load_functions, strip_solutions, sync_exercises)
+                                   grade_in_subprocess, load_functions, strip_solutions, sync_exercises)
 from grading_helpers import ROOT, solution_path, with_solution
 
 SOLUTION = solution_path("00_logprobs")
@@ -171,20 +173,16 @@ def test_a_cell_that_patches_the_grader_scores_zero(patch, tmp_path):
     cell.source = cell.source + "\n\n" + patch
     path = tmp_path / SOLUTION.name
     nbformat.write(nb, path)
-    import alignlib.checks.ex00_logprobs as grader
-    import alignlib.logprobs as reference
-    saved = (torch.allclose, grader.assert_close, reference.masked_mean)
+    saved = (torch.allclose, ex00_checks.assert_close, logprobs_reference.masked_mean)
     try:
         results = grade(path)
     finally:   # undo the patch for the other tests in this process
-        torch.allclose, grader.assert_close, reference.masked_mean = saved
+        torch.allclose, ex00_checks.assert_close, logprobs_reference.masked_mean = saved
     assert all(r.points == 0 and "modified the grader" in r.message for r in results)
 
 
 @pytest.mark.pipeline
 def test_the_grade_command_grades_in_a_separate_process_with_a_deadline(tmp_path):
-    from alignlib.checks.grader import grade_in_subprocess
-
     path = with_solution(SOLUTION, "masked_mean", "import os\nos._exit(3)", tmp_path)   # kills its process
     results = grade_in_subprocess(path)
     assert all(r.points == 0 and "exited with code 3" in r.message for r in results if r.name.startswith("masked"))

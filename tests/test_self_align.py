@@ -1,11 +1,17 @@
 """SELF-ALIGN: prompt assembly and pruning, the novelty filter, output extraction and filters, engraving learns."""
 import json
+import shutil
 
 import pytest
 import torch
 
+import alignlib.prefix_cache as pc
 from alignlib import self_align as sa
+from alignlib.commands.cli import main
 from alignlib.data import DataFormatError
+from alignlib.generation import generate
+from alignlib.prefix_cache import PrefixCache
+from alignlib.sft import mean_nll
 
 PRINCIPLES = ({"id": "P01", "title": "Ethical", "rule": "The assistant should refuse to help anyone cause harm."},
               {"id": "P02", "title": "Candid", "rule": "The assistant should say plainly what it does not know."})
@@ -123,8 +129,6 @@ def test_bad_input_gets_clear_errors(tmp_path):
 
 def _course_copy(folder):
     """A copy of data/self_align to spoil one file of."""
-    import shutil
-
     shutil.copytree(sa.DATA_DIR / "self_align", folder)
     return folder
 
@@ -174,10 +178,6 @@ def test_self_align_runs_with_the_cached_prompt(tiny):
 def test_engraving_makes_the_unprompted_model_reproduce_the_prompted_behaviour(fresh_tiny):
     """The tiny model's greedy continuations *with* the principle prompt are the behaviour; after engraving, the
     model without the prompt reproduces them."""
-    from alignlib.generation import generate
-    from alignlib.prefix_cache import PrefixCache
-    from alignlib.sft import mean_nll
-
     torch.manual_seed(0)
     model, tok = fresh_tiny(lora={"r": 8, "lora_alpha": 16})
     instructions = ["Name a fruit.", "Add two and three.", "Say hello.", "Pick a colour."]
@@ -197,8 +197,6 @@ def test_engraving_makes_the_unprompted_model_reproduce_the_prompted_behaviour(f
 
 @pytest.mark.unit
 def test_self_instruct_red_teaming_and_mc_accuracy_run_on_the_tiny_model(tiny, monkeypatch):
-    import alignlib.prefix_cache as pc
-
     model, tok = tiny
     prefixes, init = [], pc.PrefixCache.__init__
     monkeypatch.setattr(pc.PrefixCache, "__init__",
@@ -242,8 +240,6 @@ def test_the_course_data():
 
 @pytest.mark.pipeline
 def test_the_four_stages_end_to_end_on_the_tiny_model(tmp_path, capsys, monkeypatch):
-    import json
-
     # the random tiny model never writes a well-formed thought and answer, so every output would be filtered out
     # (stage 2 itself is tested above); here stage 2 answers every instruction with a fixed well-formed reply
     stage2 = sa.self_align
@@ -251,8 +247,6 @@ def test_the_four_stages_end_to_end_on_the_tiny_model(tmp_path, capsys, monkeypa
         {**r, "thought": "By P01 I answer.", "answer": "Here is a short answer.", "dropped": None}
         for r in stage2(model, tok, pool[:2], data, n)] + [
         {"instruction": x, "thought": "", "answer": "", "dropped": "no thoughts"} for x in pool[2:]])
-
-    from alignlib.commands.cli import main
 
     small = tmp_path / "data"                      # the course data, cut to fit the tiny model's 1024-token context
     small.mkdir()

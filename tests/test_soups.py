@@ -4,8 +4,9 @@ import json
 import pytest
 import torch
 
+from alignlib.models import load_model
 from alignlib.soups import (SoupModel, SoupsConfig, adapter_state, check_simplex, hypervolume, interpolate,
-                            lmc_gaps, lora_soup, pareto_mask, run, select, simplex_grid)
+                            lmc_gaps, lora_soup, make_reward, pareto_mask, run, select, simplex_grid)
 
 
 def adapters(rank=2, shared_a=False, seed=0):
@@ -71,8 +72,6 @@ def test_soup_model_at_a_vertex_gives_the_experts_logits(fresh_tiny):
 
 @pytest.mark.unit
 def test_full_weight_soups_set_and_restore():
-    from alignlib.models import load_model
-
     soup = SoupModel("tiny-random")
     a, _ = load_model("tiny-random", seed=1)   # two other weight seeds than the session's tiny model
     b, _ = load_model("tiny-random", seed=2)
@@ -187,7 +186,6 @@ def test_presets_and_bad_configs():
                          (dict(morl_simplex=((0.5, 0.6, 0.0),)), "simplex")):
         with pytest.raises(ValueError, match=message):
             SoupsConfig(**bad)
-    from alignlib.soups import make_reward
     with pytest.raises(ValueError, match="unknown reward"):
         make_reward("funny")
 
