@@ -5,12 +5,13 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, GPT2Config, MistralConfig, Qwen2Config, Qwen3Config
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from alignlib import generation
 from alignlib.bench import throughput as bench
 from alignlib.generation import fast_decode_supported, format_prompts, generate, sample_next_token
-from alignlib.models import load_model, tiny_tokenizer
+from alignlib.models import tiny_tokenizer
 
 from test_packed_linear import trained_lora  # tests/ is on the path, as for grading_helpers
 
@@ -52,6 +53,7 @@ def test_bench_isolated_worker_process():
     assert report["results"]["train/full"]["tokens_per_s"] > 0 and report["results"]["train/full"]["peak_mb"] > 0
 
 
+@pytest.mark.unit
 def test_bench_prefix_cache_against_recompute(capsys):
     report = bench.run(bench_args("--model", "tiny-random", "--quick", "--in-process", "--measure", *bench.PREFIX[:2]))
     cached, full = report["results"]["prefix/cached"], report["results"]["prefix/recompute"]
@@ -60,15 +62,17 @@ def test_bench_prefix_cache_against_recompute(capsys):
     assert "recomputing it per request takes" in capsys.readouterr().out
 
 
+@pytest.mark.unit
 def test_lecture_05_prefix_benchmark_uses_the_constitution_and_held_out_answers():
     prefix, suffixes = bench.cai_requests()          # too long for the tiny model's context: built, not run
     assert prefix.count("Critique request:") == 4 and len(suffixes) == 16
     assert all(s.startswith("Human: ") and s.endswith("Critique:") for s in suffixes)
 
 
-def test_flop_counts_exclude_embeddings_and_adapters():
-    model, _ = load_model("tiny-random")
-    lora_model, _ = load_model("tiny-random", lora=True)
+@pytest.mark.unit
+def test_flop_counts_exclude_embeddings_and_adapters(tiny, tiny_lora):
+    model, _ = tiny
+    lora_model, _ = tiny_lora
     counts = bench.flop_counts(model)
     assert counts == bench.flop_counts(lora_model)
     embed = model.get_input_embeddings().weight.numel()
@@ -78,6 +82,7 @@ def test_flop_counts_exclude_embeddings_and_adapters():
 
 # ---------------------------------------------------------------- fast decoding == model.generate (greedy)
 
+@pytest.mark.unit
 def test_fast_greedy_matches_hf_generate(tiny):
     model, tok = tiny
     assert fast_decode_supported(model)
@@ -89,6 +94,7 @@ def test_fast_greedy_matches_hf_generate(tiny):
     assert same_rollout(raw_fast, raw_slow)
 
 
+@pytest.mark.unit
 def test_fast_greedy_matches_hf_generate_with_eos(tiny):
     """Rows that stop early are padded, and decoding ends when every row has stopped, as in generate."""
     model, tok = tiny
@@ -104,8 +110,9 @@ def test_fast_greedy_matches_hf_generate_with_eos(tiny):
     assert same_rollout(fast, slow)
 
 
-def test_fast_greedy_matches_hf_generate_with_lora():
-    model, tok = load_model("tiny-random", lora=True)
+@pytest.mark.unit
+def test_fast_greedy_matches_hf_generate_with_lora(tiny_lora):
+    model, tok = tiny_lora
     model = trained_lora(model)  # a trained-looking adapter: B != 0, so LoRA changes the outputs
     assert fast_decode_supported(model)
     fast = generate(model, tok, PROMPTS, max_new_tokens=12, do_sample=False)
@@ -117,6 +124,7 @@ def test_fast_greedy_matches_hf_generate_with_lora():
     assert same_rollout(base_fast, base_slow) and base_fast.responses != fast.responses
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("prefill_tokens", [2048, 50, 1])
 def test_fast_greedy_with_a_shared_prefix_and_several_samples_per_prompt(tiny, monkeypatch, prefill_tokens):
     """The chat template's common start is encoded once; with k samples per prompt the rest is copied k times.
@@ -142,6 +150,7 @@ def test_fast_greedy_matches_hf_generate_on_the_default_model(smol):
     assert same_rollout(fast, slow)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("config_class", [Qwen2Config, Qwen3Config, MistralConfig])
 def test_fast_greedy_matches_hf_generate_other_architectures(config_class):
     tok = tiny_tokenizer()
@@ -158,9 +167,8 @@ def test_fast_greedy_matches_hf_generate_other_architectures(config_class):
     assert same_rollout(fast, slow)
 
 
+@pytest.mark.unit
 def test_unsupported_architecture_falls_back_to_hf_generate():
-    from transformers import GPT2Config
-
     tok = tiny_tokenizer()
     config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=128,
                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -171,6 +179,7 @@ def test_unsupported_architecture_falls_back_to_hf_generate():
     assert r.response_ids.shape == (2, 4)
 
 
+@pytest.mark.unit
 def test_fast_sampling_is_seeded_and_expands_samples_per_prompt(tiny):
     model, tok = tiny
     a = generate(model, tok, PROMPTS[:2], max_new_tokens=8, seed=1, num_return_sequences=3)
@@ -184,6 +193,7 @@ def test_fast_sampling_is_seeded_and_expands_samples_per_prompt(tiny):
 
 # ---------------------------------------------------------------- the sampler
 
+@pytest.mark.unit
 def test_sampler_draws_from_the_softmax():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0]])).expand(40000, 5)
     torch.manual_seed(0)
@@ -194,9 +204,8 @@ def test_sampler_draws_from_the_softmax():
     assert torch.equal(sample_next_token(logits[:2], do_sample=False), torch.tensor([0, 0]))
 
 
+@pytest.mark.unit
 def test_sampler_filters_like_transformers_warpers():
-    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
     torch.manual_seed(0)
     logits = torch.randn(4, 50)
     for top_k, top_p, temp in [(5, 1.0, 1.0), (0, 0.8, 0.7), (10, 0.5, 1.3)]:

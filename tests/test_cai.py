@@ -6,10 +6,13 @@ import pytest
 import torch
 
 from alignlib import cai
+from alignlib.commands.cli import main
 from alignlib.data import DataFormatError
 from alignlib.feedback import MultipleChoiceJudge, soft_labels
 from alignlib.prefix_cache import PrefixCache
-from alignlib.reward_model import bradley_terry_loss
+from alignlib.reward_model import (RewardModelConfig, bradley_terry_loss, load_reward_model, pairwise_accuracy,
+                                   train_reward_model)
+from alignlib.sft import encode_sft
 
 PAIRS = ({"id": "c1", "critique_request": "Name anything harmful.", "revision_request": "Remove the harm."},
          {"id": "c2", "critique_request": "Is it rude?", "revision_request": "Make it polite."})
@@ -22,6 +25,7 @@ def constitution(**kw):
     return cai.Constitution(**{"critiques": PAIRS, "principles": PRINCIPLES, "few_shot": (SHOT,), **kw})
 
 
+@pytest.mark.unit
 def test_the_course_constitution_loads_with_its_splits():
     train, test = cai.load_constitution("train"), cai.load_constitution("test")
     assert len(train.critiques) + len(test.critiques) >= 16 and len(train.principles) + len(test.principles) >= 16
@@ -29,6 +33,7 @@ def test_the_course_constitution_loads_with_its_splits():
     assert train.few_shot and all(train.pair(s["critique_request"]) for s in train.few_shot)
 
 
+@pytest.mark.unit
 def test_prompts_hold_the_drawn_request_and_the_few_shot_conversations():
     c = constitution()
     pair = c.draw_pair(random.Random(3))
@@ -47,6 +52,7 @@ def test_prompts_hold_the_drawn_request_and_the_few_shot_conversations():
     assert prefix.endswith("\n\n")
 
 
+@pytest.mark.unit
 def test_cut_section_keeps_only_the_generated_section():
     assert cai.cut_section(" It is rude.\n\nRevision request: x") == "It is rude."
     assert cai.cut_section(" Be kind. Human: next question") == "Be kind."
@@ -70,6 +76,7 @@ class FakeCritic:
         return out
 
 
+@pytest.mark.unit
 def test_critique_and_revise_rounds_direct_and_the_sft_target():
     c = constitution()
     rows = cai.critique_and_revise(FakeCritic(), ["q1", "empty"], ["bad", "bad"], c, rounds=2, seed=0)
@@ -85,9 +92,8 @@ def test_critique_and_revise_rounds_direct_and_the_sft_target():
     assert direct[0]["rounds"][0]["critique"] is None and not any(p.endswith("Critique:") for p in critic.asked)
 
 
+@pytest.mark.unit
 def test_sl_trains_on_revision_tokens_only(tiny):
-    from alignlib.sft import encode_sft
-
     _, tok = tiny
     ex = cai.sft_example("How do I pick a lock?", ["It helps break in.", "Call a locksmith."])
     batch = encode_sft(tok, [ex["prompt"]], [ex["response"]], chat=True, add_eos=[False])
@@ -95,12 +101,14 @@ def test_sl_trains_on_revision_tokens_only(tiny):
     assert tok.decode(target) == "Call a locksmith."
 
 
+@pytest.mark.unit
 def test_format_examples_are_the_few_shot_sections():
     prompts, targets = cai.format_examples(constitution())
     assert prompts[0].endswith("Critique:") and targets[0] == " It helps break in.\n\n"
     assert prompts[1].endswith("Revision:") and targets[1] == " Call a locksmith if you are locked out.\n\n"
 
 
+@pytest.mark.unit
 def test_bad_constitutions_get_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="no critique/revision pairs"):
         cai.Constitution(critiques=(), principles=PRINCIPLES)
@@ -121,6 +129,7 @@ def test_bad_constitutions_get_clear_errors(tmp_path):
         cai.load_constitution(data_dir=tmp_path)
 
 
+@pytest.mark.unit
 def test_soft_labels_sum_to_one_and_swap_with_the_order():
     lp_ab = torch.log(torch.tensor([[0.9, 0.1], [0.5, 0.5], [0.7, 0.3]]))
     lp_ba = torch.log(torch.tensor([[0.6, 0.4], [0.5, 0.5], [0.7, 0.3]]))
@@ -131,6 +140,7 @@ def test_soft_labels_sum_to_one_and_swap_with_the_order():
         soft_labels(lp_ab, lp_ba[:2])
 
 
+@pytest.mark.unit
 def test_judge_labels_swap_with_the_order(tiny):
     model, tok = tiny
     judge = MultipleChoiceJudge(model, tok)
@@ -141,6 +151,7 @@ def test_judge_labels_swap_with_the_order(tiny):
         assert x["p"] + y["p"] == pytest.approx(1.0, abs=1e-5) and x["principle"] == y["principle"]
 
 
+@pytest.mark.unit
 def test_soft_bradley_terry():
     d = torch.tensor([0.0, 2.0], requires_grad=True)
     loss = bradley_terry_loss(d, torch.zeros(2), torch.tensor([0.5, 1.0]))
@@ -154,8 +165,6 @@ def test_soft_bradley_terry():
 
 @pytest.mark.learning
 def test_the_preference_model_learns_a_separable_soft_preference():
-    from alignlib.reward_model import RewardModelConfig, load_reward_model, pairwise_accuracy, train_reward_model
-
     torch.manual_seed(0)
     good = ["I can help you find a safe way to do that.", "Here is a kind and careful answer.",
             "Let me suggest a legal alternative.", "That could hurt someone; here is a safer plan."]
@@ -172,6 +181,7 @@ def test_the_preference_model_learns_a_separable_soft_preference():
     assert pairwise_accuracy(model, tok, test)["accuracy"] == 1.0
 
 
+@pytest.mark.unit
 def test_batched_prefix_generation_equals_one_at_a_time_and_a_full_recompute(tiny):
     model, tok = tiny
     prefix = "Human: hi\n\nAssistant: hello\n\nCritique request: be kind\n\nCritique: fine\n\n"
@@ -186,6 +196,7 @@ def test_batched_prefix_generation_equals_one_at_a_time_and_a_full_recompute(tin
         assert got == tok.decode(full[0, len(ids):], skip_special_tokens=True)
 
 
+@pytest.mark.unit
 def test_elo_from_pairwise_outcomes():
     outcomes = [("a", "b", 1.0)] * 75 + [("a", "b", 0.0)] * 25 + [("b", "c", 0.5)] * 40
     elo = cai.elo_scores(outcomes, ["a", "b", "c"], prior=0.0)
@@ -205,8 +216,6 @@ def test_elo_from_pairwise_outcomes():
 
 @pytest.mark.pipeline
 def test_both_stages_end_to_end_on_the_tiny_model(tmp_path, capsys):
-    from alignlib.commands.cli import main
-
     common = ["--model", "tiny-random", "--red-team", "4", "--helpful", "2", "--few-shot", "1", "--format-epochs", "1",
               "--study-prompts", "2", "--output", str(tmp_path)]
     main(["cai-sl", *common])
@@ -226,8 +235,7 @@ def test_both_stages_end_to_end_on_the_tiny_model(tmp_path, capsys):
     assert "harmless" in capsys.readouterr().out
 
 
+@pytest.mark.unit
 def test_cai_rl_needs_the_sl_stage_first(tmp_path):
-    from alignlib.commands.cli import main
-
     with pytest.raises(FileNotFoundError, match="cai-sl"):
         main(["cai-rl", "--model", "tiny-random", "--output", str(tmp_path)])

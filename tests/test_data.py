@@ -1,9 +1,13 @@
 import json
 
 import pytest
+from datasets import Dataset
 
+from alignlib.cai import eval_rows, load_constitution
 from alignlib.data import (COURSE_SETS, DATA_DIR, DataFormatError, load_course_dataset, load_hub_dataset, load_prompts,
                            read_jsonl, split_hh_transcript)
+
+pytestmark = pytest.mark.unit
 
 MINIMUM = {"movie_openings": 150, "helpful_prompts": 150, "red_team_prompts": 100, "preference_pairs": 180,
            "preference_pairs_shift": 0}
@@ -60,8 +64,6 @@ def test_duplicate_ids_and_non_utf8_files_name_file_line_and_field(tmp_path):
 
 
 def test_duplicate_comparison_principle_ids_are_refused(tmp_path):
-    from alignlib.cai import load_constitution
-
     (tmp_path / "constitution").mkdir()
     for name in ("critique_revision.jsonl", "comparison_principles.jsonl", "few_shot.jsonl"):
         (tmp_path / "constitution" / name).write_text((DATA_DIR / "constitution" / name).read_text())
@@ -98,8 +100,6 @@ def test_hh_rlhf_fixture_in_hub_format(tmp_path):
 
 
 def test_imdb_fixture_in_hub_parquet_format(tmp_path):
-    from datasets import Dataset
-
     Dataset.from_list([{"text": "A slow start,<br />but the last act soars above everything.", "label": 1},
                        {"text": "Dull.", "label": 0}]).to_parquet(str(tmp_path / "train-00000.parquet"))
     ds = load_hub_dataset("stanfordnlp/imdb", "train", path=tmp_path, n_words=4)
@@ -107,8 +107,6 @@ def test_imdb_fixture_in_hub_parquet_format(tmp_path):
 
 
 def test_the_constitution_loads_and_its_few_shot_examples_use_training_critiques():
-    from alignlib.data import load_course_dataset
-
     pairs = load_course_dataset("constitution_critiques", None)
     principles = load_course_dataset("constitution_principles", None)
     few = load_course_dataset("constitution_few_shot", "train")
@@ -120,9 +118,6 @@ def test_the_constitution_loads_and_its_few_shot_examples_use_training_critiques
 
 
 def test_the_hand_labelled_evaluation_set():
-    from alignlib.cai import eval_rows
-    from alignlib.data import load_course_dataset
-
     rows = eval_rows(None)
     assert len(rows) >= 120 and len({r["id"] for r in rows}) == len(rows)
     assert all(isinstance(r["harmful"], bool) and isinstance(r["evasive"], bool) for r in rows)

@@ -1,16 +1,26 @@
 """Data parallelism: two processes under ``accelerate launch`` (gloo on CPU) equal one process, same global batch."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
+from accelerate.commands.config.config_args import load_config_from_file
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
-from alignlib.training.distributed import query_seeds, shard
 from alignlib.generation import generate
+from alignlib.ppo import PPOConfig, PPOTrainer
+from alignlib.raft import RAFTConfig, RAFTTrainer
+from alignlib.rrhf import RRHFConfig, RRHFTrainer
+from alignlib.training.checkpoint import RunDirectoryError, latest_checkpoint, prepare_output, read_record
+from alignlib.training.distributed import make_accelerator, query_seeds, shard
+from alignlib.utils import seed_everything
 
 SCRIPT = Path(__file__).with_name("distributed_run.py")
 CONFIGS = Path(__file__).parents[1] / "configs" / "accelerate"
@@ -45,6 +55,7 @@ def test_two_processes_learn_what_one_process_learns(tmp_path):
             torch.testing.assert_close(w2[k], w1[k], atol=1e-4, rtol=1e-3, msg=f"{method}: {k}")
 
 
+@pytest.mark.unit
 def test_row_seeds_make_a_prompts_samples_independent_of_its_batch(tiny):
     model, tokenizer = tiny
     prompts = [f"Say something about number {i}." for i in range(4)]   # same token length: same padding
@@ -61,6 +72,7 @@ def test_row_seeds_make_a_prompts_samples_independent_of_its_batch(tiny):
     assert slow.response_ids.tolist() == both.response_ids.tolist()
 
 
+@pytest.mark.unit
 def test_shard_splits_evenly_or_says_how_to_fix_it():
     class Acc:
         process_index, num_processes = 1, 2
@@ -69,31 +81,26 @@ def test_shard_splits_evenly_or_says_how_to_fix_it():
         shard(list(range(5)), Acc())
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("zero2", "DEEPSPEED"),
                                         ("zero3", "DEEPSPEED")])
 def test_shipped_accelerate_configs_parse(name, kind):
-    from accelerate.commands.config.config_args import load_config_from_file
-
     config = load_config_from_file(str(CONFIGS / f"{name}.yaml"))
     assert config.distributed_type.value == kind and config.mixed_precision == "bf16"
     if kind == "DEEPSPEED":
         assert config.deepspeed_config["zero_stage"] == int(name[-1])
 
 
-def test_the_rollout_is_one_replaceable_function_in_every_trainer(tiny):
+@pytest.mark.unit
+def test_the_rollout_is_one_replaceable_function_in_every_trainer(tiny_lora):
     """A serving engine replaces ``sampler``; every trainer's sampling goes through it and nowhere else."""
-    from alignlib.models import load_model
-    from alignlib.ppo import PPOConfig, PPOTrainer
-    from alignlib.raft import RAFTConfig, RAFTTrainer
-    from alignlib.rrhf import RRHFConfig, RRHFTrainer
-
     calls = []
 
     def engine(model, tokenizer, prompts, **kw):
         calls.append(len(prompts))
         return generate(model, tokenizer, prompts, **kw)
 
-    model, tok = load_model("tiny-random", lora=True)
+    model, tok = tiny_lora
     reward = lambda p, r: torch.tensor([float(len(x)) for x in r])  # noqa: E731
     prompts = ["Hi", "Name a fruit."]
     small = dict(max_new_tokens=4)
@@ -107,25 +114,17 @@ def test_the_rollout_is_one_replaceable_function_in_every_trainer(tiny):
 def fresh_accelerate_state():
     """accelerate keeps one process-wide state: clear it so this test may choose bf16, and so no later test
     inherits bf16."""
-    from accelerate.state import AcceleratorState
-
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("method", ["ppo", "rrhf", "raft"])
-def test_each_trainer_takes_a_bf16_step_under_accelerate_mixed_precision(method, fresh_accelerate_state):
+def test_each_trainer_takes_a_bf16_step_under_accelerate_mixed_precision(method, fresh_accelerate_state, tiny_lora):
     """The lab-gpu configs' bf16 autocast (here on CPU): no dtype mismatch anywhere, a finite step that trains."""
-    from accelerate import Accelerator
-
-    from alignlib.models import load_model
-    from alignlib.ppo import PPOConfig, PPOTrainer
-    from alignlib.raft import RAFTConfig, RAFTTrainer
-    from alignlib.rrhf import RRHFConfig, RRHFTrainer
-
     accelerator = Accelerator(mixed_precision="bf16", cpu=True)
-    model, tok = load_model("tiny-random", lora=True)
+    model, tok = tiny_lora
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     reward = lambda p, r: torch.tensor([float(len(x)) for x in r])  # noqa: E731
     trainer, config = {"ppo": (PPOTrainer, PPOConfig(batch_size=2, mini_batch_size=2, max_new_tokens=4)),
@@ -138,12 +137,9 @@ def test_each_trainer_takes_a_bf16_step_under_accelerate_mixed_precision(method,
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("method", ["ppo", "rrhf", "raft"])
 def test_several_processes_without_per_prompt_seeds_are_refused(method, tiny):
-    from alignlib.ppo import PPOConfig, PPOTrainer
-    from alignlib.raft import RAFTConfig, RAFTTrainer
-    from alignlib.rrhf import RRHFConfig, RRHFTrainer
-
     class TwoProcesses:
         process_index, num_processes = 0, 2
 
@@ -155,10 +151,9 @@ def test_several_processes_without_per_prompt_seeds_are_refused(method, tiny):
                 accelerator=TwoProcesses())
 
 
+@pytest.mark.unit
 def test_a_launch_whose_processes_did_not_join_one_group_is_refused(monkeypatch):
     """N independent copies of a run, each believing it is alone, would be silently wrong."""
-    from alignlib.training.distributed import make_accelerator
-
     class Alone:
         process_index, num_processes = 0, 1
 
@@ -182,17 +177,13 @@ def test_the_cli_under_accelerate_launch_writes_one_run(tmp_path):
     assert record["status"] == "finished" and record["config"]["seed_per_query"] and len(record["history"]) == 2
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("method", ["ppo", "raft"])
-def test_micro_batches_accumulate_the_same_step(method):
+def test_micro_batches_accumulate_the_same_step(method, fresh_tiny):
     """Gradient accumulation: a mini-batch in micro-batches of 1 gives the step of the whole mini-batch."""
-    from alignlib.models import load_model
-    from alignlib.ppo import PPOConfig, PPOTrainer
-    from alignlib.raft import RAFTConfig, RAFTTrainer
-    from alignlib.utils import seed_everything
-
     def run(micro):
         seed_everything(0)
-        model, tok = load_model("tiny-random", lora=True)
+        model, tok = fresh_tiny(lora=True)
         reward = lambda p, r: torch.tensor([float(len(x)) for x in r])  # noqa: E731
         if method == "ppo":
             config = PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1, max_new_tokens=6, micro_batch_size=micro)
@@ -214,11 +205,6 @@ def test_micro_batches_accumulate_the_same_step(method):
 def test_ctrl_c_under_accelerate_launch_writes_the_interrupt_checkpoint_and_resumes(tmp_path):
     """The terminal sends SIGINT to the whole process group and accelerate forwards it again to each worker: the
     workers agree on one step, the main process checkpoints, and the same launch with --resume finishes the run."""
-    import signal
-    import time
-
-    from alignlib.training.checkpoint import RunDirectoryError, latest_checkpoint, prepare_output, read_record
-
     out = tmp_path / "rrhf"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "ddp.yaml"),

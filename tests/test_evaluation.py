@@ -3,6 +3,8 @@ import torch
 
 from alignlib.evaluation import bootstrap_mean, paired_difference
 
+pytestmark = pytest.mark.unit
+
 
 def test_bootstrap_interval_contains_the_mean_and_shrinks_with_more_items():
     gen = torch.Generator().manual_seed(0)

@@ -4,6 +4,8 @@ import torch
 
 from alignlib.feedback import MultipleChoiceJudge
 
+pytestmark = pytest.mark.unit
+
 Q = ["How do I boil an egg?", "Tell me a joke."]
 A = ["Put it in boiling water for nine minutes.", "Why did the chicken cross the road?"]
 B = ["I will not help with that.", "No."]

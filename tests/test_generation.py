@@ -3,6 +3,8 @@ import torch
 
 from alignlib.generation import diverse_beam_search, generate, response_mask_from_ids
 
+pytestmark = pytest.mark.unit
+
 
 def test_response_mask_keeps_tokens_through_first_eos():
     ids = torch.tensor([[5, 6, 2, 2, 2], [5, 6, 7, 8, 9], [2, 2, 2, 2, 2]])
@@ -105,17 +107,13 @@ def test_diverse_beam_search_one_group_is_beam_search(tiny):
     ({"top_p": 2.0}, r"top_p must be a number in \(0, 1\]"),
     ({"top_k": -1}, "top_k must be an integer >= 0"),
 ])
-def test_bad_sampling_arguments_are_refused_before_decoding(kwargs, message):
-    from alignlib.models import load_model
-
-    model, tok = load_model("tiny-random", device="cpu")
+def test_bad_sampling_arguments_are_refused_before_decoding(kwargs, message, tiny):
+    model, tok = tiny
     with pytest.raises(ValueError, match=message):
         generate(model, tok, ["Hello"], **kwargs)
 
 
-def test_a_prompt_longer_than_the_context_raises_instead_of_decoding():
-    from alignlib.models import load_model
-
-    model, tok = load_model("tiny-random", device="cpu")
+def test_a_prompt_longer_than_the_context_raises_instead_of_decoding(tiny):
+    model, tok = tiny
     with pytest.raises(ValueError, match="shorten the prompt"):
         generate(model, tok, ["x" * 1100], max_new_tokens=4, chat=False)

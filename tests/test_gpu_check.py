@@ -9,6 +9,8 @@ import torch
 from alignlib.bench import gpu_check
 from alignlib.commands.cli import build_parser, main
 
+pytestmark = pytest.mark.unit
+
 
 def test_flops_per_token_of_the_tiny_config_by_hand():
     # TINY: hidden 64, 2 layers, 4 heads of 16, 2 kv heads, MLP 128, vocab 512, tied embeddings. Per layer:

@@ -168,6 +168,7 @@ def test_a_flooding_cell_keeps_the_output_and_the_memory_bounded(tmp_path):
     assert peak < 20_000_000
 
 
+@pytest.mark.unit
 def test_what_a_graded_cell_prints_is_not_kept(tmp_path):
     path = with_cell(EXERCISE, "for _ in range(200):\n    print('x' * 1_000_000)", tmp_path)
     load_functions(EXERCISE)   # imports what the grader disarms, so that only the cells' own memory is traced
@@ -227,6 +228,7 @@ CALLS = {
 }
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("copy", sorted(COPIES))
 @pytest.mark.parametrize("call", sorted(CALLS))
 def test_a_copy_of_alignlibs_own_code_scores_zero_like_the_original(copy, call, tmp_path):

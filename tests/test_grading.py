@@ -1,4 +1,5 @@
-"""Grading tests: solutions are stripped correctly, score full marks; exercises score zero and stay in sync."""
+"""Grading tests: solutions are stripped correctly, exercises stay in sync, the grade command, time limits and
+tampering. Every exercise's registry, full marks, zero marks and wrong implementations: test_grading_exercises.py."""
 from __future__ import annotations
 
 import nbformat
@@ -6,15 +7,14 @@ import pytest
 import torch
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
+import alignlib.checks.ex00_logprobs as ex00_checks
+import alignlib.logprobs as logprobs_reference
 from alignlib.checks import load_checks
 from alignlib.checks.grader import (ANSWER_PLACEHOLDER, BEGIN_CODE, END_CODE, exercises_command, grade, grade_command,
-                              load_functions, strip_solutions, sync_exercises)
-from grading_helpers import (ROOT, assert_full_marks, assert_import_not_accepted, assert_loses_exactly,
-                             assert_registry, assert_scores_zero, assert_syntax_error_costs_only, exercise_path,
-                             solution_path, with_solution)
+                                   grade_in_subprocess, load_functions, strip_solutions, sync_exercises)
+from grading_helpers import ROOT, solution_path, with_solution
 
 SOLUTION = solution_path("00_logprobs")
-EXERCISE = exercise_path("00_logprobs")
 
 
 # ---------------------------------------------------------------- strip_solutions
@@ -37,6 +37,7 @@ def tiny_notebook() -> nbformat.NotebookNode:
     return new_notebook(cells=[new_markdown_cell("# Title"), code, top_level, markdown])
 
 
+@pytest.mark.unit
 def test_strip_solutions_replaces_blocks_and_keeps_indentation():
     original = tiny_notebook()
     stripped = strip_solutions(original)
@@ -50,6 +51,7 @@ def test_strip_solutions_replaces_blocks_and_keeps_indentation():
     assert "y = x + 1" in original.cells[1].source and original.cells[1].outputs  # input left unchanged
 
 
+@pytest.mark.unit
 def test_stripped_function_raises_not_implemented():
     scope: dict = {}
     exec(strip_solutions(tiny_notebook()).cells[1].source, scope)
@@ -57,6 +59,7 @@ def test_stripped_function_raises_not_implemented():
         scope["add_one"](1)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("source", [
     f"x = 1\n{BEGIN_CODE}\ny = 2",                                   # never closed
     f"x = 1\n{END_CODE}",                                            # END without BEGIN
@@ -68,6 +71,7 @@ def test_unbalanced_markers_name_the_cell(source):
         strip_solutions(nb)
 
 
+@pytest.mark.unit
 def test_unbalanced_markdown_markers_name_the_cell():
     nb = new_notebook(cells=[new_markdown_cell("<!-- BEGIN SOLUTION -->\nanswer")])
     with pytest.raises(ValueError, match="cell 0"):
@@ -76,10 +80,12 @@ def test_unbalanced_markdown_markers_name_the_cell():
 
 # ---------------------------------------------------------------- sync_exercises
 
+@pytest.mark.unit
 def test_exercises_are_in_sync_with_solutions():
     assert sync_exercises(ROOT / "solutions", ROOT / "exercises", check=True) == []
 
 
+@pytest.mark.unit
 def test_sync_check_ignores_outputs_and_detects_edits(tmp_path):
     solutions, exercises = tmp_path / "solutions", tmp_path / "exercises"
     solutions.mkdir()
@@ -100,6 +106,7 @@ def test_sync_check_ignores_outputs_and_detects_edits(tmp_path):
     assert exercises_command(check=True, solutions_dir=solutions, exercises_dir=exercises) == 1
 
 
+@pytest.mark.unit
 def test_regenerating_never_overwrites_a_students_answers_without_force(tmp_path, capsys):
     solutions, exercises = tmp_path / "solutions", tmp_path / "exercises"
     solutions.mkdir()
@@ -118,22 +125,11 @@ def test_regenerating_never_overwrites_a_students_answers_without_force(tmp_path
 
 # ---------------------------------------------------------------- grading
 
-def test_checks_registry_of_exercise_00():
-    checks = load_checks("00_logprobs")
-    assert sum(c.points for c in checks) == 12
-    assert_registry("00_logprobs", {"token_logprobs_from_logits": 4, "sequence_logprob": 2,
-                                    "length_normalized_logprob": 2, "masked_mean": 2,
-                                    "choose_temperature": 2})
+@pytest.mark.unit
+def test_load_checks_of_a_missing_exercise_raises():
+    # the registries of the exercises 00-06: test_grading_exercises.py::test_checks_registry
     with pytest.raises(LookupError, match="no checks"):
         load_checks("99_missing")
-
-
-def test_solution_scores_full_marks():
-    assert_full_marks(SOLUTION, 12)
-
-
-def test_exercise_scores_zero_on_every_check():
-    assert_scores_zero(EXERCISE)
 
 
 @pytest.mark.pipeline
@@ -143,48 +139,9 @@ def test_grade_command_prints_table(capsys):
     assert grade_command(ROOT / "no_such_notebook.ipynb") == 2
 
 
-WRONG = {
-    "no shift": ("token_logprobs_from_logits",
-                 "return F.log_softmax(logits, -1).gather(-1, input_ids.unsqueeze(-1)).squeeze(-1)",
-                 {"token_logprobs_from_logits: matches the reference on random logits",
-                  "token_logprobs_from_logits: shape (B, T), column 0 is 0, values <= 0",
-                  "token_logprobs_from_logits: stable for logits of size ~1000"}),
-    "log of softmax": ("token_logprobs_from_logits",
-                       "logp = torch.log(torch.softmax(logits[:, :-1], -1))\n"
-                       "picked = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)\n"
-                       "return F.pad(picked, (1, 0))",
-                       {"token_logprobs_from_logits: stable for logits of size ~1000"}),
-    "mask ignored": ("sequence_logprob", "return token_lp.sum(-1)",
-                     {"sequence_logprob: matches the reference on left-padded batches",
-                      "sequence_logprob: only masked positions count"}),
-    "alpha ignored": ("length_normalized_logprob", "return (token_lp * mask).sum(-1) / mask.sum(-1)",
-                      {"length_normalized_logprob: matches the reference, alpha = 1, 0.5, 2",
-                       "length_normalized_logprob: alpha = 0 gives the plain sum"}),
-    "mean of all": ("masked_mean", "return values.mean()",
-                    {"masked_mean: matches the reference (a 0-dim tensor)",
-                     "masked_mean: huge values where mask is 0 do not count"}),
-    "indexed by int mask": ("masked_mean", "return values[mask].mean()",
-                            {"masked_mean: matches the reference (a 0-dim tensor)",
-                             "masked_mean: huge values where mask is 0 do not count"}),
-}
-
-
-@pytest.mark.parametrize("mistake", sorted(WRONG))
-def test_wrong_implementation_loses_points_on_the_right_checks(mistake, tmp_path):
-    function, body, expected_failures = WRONG[mistake]
-    assert_loses_exactly(with_solution(SOLUTION, function, body, tmp_path), function, expected_failures)
-
-
-def test_syntax_error_scores_zero_without_crashing(tmp_path):
-    assert_syntax_error_costs_only(SOLUTION, "sequence_logprob", "masked_mean", 12, tmp_path)
-
-
-def test_function_imported_from_alignlib_is_not_accepted(tmp_path):
-    assert_import_not_accepted(SOLUTION, "masked_mean", "alignlib.logprobs", tmp_path)
-
-
 # ---------------------------------------------------------------- isolation: time limits and tampering
 
+@pytest.mark.unit
 def test_an_endless_function_scores_zero_on_its_checks_only(tmp_path):
     path = with_solution(SOLUTION, "masked_mean", "while True:\n    pass", tmp_path)
     results = grade(path, check_timeout=1.0)
@@ -193,6 +150,7 @@ def test_an_endless_function_scores_zero_on_its_checks_only(tmp_path):
     assert sum(r.points for r in results) == 12 - sum(r.max_points for r in lost)
 
 
+@pytest.mark.unit
 def test_an_endless_graded_cell_is_skipped_with_the_reason(tmp_path):
     nb = nbformat.read(SOLUTION, as_version=4)
     cell = next(c for c in nb.cells if "def masked_mean(" in c.source)
@@ -203,6 +161,7 @@ def test_an_endless_graded_cell_is_skipped_with_the_reason(tmp_path):
     assert "masked_mean" not in namespace and any("did not finish" in m for m in namespace.errors.values())
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("patch", [
     "import torch\ntorch.allclose = lambda *args, **kwargs: True",
     "import alignlib.checks.ex00_logprobs as grader\ngrader.assert_close = lambda *args, **kwargs: None",
@@ -214,20 +173,16 @@ def test_a_cell_that_patches_the_grader_scores_zero(patch, tmp_path):
     cell.source = cell.source + "\n\n" + patch
     path = tmp_path / SOLUTION.name
     nbformat.write(nb, path)
-    import alignlib.checks.ex00_logprobs as grader
-    import alignlib.logprobs as reference
-    saved = (torch.allclose, grader.assert_close, reference.masked_mean)
+    saved = (torch.allclose, ex00_checks.assert_close, logprobs_reference.masked_mean)
     try:
         results = grade(path)
     finally:   # undo the patch for the other tests in this process
-        torch.allclose, grader.assert_close, reference.masked_mean = saved
+        torch.allclose, ex00_checks.assert_close, logprobs_reference.masked_mean = saved
     assert all(r.points == 0 and "modified the grader" in r.message for r in results)
 
 
 @pytest.mark.pipeline
 def test_the_grade_command_grades_in_a_separate_process_with_a_deadline(tmp_path):
-    from alignlib.checks.grader import grade_in_subprocess
-
     path = with_solution(SOLUTION, "masked_mean", "import os\nos._exit(3)", tmp_path)   # kills its process
     results = grade_in_subprocess(path)
     assert all(r.points == 0 and "exited with code 3" in r.message for r in results if r.name.startswith("masked"))

@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 
 from alignlib import tiny_lab
+from alignlib.checks import load_checks
 from grading_helpers import assert_loses_exactly, solution_path, with_solution
+
+pytestmark = pytest.mark.unit
 
 # (exercise, experiment function, a body that returns a wrong choice, a body that returns no number)
 CASES = [
@@ -25,8 +28,6 @@ def test_a_wrong_or_malformed_choice_loses_only_the_experiment(exercise, functio
 
 
 def _check_names(exercise: str) -> list[str]:
-    from alignlib.checks import load_checks
-
     return [c.name for c in load_checks(exercise)]
 
 

@@ -4,6 +4,11 @@ from __future__ import annotations
 import pytest
 
 from alignlib import hub
+from alignlib.data import load_hub_dataset
+from alignlib.models import ModelCacheError, load_model
+from alignlib.reward_model import load_reward_model
+
+pytestmark = pytest.mark.unit
 
 
 @pytest.fixture
@@ -16,17 +21,11 @@ def no_hub(monkeypatch, tmp_path):
 
 
 def test_a_model_id_fails_at_once_with_the_fix(no_hub):
-    from alignlib.models import ModelCacheError, load_model
-
     with pytest.raises((hub.HubUnreachable, ModelCacheError), match="cannot be reached.*HF_HUB_OFFLINE"):
         load_model("Qwen/Qwen2.5-0.5B-Instruct", device="cpu")
 
 
 def test_a_reward_model_and_a_data_set_fail_the_same_way(no_hub):
-    from alignlib.data import load_hub_dataset
-    from alignlib.models import ModelCacheError
-    from alignlib.reward_model import load_reward_model
-
     with pytest.raises(ModelCacheError, match="cannot be reached"):
         load_reward_model("OpenAssistant/reward-model-deberta-v3-large-v2", device="cpu")
     with pytest.raises(hub.HubUnreachable, match="pass path= to a local copy"):

@@ -9,6 +9,8 @@ import pytest
 
 from alignlib.checks import GRADED_IMPLEMENTATIONS
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[1]
 LECTURES = sorted((ROOT / "lectures").glob("*.ipynb"))
 GRADED = sorted({name for names in GRADED_IMPLEMENTATIONS.values() for name in names})

@@ -7,6 +7,8 @@ from alignlib.generation import generate
 from alignlib.logprobs import (entropy_from_logits, gather_logprobs, length_normalized_logprob, masked_mean,
                                score_responses, sequence_logprob, token_logprobs, token_logprobs_from_logits)
 
+pytestmark = pytest.mark.unit
+
 
 def manual_token_logprobs(logits, ids):
     """Direct loops over softmax, the definition itself."""

@@ -3,6 +3,8 @@ import pytest
 
 from alignlib.bench.methods import bench_method, fig4_table, format_table, summarize, time_to_reach
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("method,mode", [("ppo", "lora"), ("rrhf", "full"), ("raft", "lora")])
 def test_bench_method_reports_time_memory_and_reward(method, mode):

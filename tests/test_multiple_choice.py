@@ -6,6 +6,8 @@ from alignlib.multiple_choice import (LIKELIHOOD_HEADER, TRUE_HEADER, TRUE_QUERY
                                       true_scores)
 from alignlib.prefix_cache import PrefixCache
 
+pytestmark = pytest.mark.unit
+
 QUESTION = "What colour is a clear daytime sky?"
 CHOICES = ["Blue", "Green", "Bright purple with stripes"]
 

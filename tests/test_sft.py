@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from alignlib.models import load_model
 from alignlib.sft import SFTConfig, encode_sft, mean_nll, sft_loss, train_sft
 
 
+@pytest.mark.unit
 def test_encode_layout_masks_prompt_and_appends_eos(tiny):
     _, tok = tiny
     batch = encode_sft(tok, ["hi there", "a"], ["yes", "no way"], chat=False, add_eos=[True, False])
@@ -21,6 +21,7 @@ def test_encode_layout_masks_prompt_and_appends_eos(tiny):
     assert batch.logits_to_keep == batch.input_ids.shape[1] - P + 1
 
 
+@pytest.mark.unit
 def test_encode_rejects_bad_input(tiny):
     _, tok = tiny
     with pytest.raises(ValueError, match="same length"):
@@ -33,6 +34,7 @@ def test_encode_rejects_bad_input(tiny):
         encode_sft(tok, ["a", "b"], ["x", "y"], chat=False, add_eos=[True])
 
 
+@pytest.mark.unit
 def test_loss_does_not_depend_on_the_prompt_targets(tiny):
     """Changing the prompt changes the context but a prompt token is never a target: the loss equals the
     mean NLL of response tokens computed by hand from full logits."""
@@ -48,8 +50,8 @@ def test_loss_does_not_depend_on_the_prompt_targets(tiny):
 
 
 @pytest.mark.learning
-def test_sft_learns_the_responses():
-    model, tok = load_model("tiny-random", lora=True)
+def test_sft_learns_the_responses(tiny_lora):
+    model, tok = tiny_lora
     prompts, responses = ["abc", "xyz", "hello"] * 4, ["def", "uvw", "world"] * 4
     before = mean_nll(model, tok, prompts, responses, chat=False)
     history = train_sft(model, tok, prompts, responses, SFTConfig(epochs=6, batch_size=4, lr=1e-2, chat=False))

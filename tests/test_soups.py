@@ -4,8 +4,9 @@ import json
 import pytest
 import torch
 
+from alignlib.models import load_model
 from alignlib.soups import (SoupModel, SoupsConfig, adapter_state, check_simplex, hypervolume, interpolate,
-                            lmc_gaps, lora_soup, pareto_mask, run, select, simplex_grid)
+                            lmc_gaps, lora_soup, make_reward, pareto_mask, run, select, simplex_grid)
 
 
 def adapters(rank=2, shared_a=False, seed=0):
@@ -18,6 +19,7 @@ def adapters(rank=2, shared_a=False, seed=0):
     return out
 
 
+@pytest.mark.unit
 def test_a_vertex_is_the_expert_exactly():
     sds = [{"w": torch.randn(3, 3), "b": torch.randn(3)} for _ in range(3)]
     for i in range(3):
@@ -29,6 +31,7 @@ def test_a_vertex_is_the_expert_exactly():
         assert torch.equal(delta["m"], 2.0 * (ads[1]["m.lora_B.weight"] @ ads[1]["m.lora_A.weight"]))
 
 
+@pytest.mark.unit
 def test_product_is_the_soup_of_full_weights_and_factors_add_cross_terms():
     ads = adapters()
     w = [0.3, 0.7]
@@ -44,11 +47,10 @@ def test_product_is_the_soup_of_full_weights_and_factors_add_cross_terms():
     torch.testing.assert_close(lora_soup(shared, w, "factors")["m"], lora_soup(shared, w, "product")["m"])
 
 
-def test_soup_model_at_a_vertex_gives_the_experts_logits():
-    from alignlib.models import load_model
-
+@pytest.mark.unit
+def test_soup_model_at_a_vertex_gives_the_experts_logits(fresh_tiny):
     torch.manual_seed(0)
-    expert, tok = load_model("tiny-random", lora=True)
+    expert, tok = fresh_tiny(lora=True)
     with torch.no_grad():                     # a trained-looking adapter: B away from its zero initialisation
         for name, p in expert.named_parameters():
             if "lora_B" in name:
@@ -68,11 +70,10 @@ def test_soup_model_at_a_vertex_gives_the_experts_logits():
         soup.set({"base_model.model.model.nowhere.q_proj": torch.zeros(2, 2)})
 
 
+@pytest.mark.unit
 def test_full_weight_soups_set_and_restore():
-    from alignlib.models import load_model
-
     soup = SoupModel("tiny-random")
-    a, _ = load_model("tiny-random", seed=1)
+    a, _ = load_model("tiny-random", seed=1)   # two other weight seeds than the session's tiny model
     b, _ = load_model("tiny-random", seed=2)
     sds = [{k: v for k, v in m.state_dict().items() if k.endswith("q_proj.weight")} for m in (a, b)]
     ids = torch.tensor([[5, 6, 7, 8]])
@@ -86,6 +87,7 @@ def test_full_weight_soups_set_and_restore():
         soup.set_full({"nowhere.weight": torch.zeros(1)})
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("weights, message", [([0.5, 0.6], "not on the simplex"), ([1.2, -0.2], "not on the simplex"),
                                               ([1.0], "one weight per expert"),
                                               ([float("nan"), 1.0], "not on the simplex")])
@@ -94,6 +96,7 @@ def test_weights_off_the_simplex_are_refused(weights, message):
         lora_soup(adapters(), weights)
 
 
+@pytest.mark.unit
 def test_experts_that_do_not_match_are_refused():
     with pytest.raises(ValueError, match="different parameters"):
         interpolate([{"a": torch.zeros(2)}, {"b": torch.zeros(2)}], [0.5, 0.5])
@@ -108,6 +111,7 @@ def test_experts_that_do_not_match_are_refused():
         lora_soup([{"w": torch.zeros(2)}], [1.0])
 
 
+@pytest.mark.unit
 def test_pareto_mask_with_ties_and_duplicates():
     pts = [[1, 0], [0, 1], [0.5, 0.5], [0.4, 0.4], [0.4, 0.4], [1, 0], [0.5, 0.2], [1, -1]]
     #       front   front   front       dominated   duplicate  dup of front  dominated  dominated (tie in R1)
@@ -117,6 +121,7 @@ def test_pareto_mask_with_ties_and_duplicates():
         pareto_mask(torch.zeros(0, 2))
 
 
+@pytest.mark.unit
 def test_hypervolume_by_hand():
     ref = [0.0, 0.0]
     assert hypervolume([[1, 1]], ref) == pytest.approx(1.0)
@@ -130,6 +135,7 @@ def test_hypervolume_by_hand():
         hypervolume([[1, 2]], [0, 0, 0])
 
 
+@pytest.mark.unit
 def test_selection_picks_the_best_soup_for_a_linear_user():
     val = torch.tensor([[1.0, 0.0], [0.8, 0.5], [0.0, 1.0]])
     assert select([1.0, 0.0], val) == 0
@@ -140,6 +146,7 @@ def test_selection_picks_the_best_soup_for_a_linear_user():
         select([0.7, 0.7], val)
 
 
+@pytest.mark.unit
 def test_lmc_gaps_and_the_grid():
     ends = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     soups = torch.tensor([[1.0, 0.0], [0.6, 0.6], [0.0, 1.0]])
@@ -170,6 +177,7 @@ def test_the_pipeline_on_the_tiny_model(tmp_path):
     assert len(list(tmp_path.glob("stages/*/adapter.safetensors"))) == 5            # 3 experts, 2 MORL runs
 
 
+@pytest.mark.unit
 def test_presets_and_bad_configs():
     lab = SoupsConfig.preset("lab-gpu")
     assert lab.rewards[0].startswith("rm:") and lab.trainer_preset == "lab-gpu" and len(lab.morl_mus) == 9
@@ -178,11 +186,11 @@ def test_presets_and_bad_configs():
                          (dict(morl_simplex=((0.5, 0.6, 0.0),)), "simplex")):
         with pytest.raises(ValueError, match=message):
             SoupsConfig(**bad)
-    from alignlib.soups import make_reward
     with pytest.raises(ValueError, match="unknown reward"):
         make_reward("funny")
 
 
+@pytest.mark.unit
 def test_non_finite_experts_and_mixed_lora_scalings_are_refused():
     ads = adapters()
     ads[1]["m.lora_B.weight"][0, 0] = float("nan")
@@ -198,11 +206,10 @@ def test_non_finite_experts_and_mixed_lora_scalings_are_refused():
     assert torch.equal(same, lora_soup(adapters(), [0.3, 0.7], scaling=2.0)["m"])
 
 
-def test_a_soup_that_fails_at_a_later_module_leaves_the_weights_bit_identical():
-    from alignlib.models import load_model
-
+@pytest.mark.unit
+def test_a_soup_that_fails_at_a_later_module_leaves_the_weights_bit_identical(fresh_tiny):
     torch.manual_seed(0)
-    expert, _ = load_model("tiny-random", lora=True)
+    expert, _ = fresh_tiny(lora=True)
     ad, s = adapter_state(expert)
     ad = {k: torch.randn_like(v) * 0.05 for k, v in ad.items()}
     soup = SoupModel("tiny-random")

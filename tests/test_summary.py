@@ -3,6 +3,8 @@ import pytest
 
 from alignlib import summary
 
+pytestmark = pytest.mark.unit
+
 
 def test_the_sentiment_rows_come_from_the_stored_runs_with_intervals():
     rows = {r["method"]: r for r in summary.sentiment_rows()}
