@@ -11,6 +11,8 @@ from alignlib.ppo import PPOConfig
 from alignlib.raft import RAFTConfig
 from alignlib.rrhf import RRHFConfig
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("command, config", [("ppo", PPOConfig), ("rrhf", RRHFConfig), ("raft", RAFTConfig)])
 def test_every_config_field_is_a_flag_with_its_docstring(command, config):
