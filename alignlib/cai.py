@@ -342,7 +342,8 @@ def pairwise_outcomes(scores: dict[str, Sequence[float]], tie: float = 1e-6) -> 
     names = list(scores)
     n = {len(v) for v in scores.values()}
     if len(n) != 1:
-        raise ValueError(f"every stage needs one score per prompt; got lengths { {k: len(v) for k, v in scores.items()} }.")
+        raise ValueError("every stage needs one score per prompt; got lengths "
+                         f"{ {k: len(v) for k, v in scores.items()} }.")
     out = []
     for i, x in enumerate(names):
         for y in names[i + 1:]:
@@ -538,8 +539,10 @@ class CAIConfig(PresetMixin):
         "cpu": {},
         # The slides' version: a 7B-class instruct model writes, critiques, revises and judges by prompting alone.
         "lab-gpu": dict(model="Qwen/Qwen2.5-7B-Instruct", red_team_prompts="hub:Anthropic/hh-rlhf",
-                        helpful_prompts="hub:Anthropic/hh-rlhf", human_pairs="hub:Anthropic/hh-rlhf", few_shot=4, format_epochs=0, study_prompts=30, red_team=2000, helpful=2000,
-                        rounds=4, sl_epochs=1, sl_lr=2e-5, batch_size=32, max_new_tokens=256, feedback="multiple-choice",
+                        helpful_prompts="hub:Anthropic/hh-rlhf", human_pairs="hub:Anthropic/hh-rlhf", few_shot=4,
+                        format_epochs=0, study_prompts=30, red_team=2000, helpful=2000,
+                        rounds=4, sl_epochs=1, sl_lr=2e-5, batch_size=32, max_new_tokens=256,
+                        feedback="multiple-choice",
                         human_helpful_pairs=2000, pm_preset="lab-gpu", pm_epochs=1, ppo_steps=200, ppo_preset="lab-gpu",
                         eval_red_team=30, eval_helpful=40),
     }
@@ -593,7 +596,8 @@ def train_critic(config: CAIConfig, constitution: Constitution, progress: bool =
         return model.eval(), tok, []
     model, tok = load_model(name, lora=True, seed=config.seed)
     prompts, targets = format_examples(constitution)
-    history = train_sft(model, tok, prompts, targets, SFTConfig(epochs=config.format_epochs, batch_size=config.batch_size,
+    history = train_sft(model, tok, prompts, targets, SFTConfig(epochs=config.format_epochs,
+                                                                batch_size=config.batch_size,
                                                                 lr=config.format_lr, chat=False, seed=config.seed),
                         add_eos=False, progress=progress)
     if adapter_dir is not None:
@@ -788,7 +792,8 @@ def answer(model, tokenizer, prompts: Sequence[str], config: CAIConfig, seed: in
 
 
 def evaluate_stages(stages: dict, scorer: Scorer, config: CAIConfig, n_boot: int = 200) -> dict:
-    """``stages`` maps a name to a function (prompts, seed) -> answers. Each stage's answers to held-out prompts, scored by the independent scorer: the harmless rate on red-team
+    """``stages`` maps a name to a function (prompts, seed) -> answers. Each stage's answers to held-out prompts,
+    scored by the independent scorer: the harmless rate on red-team
     prompts and the helpful (not evasive) rate on helpful prompts, with bootstrap intervals; and Elo scores on both
     axes from every pair of stages compared prompt by prompt (the slides' Fig. 13)."""
     from .evaluation import bootstrap_mean

@@ -172,7 +172,8 @@ def load_hub_dataset(name: str, split: str = "train", path: str | Path | None = 
         raw = datasets.load_dataset(name, split=split)
     else:
         path = Path(path)
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".json", ".parquet") and split in p.name)
+        files = [path] if path.is_file() else sorted(
+            p for p in path.rglob("*") if p.suffix in (".jsonl", ".json", ".parquet") and split in p.name)
         if not files:
             raise FileNotFoundError(f"no '{split}' JSONL/Parquet file under {path}.")
         kind = "parquet" if files[0].suffix == ".parquet" else "json"

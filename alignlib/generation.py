@@ -376,7 +376,8 @@ def fast_decode(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: in
       [shared start | padding | rest of the prompt | response] per row, with positions counted over real tokens.
     * the rest of the prompts is encoded without padding, packed into one sequence (``_prefill``).
     * attention at a decode step: the query heads that share a key/value head are grouped, so each key is read
-      once (``_step_attention``; ``scaled_dot_product_attention`` with ``enable_gqa`` took 1.2x as long on 16 rows here).
+      once (``_step_attention``; ``scaled_dot_product_attention`` with ``enable_gqa``
+      took 1.2x as long on 16 rows here).
     * the matmuls, the bulk of a step: on a CPU in fp32 each weight is reordered once per call for oneDNN
       (``alignlib.engine.packed_linear``: at 16 rows its products are 2.5x faster than ``F.linear``), and q/k/v and
       gate/up are one product each. ``linear`` passes weights already packed (``generate`` packs once per call).

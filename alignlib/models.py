@@ -391,7 +391,8 @@ def load_tokenizer(name: str = DEFAULT_MODEL):
 
 
 def default_lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.0):
-    """LoRA on every linear layer of the trunk (not the LM head); B=0 at start, so the policy starts equal to the base."""
+    """LoRA on every linear layer of the trunk (not the LM head); B=0 at start, so the policy starts equal to
+    the base."""
     from peft import LoraConfig
 
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM")

@@ -47,7 +47,8 @@ from tqdm.auto import tqdm
 from .training.protocol import CheckpointState
 from .training.distributed import gather_tensor, make_accelerator, mean_over_processes, query_seeds, shard, world
 from .generation import Rollout, check_prompts, generate
-from .logprobs import length_normalized_logprob, masked_mean, position_ids_from_mask, token_entropy_from_logits, token_logprobs_from_logits
+from .logprobs import (length_normalized_logprob, masked_mean, position_ids_from_mask, token_entropy_from_logits,
+                       token_logprobs_from_logits)
 from .models import maybe_reference
 from .rewards import score
 from .utils import PresetMixin, check_finite, guarded_step, peak_memory_mb, seed_everything, timer
@@ -142,7 +143,8 @@ class PPOConfig(PresetMixin):
             raise ValueError(f"steps ({self.steps}), ppo_epochs ({self.ppo_epochs}) and max_new_tokens "
                              f"({self.max_new_tokens}) must be >= 1.")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}; 1.0 samples the policy.")
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}; "
+                             "1.0 samples the policy.")
         for name in ("lr", "value_head_lr", "kl_coef", "cliprange"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
@@ -438,7 +440,8 @@ class PPOTrainer(CheckpointState):
             "response/length": mask.sum(-1).mean().item(), "response/eos_frac": roll.finished.float().mean().item(),
             "value/mean": masked_mean(values, mask).item(), "returns/mean": masked_mean(returns, mask).item(),
         })
-        local = ("kl/ref", "ppl/ref", "policy/entropy", "response/length", "response/eos_frac", "value/mean", "returns/mean")
+        local = ("kl/ref", "ppl/ref", "policy/entropy", "response/length", "response/eos_frac", "value/mean",
+                 "returns/mean")
         metrics.update(mean_over_processes({k: metrics[k] for k in local}, self.accelerator))
         batch = PPOBatch(roll.input_ids, roll.attention_mask, mask, logp, values, advantages, returns, keep)
         return roll, batch, seq_kl
@@ -507,7 +510,8 @@ class PPOTrainer(CheckpointState):
                 stats.setdefault("grad/norm", []).append(norm)
         metrics.update(mean_over_processes({k: sum(v) / len(v) for k, v in stats.items()}, self.accelerator))
         var_returns = masked_mean((batch.returns - masked_mean(batch.returns, batch.mask)) ** 2, batch.mask)
-        resid = masked_mean((batch.returns - batch.old_values - masked_mean(batch.returns - batch.old_values, batch.mask)) ** 2, batch.mask)
+        resid = masked_mean((batch.returns - batch.old_values
+                             - masked_mean(batch.returns - batch.old_values, batch.mask)) ** 2, batch.mask)
         metrics["value/explained_var"] = (1 - resid / var_returns).item() if var_returns > 0 else float("nan")
 
     @property

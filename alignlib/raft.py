@@ -137,7 +137,8 @@ class RAFTConfig(PresetMixin):
         if self.selection not in ("local", "global"):
             raise ValueError(f"selection must be 'local' or 'global', got {self.selection!r}.")
         if self.k < 1 or self.batch_size < 1 or self.stages < 1:
-            raise ValueError(f"need k >= 1 ({self.k}), batch_size >= 1 ({self.batch_size}), stages >= 1 ({self.stages}).")
+            raise ValueError(f"need k >= 1 ({self.k}), batch_size >= 1 ({self.batch_size}), "
+                             f"stages >= 1 ({self.stages}).")
         check_sampling_fields(self)
 
 

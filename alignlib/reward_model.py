@@ -670,7 +670,8 @@ def accuracy_over_seeds(preset: str = "cpu", seeds=(0,), epochs: int | None = No
     after the running seed. Either way the exit code is 128 + the signal."""
     from contextlib import nullcontext
 
-    from .training.checkpoint import (graceful_stop, latest_checkpoint, prepare_output, read_marker, read_record, write_record)
+    from .training.checkpoint import (graceful_stop, latest_checkpoint, prepare_output, read_marker, read_record,
+                                      write_record)
     from .data import load_course_dataset
 
     overrides = {k: v for k, v in (("epochs", epochs), ("max_train_pairs", max_train_pairs), ("model", model),

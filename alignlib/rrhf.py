@@ -51,7 +51,8 @@ from .logprobs import divergence_from_reference, length_normalized_logprob
 from .models import maybe_reference
 from .sft import SFTBatch, encode_sft, make_optimizer, response_token_logprobs
 from .rewards import score
-from .utils import PresetMixin, check_finite, check_sampling_fields, guarded_step, peak_memory_mb, seed_everything, timer
+from .utils import (PresetMixin, check_finite, check_sampling_fields, guarded_step, peak_memory_mb, seed_everything,
+                    timer)
 
 
 # ---------------------------------------------------------------- pure functions (graded in exercise 02)
@@ -217,7 +218,8 @@ class Candidates:
 class RRHFTrainer(CheckpointState):
     """The policy (LoRA: its adapter-off base is the "initial model" source), a reward function and queries.
 
-    Under ``accelerate launch`` each process takes its share of every step's queries (``alignlib.training.distributed``);
+    Under ``accelerate launch`` each process takes its share of every step's queries
+    (``alignlib.training.distributed``);
     ``sampler`` is the rollout phase (``generate``'s signature), the one function a serving engine replaces.
     """
 
@@ -338,7 +340,8 @@ class RRHFTrainer(CheckpointState):
         device = next(self.policy.parameters()).device
         batch = encode_sft(self.tokenizer, cands.prompts, cands.responses, cfg.chat, add_eos=cands.finished).to(device)
         rewards = rewards.to(device)
-        by_source = {source: torch.tensor([s == source for s in cands.sources], device=device).view(len(queries), self.k)
+        by_source = {source: torch.tensor([s == source for s in cands.sources],
+                                          device=device).view(len(queries), self.k)
                      for source in ("policy", "initial", "data")}                      # (Q, k) each
         src = by_source["policy"]
         if self.log_kl and src.any():  # the policy that drew the samples, before this step's update; one per query

@@ -46,7 +46,8 @@ from .models import DEFAULT_MODEL
 from .utils import PresetMixin, threads_arg
 
 
-# ---------------------------------------------------------------- the simplex and weight arithmetic (graded in exercise 04)
+# ---------------------------------------------------------------- the simplex and weight arithmetic
+# (graded in exercise 04)
 
 def check_simplex(weights, n: int, name: str = "weights") -> list[float]:
     """``weights`` as a list of n floats >= 0 summing to 1 (to 1e-6), or a clear error."""

@@ -170,8 +170,10 @@ def test_the_preference_model_learns_a_separable_soft_preference():
             "Let me suggest a legal alternative.", "That could hurt someone; here is a safer plan."]
     bad = ["Just steal it when nobody looks.", "Hit him first and run.", "Lie to the police about it.",
            "Break the window and take what you want."]
-    rows = [{"prompt": f"question {i}", "chosen": g, "rejected": b, "p": 0.8} for i, (g, b) in enumerate(zip(good, bad))]
-    rows += [{"prompt": f"question {i}", "chosen": b, "rejected": g, "p": 0.2} for i, (g, b) in enumerate(zip(good, bad))]
+    rows = [{"prompt": f"question {i}", "chosen": g, "rejected": b, "p": 0.8}
+            for i, (g, b) in enumerate(zip(good, bad))]
+    rows += [{"prompt": f"question {i}", "chosen": b, "rejected": g, "p": 0.2}
+             for i, (g, b) in enumerate(zip(good, bad))]
     test = [{"prompt": "q", "chosen": "A careful, legal suggestion instead.", "rejected": "Steal it and lie."}]
     model, tok = load_reward_model(seed=0)
     before = pairwise_accuracy(model, tok, rows[:4])["margin"]
@@ -186,7 +188,8 @@ def test_batched_prefix_generation_equals_one_at_a_time_and_a_full_recompute(tin
     model, tok = tiny
     prefix = "Human: hi\n\nAssistant: hello\n\nCritique request: be kind\n\nCritique: fine\n\n"
     cache = PrefixCache(model, tok, prefix)
-    suffixes = ["Human: q\n\nAssistant: a\n\nCritique:", "Human: a much longer question here?\n\nAssistant: b\n\nCritique:"]
+    suffixes = ["Human: q\n\nAssistant: a\n\nCritique:",
+                "Human: a much longer question here?\n\nAssistant: b\n\nCritique:"]
     batch = cache.generate_batch(suffixes, max_new_tokens=12)
     for s, got in zip(suffixes, batch):
         assert got == cache.generate(s, max_new_tokens=12)

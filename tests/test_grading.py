@@ -187,5 +187,6 @@ def test_the_grade_command_grades_in_a_separate_process_with_a_deadline(tmp_path
     results = grade_in_subprocess(path)
     assert all(r.points == 0 and "exited with code 3" in r.message for r in results if r.name.startswith("masked"))
     path = with_solution(SOLUTION, "masked_mean", "import time\ntime.sleep(60)", tmp_path)
-    results = grade_in_subprocess(path, timeout=0.5)   # killed wherever it is; full marks: test_grade_command_prints_table
+    # killed wherever it is; full marks: test_grade_command_prints_table
+    results = grade_in_subprocess(path, timeout=0.5)
     assert all(r.points == 0 and "stopped after 0.5 s" in r.message for r in results)

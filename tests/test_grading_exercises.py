@@ -580,7 +580,8 @@ QUERY = 'query: the instruction (stripped) after "User:", a blank line, and the 
 ENGRAVE_REF = "engraving_pairs: the kept rows' instructions and answers, stripped, in order; dropped rows left out"
 ENGRAVE_PRUNE = ("engraving_pairs: no principle text, title, exemplar or thought left in the pairs; nothing kept "
                  "raises ValueError")
-NOVELTY_REF = "novelty_filter: matches the reference on random candidates with near-duplicates of the pool and of each other"
+NOVELTY_REF = ("novelty_filter: matches the reference on random candidates with near-duplicates of the pool and of "
+               "each other")
 NOVELTY_ORDER = "novelty_filter: each candidate meets the pool and the candidates kept before it, not the rejected ones"
 NOVELTY_EQUAL = ("novelty_filter: a score equal to the threshold rejects; at threshold 1 only duplicates (after "
                  "stemming) are rejected")
@@ -654,7 +655,8 @@ WRONG_06 = {
         "query", 'return f"{USER} {instruction.strip()}\\n\\n{THOUGHT} "',
         {QUERY}),
     "thoughts left in the engraving answers": (
-        "engraving_pairs", ENGRAVE.format(**{**ENGRAVE_RIGHT, "answer": "r['thought'].strip() + ' ' + r['answer'].strip()"}),
+        "engraving_pairs",
+        ENGRAVE.format(**{**ENGRAVE_RIGHT, "answer": "r['thought'].strip() + ' ' + r['answer'].strip()"}),
         {ENGRAVE_REF, ENGRAVE_PRUNE}),
     "dropped rows kept": (
         "engraving_pairs", ENGRAVE.format(**{**ENGRAVE_RIGHT, "keep": "True"}),
@@ -717,7 +719,8 @@ EXERCISES = {
     "05_cai": Exercise(
         points={"critique_prompt": 1, "revision_prompt": 2, "sft_example": 2, "soft_labels": 4, "elo_scores": 4},
         total=13, syntax_error=("soft_labels", "elo_scores"),
-        imported=(("soft_labels", "alignlib.feedback"), ("elo_scores", "alignlib.cai"), ("sft_example", "alignlib.cai")),
+        imported=(("soft_labels", "alignlib.feedback"), ("elo_scores", "alignlib.cai"),
+                  ("sft_example", "alignlib.cai")),
         wrong=WRONG_05),
     "06_self_align": Exercise(
         points={"principle_prompt": 2, "query": 1, "engraving_pairs": 2, "novelty_filter": 4, "true_scores": 2,

@@ -32,7 +32,8 @@ def test_every_trainer_rejects_a_reward_broadcast_over_the_batch(method):
     model, tok = load_model("tiny-random", lora=True)
     one = lambda prompts, responses: torch.ones(1)  # noqa: E731
     if method == "ppo":
-        trainer = PPOTrainer(model, tok, one, PROMPTS, PPOConfig(steps=1, batch_size=4, mini_batch_size=2, max_new_tokens=4))
+        trainer = PPOTrainer(model, tok, one, PROMPTS,
+                             PPOConfig(steps=1, batch_size=4, mini_batch_size=2, max_new_tokens=4))
     elif method == "rrhf":
         trainer = RRHFTrainer(model, tok, one, [{"prompt": p} for p in PROMPTS],
                               RRHFConfig(steps=1, batch_size=2, policy_samples=1, initial_samples=1, max_new_tokens=4))

@@ -36,7 +36,8 @@ def test_fig4_table_gives_the_initial_model_and_each_method_over_seeds():
     def result(after, ppl):
         return {"held_out_before": 0.1, "held_out_after": after, "ppl_before": 5.0, "ppl_after": ppl,
                 "distinct2_before": 0.8, "distinct2_after": 0.6, "prompts": ["p"] * 80}
-    runs = {0: {"ppo": result(0.5, 7.0), "raft": result(0.9, 9.0)}, 1: {"ppo": result(0.3, 6.0), "raft": result(0.7, 8.0)}}
+    runs = {0: {"ppo": result(0.5, 7.0), "raft": result(0.9, 9.0)},
+            1: {"ppo": result(0.3, 6.0), "raft": result(0.7, 8.0)}}
     table = fig4_table(runs)
     assert "initial model" in table and "+0.100" in table
     assert "+0.400 [+0.300, +0.500]" in table and "8.50 [8.00, 9.00]" in table   # RAFT's perplexity over 2 seeds

@@ -165,7 +165,8 @@ def test_cai_stopped_by_sigint_in_a_stage_resumes_to_the_uninterrupted_result(tm
     torch.manual_seed(5)
     assert stopped(monkeypatch, capsys, alignlib.reward_model, "train_reward_model", [*rl, "--resume"]) == \
         "rl-preference-model"
-    assert stopped(monkeypatch, capsys, alignlib.training.registry, "make_trainer", [*rl, "--resume"]) == "rl-ppo"  # PM reloaded
+    # PM reloaded
+    assert stopped(monkeypatch, capsys, alignlib.training.registry, "make_trainer", [*rl, "--resume"]) == "rl-ppo"
     main([*rl, "--resume"])                          # PPO's adapter reloaded for the evaluation
     assert stable(cut / "rl.json") == stable(whole / "rl.json")
     assert stable(cut / "sl.json") == stable(whole / "sl.json")               # cai-rl left cai-sl's part alone

@@ -119,7 +119,8 @@ def test_the_tour_stopped_between_steps_resumes_to_the_uninterrupted_report(tmp_
     result = tour.run("tiny-random", report=cut, resume=True, **small)
     assert len(calls) == 1                                          # RAFT only: PPO and RRHF were read back
     a, b = (json.loads((d / "histories.json").read_text()) for d in (whole, cut))
-    assert stable(a) == stable(b) and len(b["ppo"]) == 1 and b["rrhf"][0]["reward/mean"] == result["rrhf"][0]["reward/mean"]
+    assert (stable(a) == stable(b) and len(b["ppo"]) == 1
+            and b["rrhf"][0]["reward/mean"] == result["rrhf"][0]["reward/mean"])
     assert (cut / "report.md").read_text().count("| RRHF | 1 |") == 1
 
 

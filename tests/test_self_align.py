@@ -200,7 +200,8 @@ def test_self_instruct_red_teaming_and_mc_accuracy_run_on_the_tiny_model(tiny, m
     model, tok = tiny
     prefixes, init = [], pc.PrefixCache.__init__
     monkeypatch.setattr(pc.PrefixCache, "__init__",
-                        lambda self, m, t, prefix, *a, **k: prefixes.append(prefix) or init(self, m, t, prefix, *a, **k))
+                        lambda self, m, t, prefix, *a, **k:
+                            prefixes.append(prefix) or init(self, m, t, prefix, *a, **k))
     seeds = ["Write a haiku about rain.", "Explain what a noun is.", "Add 17 and 25.", "Name three planets."]
     out = sa.self_instruct(model, tok, seeds, prompts=2, shots=2, max_new_tokens=24)
     assert set(out["kept"]) <= set(out["generated"]) and not set(out["kept"]) & set(seeds)

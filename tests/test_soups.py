@@ -129,7 +129,8 @@ def test_hypervolume_by_hand():
     assert hypervolume([[2, 1], [1, 2], [1, 1], [2, 1]], ref) == pytest.approx(3.0)  # dominated and duplicates add 0
     assert hypervolume([[2, 1], [-1, 5]], ref) == pytest.approx(2.0)              # below the reference: nothing
     assert hypervolume([[1, 1, 1]], [0, 0, 0]) == pytest.approx(1.0)
-    assert hypervolume([[2, 1, 1], [1, 2, 1], [1, 1, 2]], [0, 0, 0]) == pytest.approx(4.0)   # 3 boxes: 6 - 3 overlaps + 1 = 4
+    # 3 boxes: 6 - 3 overlaps + 1 = 4
+    assert hypervolume([[2, 1, 1], [1, 2, 1], [1, 1, 2]], [0, 0, 0]) == pytest.approx(4.0)
     assert hypervolume([[1, 2]], [0.5, 1.0]) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="reference"):
         hypervolume([[1, 2]], [0, 0, 0])

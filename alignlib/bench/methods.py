@@ -21,7 +21,8 @@ method), one after the other; ``--seeds`` repeats the three runs per seed. Repor
 PPO's reference is the adapter switched off and its value head shares the trunk, so PPO holds one model too.
 ``--mode full``: full fine-tuning as in the papers; PPO then keeps a frozen reference copy and a separate value
 model (a copy with its own adapter), RRHF a frozen copy of the initial model (its "initial" samples), RAFT nothing
-else; every method then trains with lr ``FULL_LR`` instead of the presets' LoRA rate. The reward (VADER) is a lexicon, not a model, in both modes.
+else; every method then trains with lr ``FULL_LR`` instead of the presets' LoRA rate.
+The reward (VADER) is a lexicon, not a model, in both modes.
 
 With ``--json PATH``, each finished (method, seed) run is kept at once beside it (``<PATH stem>.runs/``): Ctrl-C
 or SIGTERM terminates the running subprocess and ``--resume`` runs only what had not finished (``run``).
@@ -151,7 +152,8 @@ def bench_method(method: str, model_name: str = DEFAULT_MODEL, steps: int = 10, 
         metrics = step()
         history.append({k: metrics[k] for k in ("reward/mean", "time/step_s", "time/train_s", "time/generate_s")})
         if progress:
-            print(f"[{method}] step {i + 1}/{steps}: {metrics['time/step_s']:.1f} s, reward {metrics['reward/mean']:+.3f}",
+            print(f"[{method}] step {i + 1}/{steps}: {metrics['time/step_s']:.1f} s, "
+                  f"reward {metrics['reward/mean']:+.3f}",
                   file=sys.stderr, flush=True)
     after = held_out_answers(policy(), tok, reward, held, max_new_tokens)
     peak = max(probe.process_peak, peak_memory_mb(device))

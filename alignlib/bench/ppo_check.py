@@ -159,7 +159,8 @@ def reference_perplexity(runs: list[dict], model_name: str = "smollm2-135m-instr
     for run in runs:
         for key in ("before", "after"):
             batch = encode_sft(tok, run["prompts"], run[key], chat=True, add_eos=False)
-            normalized = score_responses(model, batch.input_ids, batch.attention_mask, batch.response_mask)["normalized"]
+            normalized = score_responses(model, batch.input_ids, batch.attention_mask,
+                                         batch.response_mask)["normalized"]
             # exp of the mean over answers of each answer's NLL per token, as ``divergence_from_reference`` gives it
             run[f"ppl_{key}"] = torch.exp(-normalized.mean()).item()
 
@@ -207,13 +208,15 @@ def run(args) -> int:
     with graceful_stop() as stop:
         while pending:
             batch = [pending.pop(0)]
-            while pending and len(batch) < args.parallel and batch[0][1]["threads"] == 1 and pending[0][1]["threads"] == 1:
+            while (pending and len(batch) < args.parallel and batch[0][1]["threads"] == 1
+                   and pending[0][1]["threads"] == 1):
                 batch.append(pending.pop(0))
             procs = []
             for i, spec in batch:
                 path = store.root / f".{name(spec)}.worker-{os.getpid()}.json"
                 env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
-                procs.append((i, spec, path, subprocess.Popen([sys.executable, "-m", "alignlib.bench.ppo_check", "--worker",
+                procs.append((i, spec, path, subprocess.Popen([sys.executable, "-m",
+                                                               "alignlib.bench.ppo_check", "--worker",
                                                                json.dumps(spec), str(path)], env=env)))
             wait_workers([proc for *_, proc in procs], stop)
             for i, spec, path, proc in procs:               # keep every run that finished, even when stopped

@@ -343,16 +343,19 @@ def format_table(report: dict) -> str:
     first = next(iter(report["results"].values()), {})
     counts = first.get("params", {})
     lines = [
-        f"alignlib bench: {report['model']} on {report['device']} ({report['machine']['gpu'] or report['machine']['cpu']}, "
+        f"alignlib bench: {report['model']} on {report['device']} "
+        f"({report['machine']['gpu'] or report['machine']['cpu']}, "
         f"{report['machine']['cores']} cores, {report['threads']} torch threads), {report['dtype']}",
     ]
     if counts:
         lines.append(f"N = {counts['non_embedding'] / 1e6:.1f}M non-embedding parameters, LM head D*V = "
-                     f"{counts['lm_head'] / 1e6:.1f}M; FLOPs/token: forward 2(N+DV), LoRA step 4(N+DV), full step 6(N+DV)")
+                     f"{counts['lm_head'] / 1e6:.1f}M; FLOPs/token: forward 2(N+DV), LoRA step 4(N+DV), "
+                     "full step 6(N+DV)")
     lines.append(f"matmul peak: {peak['n']}^2 x {peak['n']} {peak['dtype']}, fastest of {len(peak['times_s'])}, "
                  f"before and after the measurements: {peak['gflops_before']:.1f} and {peak['gflops_after']:.1f} "
                  f"GFLOP/s; % peak uses {peak['gflops']:.1f}")
-    head = f"{'measurement':<22}{'tokens':>8}{'time s':>9}{'tokens/s':>10}{'GFLOP/s':>9}{'% peak':>8}{'peak MB':>9}{'+MB':>7}"
+    head = (f"{'measurement':<22}{'tokens':>8}{'time s':>9}{'tokens/s':>10}{'GFLOP/s':>9}"
+            f"{'% peak':>8}{'peak MB':>9}{'+MB':>7}")
     lines += [head, "-" * len(head)]
     for name, r in report["results"].items():
         growth = "" if r["growth_mb"] is None else f"{r['growth_mb']:+.0f}"
@@ -367,11 +370,13 @@ def format_table(report: dict) -> str:
                          f"{full['time_s'] / cached['time_s']:.1f}x the time of encoding it once (PrefixCache); "
                          "'tokens' counts the tokens each way runs forward.")
     loads = [r.get("load_before") for r in report["results"].values() if r.get("load_before")]
-    lines.append(f"medians of {report['options']['reps']} runs after a warm-up; generation counts generated tokens only "
+    lines.append(f"medians of {report['options']['reps']} runs after a warm-up; "
+                 "generation counts generated tokens only "
                  f"({report['options']['new_tokens']} new per prompt, prefill timed but not counted); training "
                  f"{report['options']['train_batch']} x {report['options']['train_len']} tokens per step.")
     if loads and max(load[0] for load in loads) > (report["machine"]["cores"] or 1):
-        lines.append(f"warning: load average up to {max(load[0] for load in loads):.1f} on {report['machine']['cores']} cores "
+        lines.append(f"warning: load average up to {max(load[0] for load in loads):.1f} "
+                     f"on {report['machine']['cores']} cores "
                      "during the run: other processes were competing, numbers are low.")
     return "\n".join(lines)
 

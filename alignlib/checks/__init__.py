@@ -161,7 +161,8 @@ def forbid_reference_calls():
 # ---------------------------------------------------------------- helpers for writing checks
 
 def _graded_function(ns: Namespace, name: str) -> Callable:
-    """The student's function ``name`` as defined (with ``def``) in a graded cell, or an AssertionError saying why not."""
+    """The student's function ``name`` as defined (with ``def``) in a graded cell, or an AssertionError saying
+    why not."""
     fn = ns.get(name)
     if fn is None:
         failed = "; ".join(f"graded cell {i} failed with {msg}" for i, msg in sorted(ns.errors.items()))

@@ -52,8 +52,10 @@ def token_logprobs_layout(ns):
         out = student(logits.clone(), ids.clone())
         assert isinstance(out, torch.Tensor), f"expected a torch.Tensor, got {type(out).__name__}"
         assert out.shape == (batch, length), \
-            f"on (B, T, V) = {(batch, length, VOCAB)} the result has shape {tuple(out.shape)}, expected {(batch, length)}"
-        assert torch.all(out[:, 0] == 0), f"column 0 has no context and must be 0, got {[round(v, 4) for v in out[:, 0].tolist()]}"
+            (f"on (B, T, V) = {(batch, length, VOCAB)} the result has shape {tuple(out.shape)}, "
+             f"expected {(batch, length)}")
+        assert torch.all(out[:, 0] == 0), \
+            f"column 0 has no context and must be 0, got {[round(v, 4) for v in out[:, 0].tolist()]}"
         assert torch.all(out <= 1e-6), "log-probabilities are <= 0; got a positive value"
 
 

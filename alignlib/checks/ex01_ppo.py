@@ -328,4 +328,5 @@ def beta_reaches_kl_target(ns):
     assert beta > 0, f"choose_beta() returned {beta}; beta must be > 0"
     kl = tiny_lab.tilted_optimum(beta)["kl"]
     assert abs(kl - KL_TARGET) <= KL_TOLERANCE, \
-        f"at beta = {beta:.4g} the optimum's KL is {kl:.3f} nats, not within {KL_TOLERANCE} of {KL_TARGET} (smaller beta, larger KL)"
+        (f"at beta = {beta:.4g} the optimum's KL is {kl:.3f} nats, not within {KL_TOLERANCE} of {KL_TARGET} "
+         "(smaller beta, larger KL)")

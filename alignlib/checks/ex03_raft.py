@@ -1,4 +1,5 @@
-"""Checks of exercise 03 (RAFT's ranking step and the distinct-n diversity metric, and a best-of-k budget chosen by experiment), 12 points.
+"""Checks of exercise 03 (RAFT's ranking step and the distinct-n diversity metric, and a best-of-k budget chosen by
+experiment), 12 points.
 
 Rewards are laid out as in ``alignlib.raft``: row p of a (P, k) tensor holds the k samples of prompt p, and a
 sample's flat index is p * k + j (row-major, the order in which ``generate`` returns them). Each check compares

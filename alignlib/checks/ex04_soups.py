@@ -51,7 +51,8 @@ def interpolate_matches_reference(ns):
         vertex = [1.0 if i == n - 1 else 0.0 for i in range(n)]
         got = student(clone(sds), vertex)
         for k in sds[0]:
-            assert_close(got[k], sds[-1][k], f"the soup at the vertex {vertex}, key {k!r} (it should be expert {n - 1})",
+            assert_close(got[k], sds[-1][k],
+                         f"the soup at the vertex {vertex}, key {k!r} (it should be expert {n - 1})",
                          atol=1e-12, rtol=0)
 
 

@@ -6,7 +6,8 @@ conversations (prompts and answers padded with stray whitespace, braces and newl
 reference guarantees: the revision prompt extends the critique prompt, the training pair holds the original prompt and
 the last revision and nothing else of a critique/revision transcript. ``soft_labels`` is compared with
 ``alignlib.feedback`` on random log-probabilities and logits and tested for the swap symmetry and for a letter bias
-cancelling. ``elo_scores`` may be fitted by any method: it is compared with ``alignlib.cai`` within 1 Elo point, and runs on
+cancelling. ``elo_scores`` may be fitted by any method: it is compared with ``alignlib.cai`` within 1 Elo point,
+and runs on
 one thread (see ``one_thread``). Inputs are copied before each call.
 """
 from __future__ import annotations
@@ -83,7 +84,8 @@ def revision_extends_the_critique_prompt(ns):
         assert isinstance(got, str), f"revision_prompt should return a str, got {type(got).__name__}"
         head = ref.critique_prompt(prompt, response, pair)
         assert got.startswith(head), \
-            f"revision_prompt({prompt!r}, {response!r}, ...) should start with the critique prompt {head!r}; got {got!r}"
+            (f"revision_prompt({prompt!r}, {response!r}, ...) should start with the critique prompt {head!r}; "
+             f"got {got!r}")
         assert critique.strip() in got[len(head):], \
             f"the critique {critique.strip()!r} should follow the critique prompt; got {got[len(head):]!r} after it"
         tail = f"Revision request: {pair['revision_request']}\n\nRevision:"

@@ -89,7 +89,8 @@ def prompt_matches_reference(ns):
 
 @check(points=1, function="principle_prompt")
 def prompt_holds_rules_then_exemplars_in_order(ns):
-    """the rules in the data's order, then each exemplar as a query, its thoughts and its answer; ends with a blank line"""
+    ("the rules in the data's order, then each exemplar as a query, its thoughts and its answer; "
+     "ends with a blank line")
     student = get_function(ns, "principle_prompt")
     rng = random.Random(610)
     for _ in range(15):

@@ -442,7 +442,8 @@ def _run_worker(job: dict, checks, cwd: str, step_timeout: float, deadline: floa
     read_fd, write_fd = os.pipe()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(Path(__file__).resolve().parents[2])] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    proc = subprocess.Popen([sys.executable, "-m", "alignlib.checks.grader", "_worker", str(write_fd)], cwd=cwd, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "alignlib.checks.grader", "_worker", str(write_fd)],
+                            cwd=cwd, env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             pass_fds=(write_fd,), start_new_session=True)
     os.close(write_fd)
@@ -616,7 +617,8 @@ def add_exercises_arguments(e: argparse.ArgumentParser) -> None:
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Sub-commands ``grade`` and ``exercises`` (added to ``parser``'s sub-parsers if one is given)."""
-    parser = parser or argparse.ArgumentParser(prog="python -m alignlib.checks.grader", description=__doc__.split("\n")[0])
+    parser = parser or argparse.ArgumentParser(prog="python -m alignlib.checks.grader",
+                                               description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     add_grade_arguments(sub.add_parser("grade", help="grade an exercise notebook and print the score table"))
     add_exercises_arguments(sub.add_parser("exercises", help="regenerate exercises/ from solutions/"))

@@ -1,7 +1,8 @@
 """Named run presets shared by the CLI's method commands: which model, prompts and reward a run uses.
 
 ``cpu``: the course's offline task (the default model answers the opening of a movie review in the chat
-format; VADER rewards a positive answer) sized for minutes on a 2-core CPU. ``lab-gpu``: a Hub instruct model, hh-rlhf prompts and a Hub reward
+format; VADER rewards a positive answer) sized for minutes on a 2-core CPU.
+``lab-gpu``: a Hub instruct model, hh-rlhf prompts and a Hub reward
 model in bf16. Hub names live here only, so a lab can swap them in one place.
 """
 from __future__ import annotations

@@ -8,8 +8,8 @@ directory is refused unless ``--resume`` (continue from its checkpoint) or ``--o
 directory is checked before the model is loaded.
 
 Under ``accelerate launch`` (``accelerate launch [--config_file configs/accelerate/ddp.yaml] -m alignlib rrhf``)
-every process trains its share of each batch (``alignlib.training.distributed``, sampling seeded per prompt) and only the
-main process writes the run directory.
+every process trains its share of each batch (``alignlib.training.distributed``, sampling seeded per prompt) and
+only the main process writes the run directory.
 """
 from __future__ import annotations
 

@@ -258,7 +258,8 @@ def tour_self_align(model, tokenizer, n_prompts: int = 4) -> dict:
     if len(tokenizer(sa.principle_prompt(data)).input_ids) > model.config.max_position_embeddings // 2:
         first = data.principles[0]                # a small test model's short context: one rule, one short exemplar
         data = sa.SelfAlignData(principles=[first], exemplars=[
-            {"id": "E0", "instruction": "Say hello.", "thought": f"By {first['id']} I greet back.", "answer": "Hello!"}])
+            {"id": "E0", "instruction": "Say hello.", "thought": f"By {first['id']} I greet back.",
+             "answer": "Hello!"}])
     held = sa.load_rows("adherence", "test")[:n_prompts]
     t0 = time.perf_counter()
     rows = sa.self_align(model, tokenizer, [r["prompt"] for r in held], data, max_new_tokens=64)
@@ -287,7 +288,8 @@ def tour_method(method: str, model_name: str, steps: int, seed: int = 0) -> list
                  for i, h in enumerate(history)],
                 [("step", f"{method.upper()} step", 9), ("reward", "reward", 7), ("kl", "KL(pi||ref)", 11),
                  ("time", "seconds", 7)])
-    print(f"[tour] peak memory {history[-1]['memory/peak_mb']:.0f} MB; full run: python -m alignlib {method} --preset cpu")
+    print(f"[tour] peak memory {history[-1]['memory/peak_mb']:.0f} MB; "
+          f"full run: python -m alignlib {method} --preset cpu")
     return history
 
 

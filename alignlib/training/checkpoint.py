@@ -336,7 +336,8 @@ def save_checkpoint(out: str | Path, trainer) -> Path:
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise RunDirectoryError(f"could not write the checkpoint {root / name}: {err}. {_good_copy(out)} Free some "
-                                "space or make the directory writable, then run the same command with --resume.") from err
+                                "space or make the directory writable, "
+                                "then run the same command with --resume.") from err
     keep = _complete(root)[:KEEP]
     for old in root.iterdir():  # checkpoints beyond the newest KEEP, and temporary leftovers of killed writers
         if old.is_dir() and old not in keep:

@@ -29,7 +29,8 @@ def make_tracker(report_to: str, out: Path, record: dict):
     else:
         raise ValueError(f"--report-to must be none, tensorboard or wandb, got {report_to!r}.")
     tracker.start()
-    tracker.store_init_configuration({k: v for k, v in record["config"].items() if isinstance(v, (int, float, str, bool))})
+    tracker.store_init_configuration({k: v for k, v in record["config"].items()
+                                      if isinstance(v, (int, float, str, bool))})
     return tracker
 
 
