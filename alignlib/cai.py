@@ -50,7 +50,7 @@ from .data import COURSE_SETS, DATA_DIR, read_jsonl
 from .generation import generate
 from .models import DEFAULT_MODEL
 from .prefix_cache import PrefixCache
-from .utils import PresetMixin, check_count, count, threads_arg
+from .utils import PresetMixin, check_count
 
 # ---------------------------------------------------------------- the constitution
 
@@ -498,6 +498,7 @@ class CAIConfig(PresetMixin):
     format_epochs: int = 10
     """Format tuning: epochs of LoRA fine-tuning of the critic on the few-shot conversations (0: prompting only)."""
     format_lr: float = 3e-4
+    """Learning rate of the critic's format tuning (AdamW, LoRA)."""
     red_team: int = 48
     """Red-team prompts (train split) critiqued and revised for SL-CAI; RL-CAI samples pairs on them too."""
     helpful: int = 48
@@ -507,11 +508,15 @@ class CAIConfig(PresetMixin):
     direct: bool = False
     """Direct revision: revise without a critique (the slides' Fig. 12 compares both)."""
     sl_epochs: int = 2
+    """Epochs of SL-CAI's supervised fine-tuning of the policy on revisions and helpful answers."""
     sl_lr: float = 2e-4
+    """Learning rate of SL-CAI's fine-tuning (AdamW, LoRA)."""
     batch_size: int = 8
+    """Sequences per step of format tuning and of SL-CAI's fine-tuning."""
     max_new_tokens: int = 48
     """Answer length for the policy's answers (initial, pairs, PPO, evaluation)."""
     temperature: float = 0.7
+    """Sampling temperature of the policy's answers (initial answers, pairs, evaluation)."""
     feedback_cot_tokens: int = 0
     """Chain of thought before the feedback model's answer letter (0: none); its readings are clamped to
     [0.4, 0.6] as in the paper."""
@@ -524,16 +529,21 @@ class CAIConfig(PresetMixin):
     pm_preset: str = "cpu"
     """The preference model's ``RewardModelConfig`` preset (``cpu``: MiniLM; ``lab-gpu``: a 0.5B causal backbone)."""
     pm_epochs: int = 3
+    """Epochs of the preference model's Bradley-Terry training."""
     ppo_steps: int = 6
+    """PPO steps of RL-CAI against the preference model."""
     ppo_preset: str = "cpu"
+    """The ``PPOConfig`` preset of RL-CAI's PPO (its KL penalty, batch and learning rate)."""
     study_prompts: int = 16
     """Held-out red-team prompts of the revision study (critiqued against direct revisions over rounds; 0: none)."""
     study_rounds: int = 3
+    """Critique-revision rounds of the revision study (the harmlessness score after each)."""
     eval_red_team: int = 30
     """Held-out red-team prompts (test split) for the harmlessness evaluation."""
     eval_helpful: int = 30
     """Held-out helpful prompts (test split) for the helpfulness evaluation."""
     seed: int = 0
+    """Seeds sampling, the LoRA initialisations and every training."""
 
     PRESETS = {
         "cpu": {},
@@ -944,153 +954,3 @@ def _rl_stages(config: CAIConfig, store, sl_dir, progress: bool, stop) -> dict:
 
 
 # ---------------------------------------------------------------- command line
-
-def add_arguments(parser) -> None:
-    def counted(field):                                          # argparse refuses a count below CAIConfig's bound
-        return count(COUNT_FIELDS[field])
-
-    parser.add_argument("--preset", default="cpu", choices=sorted(CAIConfig.PRESETS))
-    parser.add_argument("--output", default="runs/cai", help="cai-sl writes sl_adapter/ and sl.json here; cai-rl "
-                                                             "reads them and writes rl.json")
-    parser.add_argument("--resume", action="store_true", help="continue the command's run in --output after its "
-                                                              "last finished stage (same settings)")
-    parser.add_argument("--overwrite", action="store_true", help="cai-sl: delete the run in --output and start "
-                                                                 "again; cai-rl: redo cai-rl (cai-sl's part is kept)")
-    parser.add_argument("--model", default=None, help="override the preset's helpful model (tests: tiny-random)")
-    parser.add_argument("--red-team", type=counted("red_team"), default=None,
-                        help="override the number of red-team prompts")
-    parser.add_argument("--helpful", type=counted("helpful"), default=None,
-                        help="override the number of helpful prompts")
-    parser.add_argument("--rounds", type=counted("rounds"), default=None, help="critique-revision rounds")
-    parser.add_argument("--direct", action="store_true", help="revise without critiques")
-    parser.add_argument("--few-shot", type=counted("few_shot"), default=None,
-                        help="few-shot conversations in the critic's prefix")
-    parser.add_argument("--format-epochs", type=counted("format_epochs"), default=None,
-                        help="format tuning epochs (0: prompting only)")
-    parser.add_argument("--study-prompts", type=counted("study_prompts"), default=None,
-                        help="cai-sl: prompts of the revision study (0: none)")
-    parser.add_argument("--ppo-steps", type=counted("ppo_steps"), default=None, help="cai-rl: override PPO's steps")
-    parser.add_argument("--human-pairs", type=counted("human_helpful_pairs"), default=None,
-                        help="cai-rl: human helpfulness pairs for the preference model")
-    parser.add_argument("--feedback-model", default=None, help="cai-rl: the AI feedback model (name, Hub id or "
-                                                               "directory; default: the SL-CAI policy itself)")
-    parser.add_argument("--eval", type=counted("eval_red_team"), default=None,
-                        help="cai-rl: held-out prompts of each kind")
-    parser.add_argument("--json", default=None, help="also write the result here (lecture 05 reads "
-                                                     "lectures/results/cai.json)")
-    parser.add_argument("--threads", type=threads_arg, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--seed", type=int, default=0)
-
-
-def config_from_args(args) -> CAIConfig:
-    overrides = {k: v for k, v in (("model", args.model), ("red_team", args.red_team), ("helpful", args.helpful),
-                                   ("rounds", args.rounds), ("ppo_steps", args.ppo_steps),
-                                   ("few_shot", args.few_shot), ("format_epochs", args.format_epochs),
-                                   ("study_prompts", args.study_prompts),
-                                   ("feedback_model", args.feedback_model),
-                                   ("human_helpful_pairs", args.human_pairs),
-                                   ("eval_red_team", args.eval), ("eval_helpful", args.eval)) if v is not None}
-    return CAIConfig.preset(args.preset, seed=args.seed, direct=args.direct, **overrides)
-
-
-SL_IDENTITY = ("model", "red_team", "helpful", "rounds", "direct", "few_shot", "format_epochs", "study_prompts")
-RL_IDENTITY = ("ppo_steps", "human_helpful_pairs", "feedback_model", "eval_red_team", "eval_helpful")
-"""The settings (besides preset and seed) that define a CAI run: cai-sl records the first, cai-rl adds the second."""
-
-
-def run_identity(config: CAIConfig, preset: str, stage: str) -> dict:
-    """What a CAI run directory is a run of (``checkpoint.prepare_output`` compares it on resume)."""
-    keys = SL_IDENTITY + (RL_IDENTITY if stage == "rl" else ())
-    return {"method": "cai", "preset": preset, "seed": config.seed, **{k: getattr(config, k) for k in keys}}
-
-
-def claim_output(args, stage: str, config: CAIConfig) -> Path:
-    """Check and lock ``--output`` before any model loads. cai-sl starts a CAI run (``prepare_output``: an earlier
-    run needs --resume or --overwrite). cai-rl continues the finished cai-sl run in the directory: the same preset,
-    seed, model and counts, its own settings added; a second cai-rl needs --resume, and --overwrite deletes only
-    cai-rl's stages and rl.json (cai-sl's part is kept)."""
-    from .training.checkpoint import MARKER, RunDirectoryError, StageStore, atomic_write, prepare_output, read_marker
-
-    resume, overwrite = getattr(args, "resume", False), getattr(args, "overwrite", False)
-    identity = run_identity(config, args.preset, stage)
-    if stage == "sl":
-        return prepare_output(args.output, resume=resume, overwrite=overwrite, identity=identity)
-    if resume and overwrite:
-        raise ValueError("--resume and --overwrite exclude each other: continue cai-rl, or run it again.")
-    out = Path(args.output)
-    marker = read_marker(out) if out.is_dir() else None
-    stored = (marker or {}).get("identity", {})
-    if stored.get("method") != "cai" or not StageStore(out).done("sl-sft") or not (out / "sl.json").exists():
-        todo = (f"`python -m alignlib cai-sl --resume --output {out}` to finish it" if stored.get("method") == "cai"
-                else f"`python -m alignlib cai-sl --output {out}` first")
-        raise FileNotFoundError(f"{out} holds no finished cai-sl run, which cai-rl continues; run {todo}, with the "
-                                "settings you give cai-rl.")
-    if any(k in stored for k in RL_IDENTITY) and not (resume or overwrite):
-        raise RunDirectoryError(f"{out} already holds a cai-rl run; pass --resume to continue it, --overwrite to run "
-                                "cai-rl again (cai-sl's part is kept), or choose another --output.")
-    sl_part = {k: v for k, v in identity.items() if k not in RL_IDENTITY}
-    try:
-        out = prepare_output(out, resume=True, identity=sl_part if overwrite else identity)
-    except RunDirectoryError as err:
-        if resume:
-            raise
-        raise RunDirectoryError(f"cai-rl continues the cai-sl run in {out} with that run's settings: {err}") from None
-    if overwrite:                          # cai-rl again: its stages and result go, its new settings replace the old
-        store = StageStore(out)
-        for name in RL_STAGES:
-            shutil.rmtree(store.path(name), ignore_errors=True)
-        (out / "rl.json").unlink(missing_ok=True)
-        marker = read_marker(out)
-        marker["identity"] = {**{k: v for k, v in marker["identity"].items() if k not in RL_IDENTITY},
-                              **{k: identity[k] for k in RL_IDENTITY}}
-        atomic_write(out / MARKER, json.dumps(marker, indent=1, default=str))
-    return out
-
-
-def main(args, stage: str) -> dict:
-    """``python -m alignlib cai-sl`` / ``cai-rl``: one run directory (``--output``) holds both parts of a CAI run.
-
-    ``--output`` (and ``--json``) are checked and the directory locked before any model loads (``claim_output``):
-    cai-sl refuses an earlier run unless ``--resume`` continues it or ``--overwrite`` deletes it; cai-rl continues
-    the finished cai-sl run with its settings. Every stage is stored as it finishes (``SL_STAGES``, ``RL_STAGES``);
-    SIGINT/SIGTERM stops the command after the running stage (exit status 128 + the signal; a second signal stops
-    at once), and the same command with ``--resume`` continues it to the result an uninterrupted run gives."""
-    from .training.checkpoint import StageStore, StopRun, check_json_path, graceful_stop
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    config = config_from_args(args)
-    if args.json:
-        check_json_path(args.json)
-    out = claim_output(args, stage, config)
-    done = [name for name in (SL_STAGES if stage == "sl" else RL_STAGES) if StageStore(out).done(name)]
-    if done:
-        print(f"[cai-{stage}] resuming {out}: stored stages {', '.join(done)} are read back", flush=True)
-    with graceful_stop() as stop:
-        try:
-            if stage == "sl":
-                result = run_sl(config, out=out, stop=stop)
-            else:
-                result = run_rl(config, sl_dir=out, out=out, stop=stop)
-        except StopRun as err:
-            print(f"[cai-{stage}] stopped after {err.stage}; run the same command with --resume to continue",
-                  flush=True)
-            raise SystemExit(128 + err.signum) from None
-    if stage == "sl":
-        result = {k: v for k, v in result.items() if k not in ("policy", "tokenizer")}
-        changed = sum(r["final"] != r["initial"] for r in result["revised"])
-        print(f"SL-CAI: {changed}/{len(result['revised'])} answers revised, {len(result['sft_history'])} SFT steps, "
-              f"final loss {result['sft_history'][-1]['loss/sft']:.3f}; adapter in {out / 'sl_adapter'}")
-    else:
-        ev = result["evaluation"]
-        print(f"judge accuracy on hand-labelled pairs: {result['judge_accuracy']}")
-        print(f"scorer accuracy on held-out rows: {result['scorer_accuracy']}")
-        for name, rates in ev["rates"].items():
-            print(f"{name:8s} harmless {rates['harmless']['mean']:.2f}  helpful {rates['helpful']['mean']:.2f}  "
-                  f"Elo harmlessness {ev['elo']['harmlessness'][name][0]:+.0f}  "
-                  f"helpfulness {ev['elo']['helpfulness'][name][0]:+.0f}")
-        print(f"wrote {out / 'rl.json'}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
-    return result

@@ -32,7 +32,7 @@ from typing import Sequence
 
 from .data import DATA_DIR, DataFormatError, read_jsonl, read_text
 from .models import DEFAULT_MODEL
-from .utils import PresetMixin, threads_arg
+from .utils import PresetMixin
 
 FILES = {"principles": ("principles.jsonl", ("id", "title", "rule")),
          "exemplars": ("exemplars.jsonl", ("id", "instruction", "thought", "answer")),
@@ -440,8 +440,11 @@ class SelfAlignConfig(PresetMixin):
     answer_tokens: int = 96
     """Stage 2: tokens of thoughts and answer after the principle-driven prompt."""
     engrave_epochs: int = 3
+    """Stage 3: epochs of engraving (fine-tuning on the principle-driven answers without the principles)."""
     verbose_epochs: int = 2
+    """Stage 4: epochs of verbose cloning (fine-tuning on the verbose teacher's answers)."""
     lr: float = 2e-4
+    """Learning rate of both fine-tunings (AdamW, LoRA)."""
     verbose_tokens: int = 96
     """Stage 4: answer length of the verbose teacher."""
     eval_split: str = "test"
@@ -449,6 +452,7 @@ class SelfAlignConfig(PresetMixin):
     data_dir: str | None = None
     """The course data (None: ``data/self_align``); the tests point it at a small copy."""
     seed: int = 0
+    """Seeds sampling, the LoRA initialisations and both fine-tunings."""
 
     PRESETS = {
         "cpu": {},
@@ -592,71 +596,3 @@ def _stages(config: SelfAlignConfig, store, stop) -> dict:
             "teacher": fourth["teacher"], "evaluation": evaluated["evaluation"],
             "timings": {"stage1_s": first["seconds"], "stage2_s": second["seconds"], "stage3_s": third["seconds"],
                         "stage4_s": fourth["seconds"], "evaluation_s": evaluated["seconds"]}}
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--preset", default="cpu", choices=sorted(SelfAlignConfig.PRESETS))
-    parser.add_argument("--model", default=None, help="override the preset's base model (tests: tiny-random)")
-    parser.add_argument("--instruct-prompts", type=int, default=None, help="stage 1: numbered lists to continue")
-    parser.add_argument("--answer-tokens", type=int, default=None, help="stage 2: tokens of thoughts and answer")
-    parser.add_argument("--verbose-tokens", type=int, default=None, help="stage 4 and evaluation: answer tokens")
-    parser.add_argument("--data-dir", default=None, help="the SELF-ALIGN data (default: data/self_align)")
-    parser.add_argument("--json", default="runs/self_align.json", help="where the result goes")
-    parser.add_argument("--output", default="runs/self_align", help="the run directory: finished stages (with the "
-                                                                    "adapters) and self_align.json")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --output after its last "
-                                                              "finished stage (same settings)")
-    parser.add_argument("--overwrite", action="store_true", help="delete the run in --output and start again")
-    parser.add_argument("--threads", type=threads_arg, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--seed", type=int, default=0)
-
-
-def main(args) -> dict:
-    """``python -m alignlib self-align``: the four stages, the filter counts and the evaluation, as JSON in
-    ``<output>/self_align.json`` and ``--json``.
-
-    ``--output`` (and ``--json``) are checked and the run directory locked before the model loads
-    (``checkpoint.prepare_output``): an earlier run is refused unless ``--resume`` continues it (with the same
-    preset, seed, model, token counts and data) or ``--overwrite`` deletes it. Every stage is stored as it finishes
-    (``STAGES``); SIGINT/SIGTERM stops the command after the running stage (exit status 128 + the signal; a second
-    signal stops at once), and the same command with ``--resume`` continues it to the uninterrupted run's result."""
-    import json
-
-    import torch
-
-    from .training.checkpoint import check_json_path
-    from .training.checkpoint import StageStore, StopRun, atomic_write, graceful_stop, prepare_output
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    overrides = {k: v for k, v in (("model", args.model), ("instruct_prompts", args.instruct_prompts),
-                                   ("answer_tokens", args.answer_tokens), ("verbose_tokens", args.verbose_tokens),
-                                   ("data_dir", args.data_dir))
-                 if v is not None}
-    config = SelfAlignConfig.preset(args.preset, seed=args.seed, **overrides)
-    check_json_path(args.json)
-    identity = {"method": "self-align", "preset": args.preset, "seed": config.seed, "model": config.model,
-                "instruct_prompts": config.instruct_prompts, "answer_tokens": config.answer_tokens,
-                "verbose_tokens": config.verbose_tokens, "data_dir": config.data_dir}
-    run_dir = prepare_output(args.output, resume=args.resume, overwrite=args.overwrite, identity=identity)
-    done = [name for name in STAGES if StageStore(run_dir).done(name)]
-    if done:
-        print(f"[self-align] resuming {run_dir}: stored stages {', '.join(done)} are read back", flush=True)
-    with graceful_stop() as stop:
-        try:
-            result = run(config, out=run_dir, stop=stop)
-        except StopRun as err:
-            print(f"[self-align] stopped after {err.stage}; run the same command with --resume to continue",
-                  flush=True)
-            raise SystemExit(128 + err.signum) from None
-    text = json.dumps(result, indent=1)
-    atomic_write(run_dir / "self_align.json", text)
-    out = Path(args.json)
-    out.write_text(text)
-    print(f"stage 1: {result['stage1']['pool']} instructions in the pool; stage 2 filter: {result['stage2']['filter']}")
-    for name, ev in result["evaluation"].items():
-        print(f"{name:10s} MC by p(True) {ev['mc_true']['accuracy']:.2f}, by likelihood "
-              f"{ev['mc_likelihood']['accuracy']:.2f}; adherence {ev['adherence']['rate']:.2f}; "
-              f"answers {ev['answers']['words']:.0f} words")
-    print(f"wrote {out} and {run_dir / 'self_align.json'}")
-    return result

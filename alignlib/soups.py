@@ -43,7 +43,7 @@ from typing import Callable, Sequence
 import torch
 
 from .models import DEFAULT_MODEL
-from .utils import PresetMixin, threads_arg
+from .utils import PresetMixin
 
 
 # ---------------------------------------------------------------- the simplex and weight arithmetic
@@ -728,85 +728,3 @@ def plot_simplex(result: dict, reward: int = 0, ax=None):
     ax.set_axis_off()
     ax.set_title(f"N = 3 soups on the simplex: {names[reward]}")
     return ax
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--preset", default="cpu", choices=sorted(SoupsConfig.PRESETS))
-    parser.add_argument("--steps", type=int, default=None, help="override the fine-tuner's steps per training")
-    parser.add_argument("--output", default="runs/soups", help="experts' adapters, soups.json and the plots")
-    parser.add_argument("--json", default=None, help="also write the results here (lecture 04 reads "
-                                                     "lectures/results/soups.json)")
-    parser.add_argument("--threads", type=threads_arg, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --output after its last finished training or evaluation")
-    parser.add_argument("--overwrite", action="store_true", help="delete an earlier run in --output first")
-
-
-def soups_identity(preset: str, config: SoupsConfig) -> dict:
-    """What a soups run directory is a run of (``--resume`` refuses anything else): the preset and every field
-    of the configuration, with the fine-tuner's steps resolved (None: its preset's), as JSON would store them."""
-    import json
-
-    from .training.registry import get_method
-
-    spec = get_method(config.trainer)
-    fields = {k: getattr(config, k) for k in config.__dataclass_fields__ if k != "steps"}
-    fields["rewards"] = [r if isinstance(r, str) else getattr(r, "__name__", repr(r)) for r in config.rewards]
-    trainer_steps = config.steps or getattr(spec.config.preset(config.trainer_preset), spec.iterations)
-    # not the key "steps", which --resume lets grow: a finished training cannot be extended
-    return json.loads(json.dumps({"command": "soups", "preset": preset, **fields, "trainer_steps": trainer_steps}))
-
-
-def main(args) -> dict:
-    """``python -m alignlib soups``: train, evaluate, compare; write the adapters, the JSON and the plots.
-
-    ``--output`` is checked before any work (an earlier run is refused unless ``--resume`` or ``--overwrite``).
-    Every training and evaluation is a stage in ``<output>/stages/`` (``run``); SIGINT/SIGTERM stops after the
-    running one (exit code 128 + the signal) and ``--resume`` continues after it, with the same soups.json in the
-    end as an uninterrupted run (except the seconds and the machine)."""
-    import json
-    import os
-    import platform
-    from pathlib import Path
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .training.checkpoint import StopRun, atomic_write, check_json_path, graceful_stop, prepare_output
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    config = SoupsConfig.preset(args.preset, steps=args.steps, seed=args.seed)
-    if args.json:                                                     # checked now, not after half an hour
-        check_json_path(args.json)
-    out = prepare_output(args.output, resume=getattr(args, "resume", False), overwrite=args.overwrite,
-                         identity=soups_identity(args.preset, config))
-    with graceful_stop() as stop:
-        try:
-            result = run(config, out=out, stop=stop)
-        except StopRun as err:
-            print(f"[soups] stopped after {err.stage}; its results are in {out}/stages. Run the same command with "
-                  "--resume to continue.", flush=True)
-            raise SystemExit(128 + err.signum) from None
-    result["machine"] = {"threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-                         "loadavg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
-    text = json.dumps(result, indent=1)
-    atomic_write(out / "soups.json", text)
-    if args.json:
-        atomic_write(Path(args.json), text)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    plot_front(result, axes[0])
-    plot_lmc(result, axes[1])
-    fig.tight_layout()
-    fig.savefig(out / "fronts.png", dpi=120)
-    s = result["summary"]
-    for n in ("n2", "n3"):
-        if n in s:
-            iv = s[n]["ratio_interval"]
-            print(f"[soups] {n.upper()}: hypervolume RS / MORL = {s[n]['ratio']:.3f} [{iv[0]:.3f}, {iv[1]:.3f}] "
-                  f"({s[n]['trainings_rs']} trainings in {s[n]['seconds_rs']:.0f} s against "
-                  f"{s[n]['trainings_morl']} in {s[n]['seconds_morl']:.0f} s)")
-    print(f"[soups] wrote {out}/soups.json, {out}/fronts.png and the adapters ({out}/stages/*/adapter.safetensors)")
-    return result

@@ -228,7 +228,7 @@ def test_both_stages_end_to_end_on_the_tiny_model(tmp_path, capsys):
     curve = sl["revision_study"]["direct"]["curve"]
     assert [c["round"] for c in curve] == [0, 1, 2, 3] and all(0 <= c["harmlessness"] <= 1 for c in curve)
     main(["cai-rl", *common, "--ppo-steps", "1", "--eval", "3", "--feedback-model", "tiny-random",
-          "--human-pairs", "4"])
+          "--human-helpful-pairs", "4"])
     rl = json.loads((tmp_path / "rl.json").read_text())
     assert len(rl["ai_pairs"]) == 8                                      # 4 multiple-choice + 4 contrastive
     assert all(0 <= p["p"] <= 1 for p in rl["ai_pairs"]) and len(rl["ppo_history"]) == 1

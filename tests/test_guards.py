@@ -148,7 +148,7 @@ def test_negative_and_boolean_counts_are_refused_by_the_library(call, message):
 
 @pytest.mark.parametrize("argv, flag, least", [
     (["cai-sl", "--helpful", "-1"], "--helpful", 0), (["cai-sl", "--study-prompts", "-1"], "--study-prompts", 0),
-    (["cai-rl", "--eval", "-1"], "--eval", 1), (["cai-rl", "--human-pairs", "-1"], "--human-pairs", 0),
+    (["cai-rl", "--eval", "-1"], "--eval", 1), (["cai-rl", "--human-helpful-pairs", "-1"], "--human-helpful-pairs", 0),
     (["tour", "--prompts", "-1"], "--prompts", 1), (["tour", "--prompts", "0"], "--prompts", 1),
 ])
 def test_the_parser_refuses_negative_counts_with_a_usage_line(argv, flag, least, capsys):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from alignlib import cai
+from alignlib.commands import cai as cai_cmd
 from alignlib import self_align as sa
 from alignlib.training.checkpoint import RunDirectoryError, StageStore, prepare_output, release
 from alignlib.commands.cli import build_parser, main
@@ -15,7 +16,7 @@ from alignlib.commands.cli import build_parser, main
 VOLATILE = ("timings", "seconds", "time/", "memory/")          # wall-clock and memory fields
 CAI = ["--model", "tiny-random", "--red-team", "4", "--helpful", "2", "--few-shot", "1", "--format-epochs", "1",
        "--study-prompts", "2"]
-RL = ["--ppo-steps", "1", "--eval", "3", "--feedback-model", "tiny-random", "--human-pairs", "4"]
+RL = ["--ppo-steps", "1", "--eval", "3", "--feedback-model", "tiny-random", "--human-helpful-pairs", "4"]
 
 
 def stable(path) -> str:
@@ -93,7 +94,8 @@ def test_cai_sl_refuses_an_earlier_run_and_cai_rl_an_unfinished_sl_before_any_mo
     assert (old / "sl.json").read_text() == "{}"     # nothing replaced, nothing deleted
 
     args = build_parser().parse_args(["cai-sl", *CAI])
-    cut = prepare_output(tmp_path / "cut", identity=cai.run_identity(cai.config_from_args(args), args.preset, "sl"))
+    identity = cai_cmd.run_identity(cai_cmd.config_from_args(args), args.preset, "sl")
+    cut = prepare_output(tmp_path / "cut", identity=identity)
     StageStore(cut).save("sl-start", {})             # a cai-sl that was stopped after its first stage
     release(cut)
     with pytest.raises(FileNotFoundError, match="no finished cai-sl run.*cai-sl --resume --output"):
@@ -105,7 +107,7 @@ def test_cai_rl_overwrite_redoes_only_cai_rl_with_its_new_settings(tmp_path):
         return build_parser().parse_args(["cai-rl", *CAI, *RL, "--output", str(tmp_path / "run"), *extra])
 
     first = args()
-    out = prepare_output(first.output, identity=cai.run_identity(cai.config_from_args(first), "cpu", "rl"))
+    out = prepare_output(first.output, identity=cai_cmd.run_identity(cai_cmd.config_from_args(first), "cpu", "rl"))
     store = StageStore(out)
     for name in ("sl-sft", "rl-pairs", "rl-ppo"):    # a finished cai-sl and a cai-rl stopped after PPO
         store.save(name, {"stage": name})
@@ -113,11 +115,12 @@ def test_cai_rl_overwrite_redoes_only_cai_rl_with_its_new_settings(tmp_path):
     (out / "rl.json").write_text("{}")
     release(out)
     with pytest.raises(RunDirectoryError, match="already holds a cai-rl run; pass --resume"):
-        cai.claim_output(args("--ppo-steps", "2"), "rl", cai.config_from_args(args("--ppo-steps", "2")))
+        cai_cmd.claim_output(args("--ppo-steps", "2"), "rl", cai_cmd.config_from_args(args("--ppo-steps", "2")))
     with pytest.raises(RunDirectoryError, match="ppo_steps: the run used 1, this command asks for 2"):
-        cai.claim_output(args("--ppo-steps", "2", "--resume"), "rl", cai.config_from_args(args("--ppo-steps", "2")))
+        cai_cmd.claim_output(args("--ppo-steps", "2", "--resume"), "rl",
+                             cai_cmd.config_from_args(args("--ppo-steps", "2")))
     again = args("--ppo-steps", "2", "--overwrite")
-    assert cai.claim_output(again, "rl", cai.config_from_args(again)) == out
+    assert cai_cmd.claim_output(again, "rl", cai_cmd.config_from_args(again)) == out
     assert [n for n in (*cai.SL_STAGES, *cai.RL_STAGES) if store.done(n)] == ["sl-sft"]   # cai-sl's part is kept
     assert (out / "sl.json").exists() and not (out / "rl.json").exists()
     assert json.loads((out / ".alignlib-run.json").read_text())["identity"]["ppo_steps"] == 2
@@ -150,7 +153,7 @@ def test_cai_stopped_by_sigint_in_a_stage_resumes_to_the_uninterrupted_result(tm
     assert stable(cut / "sl.json") == stable(whole / "sl.json")
     adapter = "sl_adapter/adapter_model.safetensors"
     assert (cut / adapter).read_bytes() == (whole / adapter).read_bytes()
-    policy = cai.run_sl(cai.config_from_args(build_parser().parse_args(sl)), out=cut)["policy"]   # every stage read
+    policy = cai.run_sl(cai_cmd.config_from_args(build_parser().parse_args(sl)), out=cut)["policy"]   # every stage read
     saved = load_file(str(whole / adapter))
     assert all(torch.equal(v, saved[k]) for k, v in get_peft_model_state_dict(policy).items())
     with pytest.raises(RunDirectoryError, match="already holds a run; pass --resume"):

@@ -46,40 +46,40 @@ REWARDS = {"letters": letters, "lower": lower, "other": other}   # rewards that 
 
 def soups_args(out, **change):
     return types.SimpleNamespace(**{**dict(preset="tiny", steps=1, seed=0, output=str(out), json=None, threads=None,
-                                           resume=False, overwrite=False), **change})
+                                           resume=False, overwrite=False, _config_fields=["steps"]), **change})
 
 
 @pytest.mark.pipeline
 def test_soups_stopped_during_a_training_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
     import alignlib.soups as soups
-    from alignlib.soups import soups_identity  # noqa: F401  (the command has a run identity)
+    from alignlib.commands.soups import run as soups_command
 
     monkeypatch.setattr(soups, "make_reward", REWARDS.__getitem__)
     monkeypatch.setitem(soups.SoupsConfig.PRESETS, "tiny", dict(
         model="tiny-random", rewards=tuple(REWARDS), lambdas=3, simplex_steps=2, morl_mus=(0.5,), eval_prompts=8,
         samples=2, max_new_tokens=8))                               # 3 experts, 2 MORL trainings, 9 evaluations
     whole = tmp_path / "whole"
-    soups.main(soups_args(whole, json=str(tmp_path / "results" / "soups.json")))
+    soups_command(soups_args(whole, json=str(tmp_path / "results" / "soups.json")))
     release(whole)
 
     real, calls = soups.train_policy, []
     monkeypatch.setattr(soups, "train_policy", signal_on_call(real, 2, signal.SIGINT, calls))   # Ctrl-C in training 2
     cut = tmp_path / "cut"
     with pytest.raises(SystemExit) as stop:
-        soups.main(soups_args(cut))
+        soups_command(soups_args(cut))
     assert stop.value.code == 128 + signal.SIGINT
     assert sorted(p.name for p in (cut / "stages").iterdir()) == ["eval-initial", "expert-letters", "expert-lower"]
     assert not (cut / "soups.json").exists()
     release(cut)
     with pytest.raises(RunDirectoryError, match="already holds a run; pass --resume.*--overwrite"):
-        soups.main(soups_args(cut))
+        soups_command(soups_args(cut))
     with pytest.raises(RunDirectoryError, match="seed: the run used 0, this command asks for 1"):
-        soups.main(soups_args(cut, resume=True, seed=1))
+        soups_command(soups_args(cut, resume=True, seed=1))
     with pytest.raises(RunDirectoryError, match="trainer_steps: the run used 1, this command asks for 2"):
-        soups.main(soups_args(cut, resume=True, steps=2))
+        soups_command(soups_args(cut, resume=True, steps=2))
     calls.clear()
     monkeypatch.setattr(soups, "train_policy", signal_on_call(real, 0, signal.SIGINT, calls))    # counts, no signal
-    soups.main(soups_args(cut, resume=True))
+    soups_command(soups_args(cut, resume=True))
     assert len(calls) == 3                                          # only the trainings that had not finished
 
     a, b = (json.loads((d / "soups.json").read_text()) for d in (whole, cut))

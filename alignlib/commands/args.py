@@ -95,10 +95,23 @@ def _flag_kwargs(field: ConfigField) -> dict:
     return {"type": _parse_scalar}
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, module: str, cls: str, preset: str = "cpu") -> list[str]:
-    """One flag per field of ``cls`` not already a flag of ``parser``; returns the field names that became flags."""
+def module_literal(module: str, name: str):
+    """The literal value of the module-level assignment ``name = ...`` in ``module``, read without importing it."""
+    source = Path(importlib.util.find_spec(module).origin).read_text()
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise LookupError(f"{module} has no literal {name}")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, module: str, cls: str, preset: str = "cpu",
+                         skip: tuple = (), minimums: dict | None = None) -> list[str]:
+    """One flag per field of ``cls`` not already a flag of ``parser`` and not in ``skip`` (fields no flag can
+    spell, e.g. nested tuples); ``minimums`` makes a count field's flag refuse smaller values at parsing. Returns
+    the field names that became flags."""
     fields, presets = config_fields(module, cls)
-    taken = {a.dest for a in parser._actions}
+    taken = {a.dest for a in parser._actions} | set(skip)
+    minimums = minimums or {}
     group = parser.add_argument_group(f"{cls} (each overrides the --preset's value; also settable in --config)")
     names = []
     for f in fields:
@@ -108,8 +121,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, module: str, cls: str,
         if shown and f.name in presets.get(preset, {}) and presets[preset][f.name] != f.default:
             shown += f"; {preset} preset: {presets[preset][f.name]!r}"
         shown += ")" if shown else ""
+        kwargs = _flag_kwargs(f)
+        if f.name in minimums:
+            kwargs["type"] = count(minimums[f.name])
         group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
-                           help=(f.help + shown).replace("%", "%%"), **_flag_kwargs(f))
+                           help=(f.help + shown).replace("%", "%%"), **kwargs)
         names.append(f.name)
     parser.set_defaults(_config_fields=names)
     return names
@@ -117,7 +133,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, module: str, cls: str,
 
 def config_overrides(args: argparse.Namespace) -> dict:
     """The config fields given on the command line or in ``--config`` (the rest keep the preset's values)."""
-    return {name: getattr(args, name) for name in getattr(args, "_config_fields", []) if hasattr(args, name)}
+    given = {name: getattr(args, name) for name in getattr(args, "_config_fields", []) if hasattr(args, name)}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}      # nargs and YAML give lists
 
 
 SHARED = {  # the flags several commands take, declared once: name -> argparse keywords
@@ -145,6 +162,9 @@ SHARED = {  # the flags several commands take, declared once: name -> argparse k
 
 def add_shared(parser: argparse.ArgumentParser, *names: str, **defaults) -> None:
     """Add the shared flags ``names`` (keys of ``SHARED``); ``defaults`` overrides a default, e.g. ``output=...``."""
+    unused = set(defaults) - set(names)
+    if unused:
+        raise TypeError(f"defaults for flags not added: {sorted(unused)}")
     for name in names:
         kwargs = dict(SHARED[name])
         if name in defaults:

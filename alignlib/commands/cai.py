@@ -1,0 +1,134 @@
+"""``python -m alignlib cai-sl`` / ``cai-rl``: Constitutional AI's two stages in one run directory (``--output``).
+
+Every ``CAIConfig`` field is a flag (``--red-team 12``, ``--feedback contrastive``) or a ``--config`` key.
+``--output`` (and ``--json``) are checked and the directory locked before any model loads (``claim_output``):
+cai-sl refuses an earlier run unless ``--resume`` continues it or ``--overwrite`` deletes it; cai-rl continues the
+finished cai-sl run with its settings. Every stage is stored as it finishes (``cai.SL_STAGES``, ``cai.RL_STAGES``);
+SIGINT/SIGTERM stops the command after the running stage (exit status 128 + the signal; a second signal stops at
+once), and the same command with ``--resume`` continues it to the result an uninterrupted run gives.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from .args import add_config_arguments, add_shared, config_overrides, count, module_literal
+
+RL_IDENTITY = ("human_pairs", "feedback_model", "feedback_cot_tokens", "feedback", "human_helpful_pairs", "pm_preset",
+               "pm_epochs", "ppo_steps", "ppo_preset", "eval_red_team", "eval_helpful")
+"""The settings cai-rl adds to a CAI run's identity; every other ``CAIConfig`` field (with the preset) is cai-sl's."""
+
+
+def add_arguments(parser) -> None:
+    add_shared(parser, "preset", "seed", "threads", "output", "resume", "overwrite", "json", "config",
+               output="runs/cai")
+    parser.add_argument("--eval", type=count(1), default=None,
+                        help="cai-rl: held-out prompts of each kind (sets --eval-red-team and --eval-helpful)")
+    add_config_arguments(parser, "alignlib.cai", "CAIConfig", minimums=module_literal("alignlib.cai", "COUNT_FIELDS"))
+
+
+def config_from_args(args):
+    from ..cai import CAIConfig
+
+    overrides = config_overrides(args)
+    if args.eval is not None:
+        overrides.update(eval_red_team=args.eval, eval_helpful=args.eval)
+    return CAIConfig.preset(args.preset, **{"seed": args.seed, **overrides})
+
+
+def run_identity(config, preset: str, stage: str) -> dict:
+    """What a CAI run directory is a run of (``prepare_output`` compares it on resume): every field of the
+    config, cai-rl's fields (``RL_IDENTITY``) only from cai-rl on."""
+    fields = {k: v for k, v in json.loads(json.dumps(vars(config), default=str)).items()
+              if stage == "rl" or k not in RL_IDENTITY}
+    return {"method": "cai", "preset": preset, **fields}
+
+
+def claim_output(args, stage: str, config) -> Path:
+    """Check and lock ``--output`` before any model loads. cai-sl starts a CAI run (``prepare_output``: an earlier
+    run needs --resume or --overwrite). cai-rl continues the finished cai-sl run in the directory: the same preset,
+    seed, model and counts, its own settings added; a second cai-rl needs --resume, and --overwrite deletes only
+    cai-rl's stages and rl.json (cai-sl's part is kept)."""
+    from ..cai import RL_STAGES
+    from ..training.checkpoint import MARKER, RunDirectoryError, StageStore, atomic_write, prepare_output, read_marker
+
+    resume, overwrite = getattr(args, "resume", False), getattr(args, "overwrite", False)
+    identity = run_identity(config, args.preset, stage)
+    if stage == "sl":
+        return prepare_output(args.output, resume=resume, overwrite=overwrite, identity=identity)
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: continue cai-rl, or run it again.")
+    out = Path(args.output)
+    marker = read_marker(out) if out.is_dir() else None
+    stored = (marker or {}).get("identity", {})
+    if stored.get("method") != "cai" or not StageStore(out).done("sl-sft") or not (out / "sl.json").exists():
+        todo = (f"`python -m alignlib cai-sl --resume --output {out}` to finish it" if stored.get("method") == "cai"
+                else f"`python -m alignlib cai-sl --output {out}` first")
+        raise FileNotFoundError(f"{out} holds no finished cai-sl run, which cai-rl continues; run {todo}, with the "
+                                "settings you give cai-rl.")
+    if any(k in stored for k in RL_IDENTITY) and not (resume or overwrite):
+        raise RunDirectoryError(f"{out} already holds a cai-rl run; pass --resume to continue it, --overwrite to run "
+                                "cai-rl again (cai-sl's part is kept), or choose another --output.")
+    sl_part = {k: v for k, v in identity.items() if k not in RL_IDENTITY}
+    try:
+        out = prepare_output(out, resume=True, identity=sl_part if overwrite else identity)
+    except RunDirectoryError as err:
+        if resume:
+            raise
+        raise RunDirectoryError(f"cai-rl continues the cai-sl run in {out} with that run's settings: {err}") from None
+    if overwrite:                          # cai-rl again: its stages and result go, its new settings replace the old
+        store = StageStore(out)
+        for name in RL_STAGES:
+            shutil.rmtree(store.path(name), ignore_errors=True)
+        (out / "rl.json").unlink(missing_ok=True)
+        marker = read_marker(out)
+        marker["identity"] = {**{k: v for k, v in marker["identity"].items() if k not in RL_IDENTITY},
+                              **{k: identity[k] for k in RL_IDENTITY}}
+        atomic_write(out / MARKER, json.dumps(marker, indent=1, default=str))
+    return out
+
+
+def run(args, stage: str) -> dict:
+    """Run cai-sl (``stage="sl"``) or cai-rl (``"rl"``) as the module docstring says; print the summary."""
+    from ..cai import RL_STAGES, SL_STAGES, run_rl, run_sl
+    from ..training.checkpoint import StageStore, StopRun, check_json_path, graceful_stop
+    from ..utils import set_threads
+
+    if args.threads:
+        set_threads(args.threads)
+    config = config_from_args(args)
+    if args.json:
+        check_json_path(args.json)
+    out = claim_output(args, stage, config)
+    done = [name for name in (SL_STAGES if stage == "sl" else RL_STAGES) if StageStore(out).done(name)]
+    if done:
+        print(f"[cai-{stage}] resuming {out}: stored stages {', '.join(done)} are read back", flush=True)
+    with graceful_stop() as stop:
+        try:
+            if stage == "sl":
+                result = run_sl(config, out=out, stop=stop)
+            else:
+                result = run_rl(config, sl_dir=out, out=out, stop=stop)
+        except StopRun as err:
+            print(f"[cai-{stage}] stopped after {err.stage}; run the same command with --resume to continue",
+                  flush=True)
+            raise SystemExit(128 + err.signum) from None
+    if stage == "sl":
+        result = {k: v for k, v in result.items() if k not in ("policy", "tokenizer")}
+        changed = sum(r["final"] != r["initial"] for r in result["revised"])
+        print(f"SL-CAI: {changed}/{len(result['revised'])} answers revised, {len(result['sft_history'])} SFT steps, "
+              f"final loss {result['sft_history'][-1]['loss/sft']:.3f}; adapter in {out / 'sl_adapter'}")
+    else:
+        ev = result["evaluation"]
+        print(f"judge accuracy on hand-labelled pairs: {result['judge_accuracy']}")
+        print(f"scorer accuracy on held-out rows: {result['scorer_accuracy']}")
+        for name, rates in ev["rates"].items():
+            print(f"{name:8s} harmless {rates['harmless']['mean']:.2f}  helpful {rates['helpful']['mean']:.2f}  "
+                  f"Elo harmlessness {ev['elo']['harmlessness'][name][0]:+.0f}  "
+                  f"helpfulness {ev['elo']['helpfulness'][name][0]:+.0f}")
+        print(f"wrote {out / 'rl.json'}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return result

@@ -1,0 +1,57 @@
+"""``python -m alignlib self-align``: SELF-ALIGN's four stages, the filter counts and the evaluation, as JSON in
+``<output>/self_align.json`` and ``--json``; every ``SelfAlignConfig`` field is a flag or a ``--config`` key.
+
+``--output`` (and ``--json``) are checked and the run directory locked before the model loads (``prepare_output``):
+an earlier run is refused unless ``--resume`` continues it (with the same preset and config) or ``--overwrite``
+deletes it. Every stage is stored as it finishes (``self_align.STAGES``); SIGINT/SIGTERM stops the command after the
+running stage (exit status 128 + the signal; a second signal stops at once), and the same command with
+``--resume`` continues it to the uninterrupted run's result.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .args import add_config_arguments, add_shared, config_overrides
+
+
+def add_arguments(parser) -> None:
+    add_shared(parser, "preset", "seed", "threads", "output", "json", "resume", "overwrite", "config",
+               output="runs/self_align",
+               json="runs/self_align.json")
+    add_config_arguments(parser, "alignlib.self_align", "SelfAlignConfig")
+
+
+def run(args) -> dict:
+    from ..self_align import STAGES, SelfAlignConfig
+    from ..self_align import run as run_self_align
+    from ..training.checkpoint import StageStore, StopRun, atomic_write, check_json_path, graceful_stop, prepare_output
+    from ..utils import set_threads
+
+    if args.threads:
+        set_threads(args.threads)
+    config = SelfAlignConfig.preset(args.preset, **{"seed": args.seed, **config_overrides(args)})
+    check_json_path(args.json)
+    identity = {"method": "self-align", "preset": args.preset, **json.loads(json.dumps(vars(config)))}
+    run_dir = prepare_output(args.output, resume=args.resume, overwrite=args.overwrite, identity=identity)
+    done = [name for name in STAGES if StageStore(run_dir).done(name)]
+    if done:
+        print(f"[self-align] resuming {run_dir}: stored stages {', '.join(done)} are read back", flush=True)
+    with graceful_stop() as stop:
+        try:
+            result = run_self_align(config, out=run_dir, stop=stop)
+        except StopRun as err:
+            print(f"[self-align] stopped after {err.stage}; run the same command with --resume to continue",
+                  flush=True)
+            raise SystemExit(128 + err.signum) from None
+    text = json.dumps(result, indent=1)
+    atomic_write(run_dir / "self_align.json", text)
+    out = Path(args.json)
+    out.write_text(text)
+    print(f"stage 1: {result['stage1']['pool']} instructions in the pool; stage 2 filter: {result['stage2']['filter']}")
+    for name, ev in result["evaluation"].items():
+        print(f"{name:10s} MC by p(True) {ev['mc_true']['accuracy']:.2f}, by likelihood "
+              f"{ev['mc_likelihood']['accuracy']:.2f}; adherence {ev['adherence']['rate']:.2f}; "
+              f"answers {ev['answers']['words']:.0f} words")
+    print(f"wrote {out} and {run_dir / 'self_align.json'}")
+    return result
