@@ -10,6 +10,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from alignlib import generation
 from alignlib.bench import throughput as bench
+from alignlib.commands.bench import bench_arguments
 from alignlib.generation import fast_decode_supported, format_prompts, generate, sample_next_token
 from alignlib.models import tiny_tokenizer
 
@@ -20,7 +21,7 @@ PROMPTS = ["Hello there", "x", "Tell me a joke about cats and dogs, please", "Wh
 
 def bench_args(*argv):
     parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
+    bench_arguments(parser)
     return parser.parse_args(list(argv))
 
 

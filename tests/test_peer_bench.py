@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from alignlib.bench.peer import (BenchSettings, add_arguments, bench_ppo, bench_trl, comparison, format_table,
+from alignlib.commands.bench import peer_bench_arguments
+from alignlib.bench.peer import (BenchSettings, bench_ppo, bench_trl, comparison, format_table,
                                  trl_config)
 
 TINY = dict(model="tiny-random", steps=2, prompts_per_step=4, generations=4, max_new_tokens=8, mini_batch_size=8,
@@ -86,7 +87,7 @@ def test_trl_config_mirrors_ppo_schedule(tmp_path):
 @pytest.mark.unit
 def test_settings_round_trip_and_validation():
     s = BenchSettings(**TINY, trl_gradient_checkpointing=True)
-    parsed = add_arguments(argparse.ArgumentParser()).parse_args(s.to_argv())
+    parsed = peer_bench_arguments(argparse.ArgumentParser()).parse_args(s.to_argv())
     assert BenchSettings.from_args(parsed) == s
     with pytest.raises(ValueError, match="divide"):
         BenchSettings(prompts_per_step=3, generations=3, mini_batch_size=8).validate()

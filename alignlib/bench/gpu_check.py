@@ -37,7 +37,6 @@ path on the CPU in fp32 with a tiny config and tiny shapes (a test, not a measur
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import platform
@@ -175,36 +174,6 @@ def make_steps(model, decoder, value_head, optimizer, shapes: dict, device: torc
             "rrhf": (rrhf, P * k * Tr, Tr, {"P": P, "k": k, "T": Tr}),
             "ppo": (ppo, Bp * Tp, Tp, {"B": Bp, "T": Tp}),
             "rollout": (rollout, G * N, None, {"G": G, "P_len": Lp, "N": N})}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from ..utils import threads_arg
-
-    gpu = DEFAULTS["gpu"]
-    for name, help_ in (("sft-batch", "SFT sequences B"), ("sft-len", "SFT tokens per sequence T"),
-                        ("rrhf-prompts", "RRHF prompts P"), ("rrhf-k", "RRHF candidates per prompt k"),
-                        ("rrhf-len", "RRHF tokens per candidate T"), ("ppo-batch", "PPO sequences B"),
-                        ("ppo-len", "PPO tokens per sequence T"), ("rollout-batch", "rollout prompts G"),
-                        ("prompt-len", "rollout prompt tokens P_len"), ("new-tokens", "rollout new tokens N"),
-                        ("warmup", "untimed warm-up steps of each training measurement"),
-                        ("steps", "timed steps of each training measurement"),
-                        ("rollout-warmup", "untimed generate calls"), ("rollout-steps", "timed generate calls")):
-        parser.add_argument(f"--{name}", type=int, default=None,
-                            help=f"{help_} (default {gpu[name.replace('-', '_')]}; --cpu-smoke: "
-                                 f"{DEFAULTS['smoke'][name.replace('-', '_')]})")
-    parser.add_argument("--only", nargs="+", choices=MEASUREMENTS, default=list(MEASUREMENTS),
-                        help="run only these measurements")
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="bf16 dense peak of this device in TFLOP/s (default: from the device name; "
-                             "H100 SXM/H200 989, A100 312)")
-    parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in the backward")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decoder for the training steps")
-    parser.add_argument("--cpu-smoke", action="store_true",
-                        help="no GPU: run every code path on the CPU, fp32, tiny config and shapes (a test)")
-    parser.add_argument("--threads", type=threads_arg, default=None, help="torch CPU threads (--cpu-smoke default: 1)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default="runs/gpu_check.json", metavar="PATH", help="write the results here")
-    return parser
 
 
 def print_table(results: dict) -> None:

@@ -29,7 +29,6 @@ or SIGTERM terminates the running subprocess and ``--resume`` runs only what had
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -276,24 +275,6 @@ def fig4_table(runs: dict[int, dict]) -> str:
     lines.append(f"mean [min, max] over seeds {', '.join(map(str, seeds))}; {len(first['prompts']) // EVAL_SAMPLES} "
                  f"held-out prompts, {EVAL_SAMPLES} answers each at temperature {TEMPERATURE}")
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from ..utils import threads_arg
-
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="model name, Hub id or directory (tests: tiny-random)")
-    parser.add_argument("--steps", type=int, default=10, help="steps (RAFT: stages) per method")
-    parser.add_argument("--mode", choices=["lora", "full"], default="lora", help="LoRA adapters or every weight")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--threads", type=threads_arg, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run of every method per seed")
-    parser.add_argument("--held-out", type=int, default=40, help="held-out prompts (2 answers each)")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH (each finished "
-                                                       "run is kept at once in <PATH without .json>.runs/)")
-    parser.add_argument("--resume", action="store_true", help="with --json: reuse the finished runs of an "
-                                                              "interrupted benchmark")
-    parser.add_argument("--overwrite", action="store_true", help="with --json: replace PATH and its finished runs")
-    return parser
 
 
 def run(args) -> dict:

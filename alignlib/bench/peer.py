@@ -3,7 +3,7 @@
 ``python -m alignlib.bench.peer`` runs ``alignlib.ppo.PPOTrainer`` and ``trl.GRPOTrainer`` one after the other,
 each in its own subprocess (``--method ppo`` / ``--method trl``, which print one JSON object), on the same
 model, reward, prompts and number of generated tokens, and prints a table with the ratios alignlib / TRL.
-``run(args)`` and ``add_arguments(parser)`` let the CLI mount it as a subcommand.
+``run(args)`` and ``alignlib.commands.bench.peer_bench_arguments(parser)`` let the CLI mount it as a subcommand.
 
 Which TRL trainer. trl 1.16 has both ``GRPOTrainer`` and ``RLOOTrainer``, both on-policy, critic-free and
 runnable offline on a CPU with ``transformers.generate`` (no vLLM). GRPO is TRL's flagship and the one with
@@ -91,7 +91,8 @@ from pathlib import Path
 import torch
 
 from ..models import DEFAULT_MODEL
-from ..utils import peak_memory_mb, threads_arg
+from ..utils import peak_memory_mb
+from ..commands.bench import peer_bench_arguments
 
 METHODS = ("ppo", "trl")
 LABELS = {"ppo": "alignlib PPO", "trl": "TRL GRPO"}
@@ -498,31 +499,6 @@ def compare(s: BenchSettings, methods=METHODS) -> dict:
 
 # ---------------------------------------------------------------- command line
 
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    d = BenchSettings()
-    parser.add_argument("--method", choices=["both", *METHODS], default="both",
-                        help="'both' runs each in its own subprocess and prints the table; 'ppo'/'trl' runs one "
-                             "in this process and prints its JSON")
-    parser.add_argument("--model", default=d.model, help="model name, Hub id or directory (tests: tiny-random)")
-    parser.add_argument("--steps", type=int, default=d.steps, help="rollouts (step 1 is the untimed warm-up)")
-    parser.add_argument("--prompts-per-step", type=int, default=d.prompts_per_step,
-                        help="distinct prompts per step for GRPO; PPO samples prompts x generations prompts")
-    parser.add_argument("--generations", type=int, default=d.generations, help="GRPO completions per prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    parser.add_argument("--mini-batch-size", type=int, default=d.mini_batch_size, help="sequences per optimiser step")
-    parser.add_argument("--epochs", type=int, default=d.epochs, help="PPO's ppo_epochs = GRPO's num_iterations")
-    parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--kl-coef", type=float, default=d.kl_coef, help="PPO's kl_coef = GRPO's beta")
-    parser.add_argument("--held-out", type=int, default=d.held_out, help="held-out test prompts for the final reward")
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--threads", type=threads_arg, default=d.threads,
-                        help="torch CPU threads for both methods (default: torch's choice, one per core)")
-    parser.add_argument("--trl-gradient-checkpointing", action="store_true",
-                        help="turn TRL's gradient checkpointing on (TRL's default; alignlib has none)")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
-    return parser
-
-
 def run(args) -> dict:
     """Entry point for the CLI: one method in-process (JSON on stdout) or both side by side (a table)."""
     s = BenchSettings.from_args(args).validate()
@@ -538,7 +514,7 @@ def run(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="python -m alignlib.bench.peer",
+    parser = peer_bench_arguments(argparse.ArgumentParser(prog="python -m alignlib.bench.peer",
                                                    description=__doc__.split("\n\n")[0]))
     run(parser.parse_args(argv))
     return 0

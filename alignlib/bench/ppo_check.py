@@ -45,34 +45,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from ..commands.bench import ppo_check_arguments
 
 EVAL_SEED = 1234
 N_EVAL = 40          # all held-out openings
 EVAL_SAMPLES = 2     # answers per opening: the held-out reward of a prompt is the mean of its answers
 TASKS = ("sentiment", "reward-model")
 MIN_GAIN = {"sentiment": 0.1, "reward-model": 0.02}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..utils import threads_arg
-
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--threads", type=threads_arg, nargs="+", default=[1, 2], help="torch thread counts to try")
-    parser.add_argument("--kl-coefs", type=float, nargs="+", default=None,
-                        help="beta values (default: the preset's); extra values run at the first seed and thread count")
-    parser.add_argument("--steps", type=int, default=None, help="PPO steps per run (default: the cpu preset's)")
-    parser.add_argument("--task", choices=TASKS, default="sentiment",
-                        help="sentiment: VADER on movie openings; reward-model: PPO against a learned reward model")
-    parser.add_argument("--min-gain", type=float, default=None,
-                        help="required rise of the held-out reward (default 0.1 for sentiment, 0.02 for reward-model)")
-    parser.add_argument("--kl-budget", type=float, default=12.0, help="nats per sequence")
-    parser.add_argument("--parallel", type=int, default=1, help="runs at once (only 1-thread runs are paired)")
-    parser.add_argument("--output", default="runs/ppo_check.json",
-                        help="the JSON of every run; each finished run is kept in <output without .json>.runs/")
-    parser.add_argument("--resume", action="store_true", help="reuse the finished runs of an interrupted check")
-    parser.add_argument("--overwrite", action="store_true", help="replace --output and its finished runs")
-    parser.add_argument("--rejudge", action="store_true",
-                        help="run nothing: score and judge the runs stored in --output again, and rewrite it")
 
 
 def train_reward_models(seed: int) -> tuple[dict, dict]:
@@ -267,5 +246,5 @@ if __name__ == "__main__":
         Path(sys.argv[3]).write_text(json.dumps(worker(json.loads(sys.argv[2]))))
     else:
         parser = argparse.ArgumentParser(prog="python -m alignlib ppo-check", description=__doc__.split("\n")[0])
-        add_arguments(parser)
+        ppo_check_arguments(parser)
         sys.exit(run(parser.parse_args()))

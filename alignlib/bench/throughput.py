@@ -49,7 +49,8 @@ from pathlib import Path
 import torch
 
 from ..models import DEFAULT_MODEL
-from ..utils import get_device, peak_memory_mb, threads_arg
+from ..utils import get_device, peak_memory_mb
+from ..commands.bench import bench_arguments
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -117,26 +118,6 @@ def _prefix_step(name: str, model, tokenizer, prefix: str, suffixes: list[str]):
         return model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                      position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(model.device), logits_to_keep=1).logits
     return step
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``bench`` subcommand's flags."""
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="model name, Hub id or local directory")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ...; default cuda > mps > cpu")
-    parser.add_argument("--reps", type=int, default=3, help="timed repetitions per measurement (after a warm-up)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 1 repetition, 8 new tokens, 8 x 16 training tokens, 512^2 matmuls")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
-    parser.add_argument("--threads", type=threads_arg, default=None,
-                        help="torch CPU threads for every measurement (default: torch's, now %d)"
-                        % torch.get_num_threads())
-    parser.add_argument("--new-tokens", type=int, default=48, help="tokens to generate per prompt")
-    parser.add_argument("--measure", nargs="+", choices=MEASUREMENTS + HF_BASELINES + PREFIX, default=None,
-                        help="only these measurements (the matmul peak is always measured)")
-    parser.add_argument("--hf-baseline", action="store_true",
-                        help="also time transformers' model.generate (generate(..., fast=False))")
-    parser.add_argument("--in-process", action="store_true",
-                        help="measure in this process (no subprocesses: faster, but peak memory is process-wide)")
 
 
 # ---------------------------------------------------------------- measuring (runs in a worker process)
@@ -384,5 +365,5 @@ def format_table(report: dict) -> str:
 if __name__ == "__main__":
     _parser = argparse.ArgumentParser(prog="python -m alignlib.bench.throughput", description=__doc__,
                                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(_parser)
+    bench_arguments(_parser)
     run(_parser.parse_args())

