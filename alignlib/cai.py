@@ -368,7 +368,7 @@ class Scorer:
     def __init__(self, cs: Sequence[float] = (0.3, 1.0, 3.0, 10.0, 30.0), folds: int = 5, batch_size: int = 32):
         from transformers import AutoModel, AutoTokenizer
 
-        from .reward_model import minilm_dir
+        from .reward_backbones import minilm_dir
         from .utils import quiet_loading
 
         with quiet_loading():
@@ -847,8 +847,8 @@ def _rl_stages(config: CAIConfig, store, sl_dir, progress: bool, stop) -> dict:
 
     from .feedback import MultipleChoiceJudge
     from .models import load_model, reference_mode, with_lora
-    from .reward_model import RewardModelConfig, as_reward_function, load_reward_model, pairwise_accuracy, \
-        train_reward_model
+    from .reward_backbones import load_reward_model
+    from .reward_model import RewardModelConfig, as_reward_function, pairwise_accuracy, train_reward_model
     from .training.registry import make_trainer
 
     constitution = load_constitution("train")
