@@ -765,8 +765,7 @@ def plot_simplex(result: dict, reward: int = 0, ax=None):
     means, names, pts = result["summary"]["means"], result["rewards"], result["points"]
     labels = _of_kind(pts, "rs3", "rs")
     w = [pts[x]["weights"] + [0.0] * (3 - len(pts[x]["weights"])) for x in labels]
-    keep = [i for i, x in enumerate(labels)
-            if Point.parse(x).kind == "rs3" or abs(w[i][1] * 4 - round(w[i][1] * 4)) < 1e-9]
+    keep = [i for i, x in enumerate(labels) if Point.parse(x).kind == "rs3" or _on_grid(result, w[i][1])]
     corners = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.5, 3 ** 0.5 / 2]])
     xy = torch.tensor([w[i] for i in keep]) @ corners
     val = [means[labels[i]]["test"][reward] for i in keep]
