@@ -47,6 +47,9 @@ from typing import Sequence
 import torch
 
 from .data import COURSE_SETS, DATA_DIR, read_jsonl
+# Elo lives in evaluation; cai.elo_scores (exercise 05's reference), cai.elo_intervals and cai.pairwise_outcomes
+# (lecture 05) stay importable from here.
+from .evaluation import elo_intervals, elo_scores, pairwise_outcomes  # noqa: F401
 from .generation import generate
 from .models import DEFAULT_MODEL
 from .prefix_cache import PrefixCache
@@ -279,80 +282,6 @@ def ai_labelled_pairs(judge, prompts: Sequence[str], first: Sequence[str], secon
             for q, a, b, p, pr in zip(prompts, first, second, labels["p"], principles)]
 
 
-# ---------------------------------------------------------------- Elo
-
-def elo_scores(outcomes: Sequence[tuple], players: Sequence[str], iters: int = 2000, prior: float = 0.01) -> dict:
-    """Elo scores from pairwise outcomes, the slides' Fig. 13 axis.
-
-    ``outcomes``: (a, b, s) with s = 1 if a won, 0 if b won, 0.5 for a tie (or any soft score). Fits Bradley-Terry
-    strengths beta by maximum likelihood, P(a beats b) = sigma(beta_a - beta_b), with a small L2 ``prior`` so a
-    player who always wins stays finite; Elo = 400 / ln 10 * beta, shifted so that ``players[0]`` has 0.
-    """
-    players = list(players)
-    index = {p: i for i, p in enumerate(players)}
-    if len(index) < 2:
-        raise ValueError(f"players must name at least two distinct players, got {players}.")
-    if not outcomes:
-        raise ValueError("outcomes is empty: pass (a, b, score) triples.")
-    unknown = {x for a, b, _ in outcomes for x in (a, b)} - set(index)
-    if unknown:
-        raise ValueError(f"outcomes name players {sorted(unknown)} that are not in players {players}.")
-    a = torch.tensor([index[o[0]] for o in outcomes])
-    b = torch.tensor([index[o[1]] for o in outcomes])
-    s = torch.tensor([float(o[2]) for o in outcomes], dtype=torch.float64)
-    if ((s < 0) | (s > 1)).any():
-        raise ValueError("every outcome score must lie in [0, 1].")
-    beta = torch.zeros(len(players), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([beta], max_iter=iters, tolerance_grad=1e-10, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        d = beta[a] - beta[b]
-        loss = -(s * torch.nn.functional.logsigmoid(d) + (1 - s) * torch.nn.functional.logsigmoid(-d)).sum()
-        loss = loss + prior * (beta ** 2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    elo = 400 / torch.log(torch.tensor(10.0, dtype=torch.float64)) * (beta.detach() - beta.detach()[0])
-    return {p: float(elo[i]) for p, i in index.items()}
-
-
-def elo_intervals(outcomes: Sequence[tuple], players: Sequence[str], n_boot: int = 200, level: float = 0.95,
-                  seed: int = 0) -> dict:
-    """Each player's Elo and a bootstrap interval over the outcomes: {player: (elo, low, high)}."""
-    point = elo_scores(outcomes, players)
-    rng = random.Random(seed)
-    draws = {p: [] for p in players}
-    for _ in range(n_boot):
-        sample = [outcomes[rng.randrange(len(outcomes))] for _ in outcomes]
-        for p, v in elo_scores(sample, players).items():
-            draws[p].append(v)
-    lo, hi = (1 - level) / 2, (1 + level) / 2
-    out = {}
-    for p in players:
-        v = sorted(draws[p])
-        out[p] = (point[p], v[int(lo * (n_boot - 1))], v[int(round(hi * (n_boot - 1)))])
-    return out
-
-
-def pairwise_outcomes(scores: dict[str, Sequence[float]], tie: float = 1e-6) -> list[tuple]:
-    """Every pair of stages compared prompt by prompt: ``scores[stage][i]`` is a score of stage's answer to prompt
-    i (higher is better); a is the winner when its score is higher, a tie within ``tie`` scores 0.5."""
-    names = list(scores)
-    n = {len(v) for v in scores.values()}
-    if len(n) != 1:
-        raise ValueError("every stage needs one score per prompt; got lengths "
-                         f"{ {k: len(v) for k, v in scores.items()} }.")
-    out = []
-    for i, x in enumerate(names):
-        for y in names[i + 1:]:
-            for sx, sy in zip(scores[x], scores[y]):
-                out.append((x, y, 0.5 if abs(sx - sy) <= tie else float(sx > sy)))
-    return out
-
-
-
 # ---------------------------------------------------------------- the independent scorer
 
 class Scorer:
@@ -368,7 +297,7 @@ class Scorer:
     def __init__(self, cs: Sequence[float] = (0.3, 1.0, 3.0, 10.0, 30.0), folds: int = 5, batch_size: int = 32):
         from transformers import AutoModel, AutoTokenizer
 
-        from .reward_model import minilm_dir
+        from .reward_backbones import minilm_dir
         from .utils import quiet_loading
 
         with quiet_loading():
@@ -857,8 +786,8 @@ def _rl_stages(config: CAIConfig, store, sl_dir, progress: bool, stop) -> dict:
 
     from .feedback import MultipleChoiceJudge
     from .models import load_model, reference_mode, with_lora
-    from .reward_model import RewardModelConfig, as_reward_function, load_reward_model, pairwise_accuracy, \
-        train_reward_model
+    from .reward_backbones import load_reward_model
+    from .reward_model import RewardModelConfig, as_reward_function, pairwise_accuracy, train_reward_model
     from .training.registry import make_trainer
 
     constitution = load_constitution("train")

@@ -455,12 +455,64 @@ def _key(weights) -> str:
     return ",".join(f"{w:.4f}" for w in weights)
 
 
+POINT_KINDS = ("initial", "expert", "rs", "rs-factors", "rs3", "morl", "morl3")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One policy of ``run``'s result, named in ``points`` and ``trainings`` by its ``label``, ``kind:key``.
+
+    ``kind``: ``initial`` (the model before training, no key), ``expert`` (key: its reward's name), ``rs`` (a
+    product soup of the first two experts), ``rs-factors`` (the factors soup of the same weights), ``rs3`` (a soup
+    of three experts), ``morl`` (a policy trained on the weighted sum of the first two rewards) or ``morl3`` (of
+    three). ``key`` (but an expert's): the weights as ``_key`` writes them, e.g. ``0.7500,0.2500``; a ``morl``
+    evaluation lists the first two, its training every reward's. The JSON stores the labels; ``parse`` reads one.
+    """
+
+    kind: str
+    key: str = ""
+
+    def __post_init__(self):
+        if self.kind not in POINT_KINDS:
+            raise ValueError(f"unknown kind of point {self.kind!r}; the soups' points are {POINT_KINDS}.")
+        if (self.kind == "initial") == bool(self.key):
+            raise ValueError(f"a point of kind {self.kind!r} " + ("has no key" if self.key else "needs a key after ':'")
+                             + f", got {self.label!r}.")
+
+    @classmethod
+    def parse(cls, label: str) -> Point:
+        """The point a stored label names: ``Point.parse("rs:0.7500,0.2500") == Point("rs", "0.7500,0.2500")``."""
+        kind, _, key = label.partition(":")
+        return cls(kind, key)
+
+    @classmethod
+    def of(cls, kind: str, weights) -> Point:
+        """The point of ``kind`` with these weights."""
+        return cls(kind, _key(weights))
+
+    @property
+    def label(self) -> str:
+        """The name ``run`` stores it under; ``Point.parse(p.label) == p``."""
+        return f"{self.kind}:{self.key}" if self.key else self.kind
+
+
+def _of_kind(labels, *kinds: str) -> list[str]:
+    """The labels, in their order, of the points of one of ``kinds``."""
+    return [x for x in labels if Point.parse(x).kind in kinds]
+
+
+def _on_grid(result: dict, lam: float) -> bool:
+    """Whether the weight ``lam`` lies on the N = 3 simplex grid of ``result``'s config (``simplex_steps``)."""
+    steps = result["config"]["simplex_steps"]
+    return abs(lam * steps - round(lam * steps)) < 1e-9
+
+
 def run(config: SoupsConfig | None = None, out=None, progress: bool = True, stop=None) -> dict:
     """Train N experts and MORL's weightings, evaluate soups and MORL policies, and compare (JSON-ready dict).
 
     Every policy is evaluated on the same held-out prompts with the same sampling seed. ``points`` maps a name
-    (``rs:<lambda>`` for a product soup, ``rs-factors:<lambda>``, ``morl:<mu>``, ``initial``) to its evaluation;
-    ``trainings`` holds the wall time and history of each fine-tuning.
+    (``rs:<lambda>`` for a product soup, ``rs-factors:<lambda>``, ``morl:<mu>``, ``initial``: a ``Point``'s label) to
+    its evaluation; ``trainings`` holds the wall time and history of each fine-tuning.
 
     With ``out`` (a run directory ``prepare_output`` has checked), every training and every evaluation is a stage
     of a ``StageStore`` in ``out/stages/``: a training's folder holds its adapter (``adapter.safetensors``), its
@@ -536,23 +588,23 @@ def run(config: SoupsConfig | None = None, out=None, progress: bool = True, stop
 
     n3 = len(names) >= 3
     vertices = [tuple(1.0 if j == i else 0.0 for j in range(len(names))) for i in range(len(names))]
-    experts = [train(f"expert:{names[i]}", v) for i, v in enumerate(vertices if n3 else vertices[:2])]
+    experts = [train(Point("expert", names[i]).label, v) for i, v in enumerate(vertices if n3 else vertices[:2])]
     grid2 = [i / (config.lambdas - 1) for i in range(config.lambdas)]
     bar = tqdm(grid2, desc="soups N=2", disable=not progress)
     for lam in bar:                                                   # lambda: the weight of expert 2
-        evaluate(f"rs:{_key([1 - lam, lam])}", experts[:2], [1 - lam, lam])
+        evaluate(Point.of("rs", [1 - lam, lam]).label, experts[:2], [1 - lam, lam])
         if 0 < lam < 1:
-            evaluate(f"rs-factors:{_key([1 - lam, lam])}", experts[:2], [1 - lam, lam], "factors")
+            evaluate(Point.of("rs-factors", [1 - lam, lam]).label, experts[:2], [1 - lam, lam], "factors")
     for mu in tqdm(config.morl_mus, desc="MORL N=2", disable=not progress):
         w = [1 - mu, mu] + [0.0] * (len(names) - 2)
-        evaluate(f"morl:{_key(w[:2])}", [train(f"morl:{_key(w)}", w)], [1.0])
+        evaluate(Point.of("morl", w[:2]).label, [train(Point.of("morl", w).label, w)], [1.0])
     if n3:
         for lam in tqdm(simplex_grid(3, config.simplex_steps), desc="soups N=3", disable=not progress):
-            if f"rs:{_key(lam[:2])}" in points and lam[2] == 0:
+            if Point.of("rs", lam[:2]).label in points and lam[2] == 0:
                 continue                                              # already evaluated on the N = 2 segment
-            evaluate(f"rs3:{_key(lam)}", experts, lam)
+            evaluate(Point.of("rs3", lam).label, experts, lam)
         for w in config.morl_simplex:
-            evaluate(f"morl3:{_key(w)}", [train(f"morl3:{_key(w)}", list(w))], [1.0])
+            evaluate(Point.of("morl3", w).label, [train(Point.of("morl3", w).label, list(w))], [1.0])
     result["summary"] = summarize(result)
     return result
 
@@ -600,14 +652,14 @@ def summarize(result: dict, n_boot: int = 1000, seed: int = 0) -> dict:
                              if m],
                 "trainings_rs": k, "trainings_morl": len(morl)}
 
-    rs2 = sorted(x for x in pts if x.startswith("rs:"))
-    e1, e2 = f"rs:{_key([1.0, 0.0])}", f"rs:{_key([0.0, 1.0])}"
-    morl2 = [e1, e2] + sorted(x for x in pts if x.startswith("morl:"))
+    rs2 = sorted(_of_kind(pts, "rs"))
+    e1, e2 = Point.of("rs", [1.0, 0.0]).label, Point.of("rs", [0.0, 1.0]).label
+    morl2 = [e1, e2] + sorted(_of_kind(pts, "morl"))
     seconds = {label: t["seconds"] for label, t in result["trainings"].items()}
-    experts = [f"expert:{n}" for n in names]
+    experts = [Point("expert", n).label for n in names]
     out = {"n2": front_stats(rs2, morl2, 2)}
     out["n2"]["seconds_rs"] = sum(seconds[e] for e in experts[:2])
-    out["n2"]["seconds_morl"] = out["n2"]["seconds_rs"] + sum(v for k, v in seconds.items() if k.startswith("morl:"))
+    out["n2"]["seconds_morl"] = out["n2"]["seconds_rs"] + sum(seconds[k] for k in _of_kind(seconds, "morl"))
 
     lams = [pts[x]["weights"][1] for x in rs2]
     lmc = {}
@@ -619,21 +671,22 @@ def summarize(result: dict, n_boot: int = 1000, seed: int = 0) -> dict:
             rows.append({"lambda": lam, "gap": iv.mean, "low": iv.low, "high": iv.high})
         lmc[n] = rows
     out["lmc"] = lmc
+    product = {f: Point("rs", Point.parse(f).key).label for f in _of_kind(pts, "rs-factors")}   # same weights
     out["factors_vs_product"] = [
-        {"lambda": pts[f]["weights"][1], **{n: bootstrap_mean(table[f][:, k] - table["rs:" + f.split(":")[1]][:, k],
+        {"lambda": pts[f]["weights"][1], **{n: bootstrap_mean(table[f][:, k] - table[product[f]][:, k],
                                                              n_boot=n_boot, seed=seed).__dict__
                                              for k, n in enumerate(names[:2])},
-         "kl_factors": pts[f]["kl"], "kl_product": pts["rs:" + f.split(":")[1]]["kl"]}
-        for f in sorted(x for x in pts if x.startswith("rs-factors:"))]
+         "kl_factors": pts[f]["kl"], "kl_product": pts[product[f]]["kl"]}
+        for f in sorted(product)]
 
-    if len(names) >= 3 and any(x.startswith("rs3:") for x in pts):
-        on_grid = lambda lam: abs(lam * cfg["simplex_steps"] - round(lam * cfg["simplex_steps"])) < 1e-9  # noqa: E731
-        rs3 = [x for x in pts if x.startswith("rs3:")] + [x for x in rs2 if on_grid(pts[x]["weights"][1])]
-        third = f"rs3:{_key([0.0, 0.0, 1.0])}"
-        morl3 = [e1, e2, third] + sorted(x for x in pts if x.startswith("morl:") or x.startswith("morl3:"))
+    if len(names) >= 3 and _of_kind(pts, "rs3"):
+        rs3 = _of_kind(pts, "rs3") + [x for x in rs2 if _on_grid(result, pts[x]["weights"][1])]
+        third = Point.of("rs3", [0.0, 0.0, 1.0]).label
+        morl3 = [e1, e2, third] + sorted(_of_kind(pts, "morl", "morl3"))
         out["n3"] = front_stats(sorted(set(rs3)), morl3, 3)
         out["n3"]["seconds_rs"] = sum(seconds[e] for e in experts[:3])
-        out["n3"]["seconds_morl"] = out["n3"]["seconds_rs"] + sum(v for k, v in seconds.items() if k.startswith("morl"))
+        morl_seconds = sum(seconds[k] for k in _of_kind(seconds, "morl", "morl3"))
+        out["n3"]["seconds_morl"] = out["n3"]["seconds_rs"] + morl_seconds
 
     users = {}
     for name, mu in cfg["users"]:
@@ -665,8 +718,8 @@ def plot_front(result: dict, ax=None, split: str = "test"):
     ax = ax or plt.subplots(figsize=(6, 4.5))[1]
     means, names = result["summary"]["means"], result["rewards"]
     pts = result["points"]
-    rs = sorted((pts[x]["weights"][1], x) for x in pts if x.startswith("rs:"))
-    fac = sorted((pts[x]["weights"][1], x) for x in pts if x.startswith("rs-factors:"))
+    rs = sorted((pts[x]["weights"][1], x) for x in _of_kind(pts, "rs"))
+    fac = sorted((pts[x]["weights"][1], x) for x in _of_kind(pts, "rs-factors"))
     xy = lambda label: means[label][split][:2]  # noqa: E731
     ax.plot(*zip(*[xy(x) for _, x in rs]), "o-", color="C0", label="RS, product (N = 2 trainings)")
     for lam, x in rs:
@@ -674,7 +727,7 @@ def plot_front(result: dict, ax=None, split: str = "test"):
     if fac:
         ends = [rs[0][1]] + [x for _, x in fac] + [rs[-1][1]]
         ax.plot(*zip(*[xy(x) for x in ends]), "s--", color="C2", ms=4, label="RS, A and B averaged separately")
-    morl = [x for x in pts if x.startswith("morl:")]
+    morl = _of_kind(pts, "morl")
     n_morl = len(morl) + 2
     ax.plot(*zip(*[xy(x) for x in [rs[0][1]] + sorted(morl, key=lambda x: pts[x]["weights"][0]) + [rs[-1][1]]]),
             "D", color="C3", ms=7, mfc="none", label=f"MORL (M = {n_morl} trainings)")
@@ -710,9 +763,9 @@ def plot_simplex(result: dict, reward: int = 0, ax=None):
 
     ax = ax or plt.subplots(figsize=(5, 4.3))[1]
     means, names, pts = result["summary"]["means"], result["rewards"], result["points"]
-    labels = [x for x in pts if x.startswith("rs3:") or x.startswith("rs:")]
+    labels = _of_kind(pts, "rs3", "rs")
     w = [pts[x]["weights"] + [0.0] * (3 - len(pts[x]["weights"])) for x in labels]
-    keep = [i for i, x in enumerate(labels) if x.startswith("rs3:") or abs(w[i][1] * 4 - round(w[i][1] * 4)) < 1e-9]
+    keep = [i for i, x in enumerate(labels) if Point.parse(x).kind == "rs3" or _on_grid(result, w[i][1])]
     corners = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.5, 3 ** 0.5 / 2]])
     xy = torch.tensor([w[i] for i in keep]) @ corners
     val = [means[labels[i]]["test"][reward] for i in keep]

@@ -19,7 +19,7 @@ LAYERS = [  # lowest first
                                               "alignlib.models", "alignlib.data", "alignlib.logprobs",
                                               "alignlib.engine", "alignlib.engine.*", "alignlib.generation",
                                               "alignlib.prefix_cache", "alignlib.multiple_choice", "alignlib.rewards",
-                                              "alignlib.evaluation"]),
+                                              "alignlib.evaluation", "alignlib.reward_backbones"]),
     ("training machinery", ["alignlib.training", "alignlib.training.distributed", "alignlib.training.protocol",
                             "alignlib.training.checkpoint", "alignlib.training.loop"]),
     ("trainers", ["alignlib.sft", "alignlib.ppo", "alignlib.rrhf", "alignlib.raft", "alignlib.reward_model",

@@ -58,6 +58,7 @@ def train_reward_models(seed: int) -> tuple[dict, dict]:
     """Proxy and judge Bradley-Terry models on disjoint halves of the training pairs; their accuracies."""
     from .. import reward_model as rm
     from ..data import load_course_dataset
+    from ..reward_backbones import load_reward_model
 
     config = rm.RewardModelConfig.preset("cpu", epochs=3, seed=seed)
     pairs = load_course_dataset("preference_pairs", "train")
@@ -65,7 +66,7 @@ def train_reward_models(seed: int) -> tuple[dict, dict]:
              "shifted": load_course_dataset("preference_pairs_shift", "test")}
     models, accuracy = {}, {}
     for name, start in (("proxy", 0), ("judge", 1)):
-        model, tok = rm.load_reward_model(config.model, seed=seed)
+        model, tok = load_reward_model(config.model, seed=seed)
         rm.train_reward_model(model, tok, pairs.select(range(start, len(pairs), 2)), config, progress=False)
         models[name] = rm.as_reward_function(model, tok)
         accuracy[name] = {k: rm.pairwise_accuracy(model, tok, v)["accuracy"] for k, v in tests.items()}

@@ -88,8 +88,8 @@ OUTPUT_LIMIT = 1_000_000  # bytes of the student's output that grade_in_subproce
 # the modules a student's cell could patch to make a wrong answer pass (checks are added per exercise)
 GUARDED_MODULES = ("torch", "torch.testing", "torch.nn.functional", "alignlib.checks", "alignlib.logprobs",
                    "alignlib.ppo", "alignlib.rrhf", "alignlib.raft", "alignlib.soups", "alignlib.tiny_lab",
-                   "alignlib.cai", "alignlib.feedback", "alignlib.self_align", "alignlib.multiple_choice",
-                   "alignlib.prefix_cache", "math")
+                   "alignlib.cai", "alignlib.evaluation", "alignlib.feedback", "alignlib.self_align",
+                   "alignlib.multiple_choice", "alignlib.prefix_cache", "math")   # evaluation: cai's Elo
 
 
 class GraderTampered(RuntimeError):
