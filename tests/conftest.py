@@ -22,10 +22,6 @@ from alignlib.models import load_model, with_lora  # noqa: E402
 
 TIERS = ("unit", "model", "learning", "distributed", "pipeline")
 UNIT_TIME_LIMIT_S = 60
-# Files the library restructuring edits on its own branch: their unmarked tests are unit tests, marked here until
-# the files carry their own markers. Any other test without a tier marker is an error.
-UNIT_UNLESS_MARKED = {"test_cli.py", "test_resume_commands.py", "test_resume_cai_self_align.py", "test_guards.py",
-                      "test_checkpoint.py"}
 
 
 @pytest.hookimpl(tryfirst=True)   # before -m deselects anything, so every collected test is checked
@@ -37,9 +33,6 @@ def pytest_collection_modifyitems(config, items):
         if path is not None and path.suffix == ".ipynb":   # notebook cells, collected by nbval: exempt
             continue
         tiers = sorted({mark.name for mark in item.iter_markers() if mark.name in TIERS})
-        if not tiers and path is not None and path.name in UNIT_UNLESS_MARKED:
-            item.add_marker(pytest.mark.unit)
-            tiers = ["unit"]
         if len(tiers) != 1:
             wrong.append(f"  {item.nodeid}: {', '.join(tiers) or 'no tier marker'}")
         elif tiers == ["unit"] and item.get_closest_marker("timeout") is None:

@@ -54,6 +54,7 @@ def vowels(prompts, responses) -> torch.Tensor:
     return torch.tensor([float(sum(c in "aeiou" for c in r)) for r in responses])
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("method", ["ppo", "rrhf", "raft"])
 def test_a_resumed_run_ends_exactly_where_the_uninterrupted_run_does(method, tmp_path):
     record = {"method": method}
@@ -77,6 +78,7 @@ def test_a_resumed_run_ends_exactly_where_the_uninterrupted_run_does(method, tmp
     assert kept == ["step-000002", "step-000003"]          # the newest, and the one before it as a fallback
 
 
+@pytest.mark.unit
 def test_an_existing_run_is_refused_unless_resumed_or_overwritten(tmp_path):
     out = prepare_output(tmp_path / "run")
     (out / "adapter").mkdir(parents=True)
@@ -93,6 +95,7 @@ def test_an_existing_run_is_refused_unless_resumed_or_overwritten(tmp_path):
     prepare_output(tmp_path / "fresh" / "nested")         # a new directory is created
 
 
+@pytest.mark.unit
 def test_overwrite_deletes_only_what_the_run_protocol_wrote(tmp_path, monkeypatch):
     mine = tmp_path / "notes"
     mine.mkdir()
@@ -155,6 +158,7 @@ def test_resume_refuses_another_method_model_reward_seed_or_a_smaller_budget(tmp
     assert len(record["history"]) == 3 and read_marker(out)["identity"]["steps"] == 3
 
 
+@pytest.mark.unit
 def test_a_damaged_checkpoint_falls_back_to_the_one_before(tmp_path):
     whole = build("rrhf")
     train_steps(whole, tmp_path, 3, every=1, record={"method": "rrhf"}, progress=False)
@@ -173,6 +177,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before(tmp_path):
         prepare_output(tmp_path, resume=True)              # found before the model loads
 
 
+@pytest.mark.unit
 def test_a_full_disk_or_non_finite_weights_leave_the_last_good_checkpoint(tmp_path, monkeypatch):
     import errno
 
@@ -197,6 +202,7 @@ def test_a_full_disk_or_non_finite_weights_leave_the_last_good_checkpoint(tmp_pa
     assert latest_checkpoint(tmp_path).name == "step-000001"
 
 
+@pytest.mark.unit
 def test_a_stage_store_resumes_with_the_rng_where_the_stage_ended(tmp_path):
     def draw():
         return {"torch": torch.rand(2).tolist(), "python": random.random(), "numpy": float(np.random.rand())}
@@ -214,6 +220,7 @@ def test_a_stage_store_resumes_with_the_rng_where_the_stage_ended(tmp_path):
         StageStore(tmp_path / "b").load("two")
 
 
+@pytest.mark.unit
 def test_the_same_signal_delivered_twice_is_one_stop_request():
     with graceful_stop() as stop:
         os.kill(os.getpid(), signal.SIGINT)
@@ -221,6 +228,7 @@ def test_the_same_signal_delivered_twice_is_one_stop_request():
         assert stop.signum == signal.SIGINT
 
 
+@pytest.mark.unit
 def test_an_unwritable_output_fails_before_training(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
@@ -314,6 +322,7 @@ def test_reward_model_training_resumes_exactly_and_writes_its_run_directory(tmp_
         rm.accuracy_over_seeds(seeds=[0], model="tiny-random", output=str(tmp_path / "cli"))
 
 
+@pytest.mark.unit
 def test_a_diverged_step_names_the_last_good_checkpoint(tmp_path, monkeypatch):
     trainer = build("rrhf")
     train_steps(trainer, tmp_path, 1, every=1, record={"method": "rrhf"}, progress=False)

@@ -7,6 +7,7 @@ import pytest
 from alignlib.commands.cli import build_parser
 
 
+@pytest.mark.unit
 def test_parser_knows_the_commands():
     parser = build_parser()
     assert parser.parse_args(["tour"]).command == "tour"
@@ -33,6 +34,7 @@ def test_method_run_writes_history_and_adapter(tmp_path, method, field):
     assert record["history"][-1]["kl/ref"] == saved["history"][-1]["kl/ref"]
 
 
+@pytest.mark.unit
 def test_method_presets_exist_for_both_machines():
     from alignlib.ppo import PPOConfig
     from alignlib.raft import RAFTConfig
@@ -45,6 +47,7 @@ def test_method_presets_exist_for_both_machines():
     assert RAFTConfig.preset("cpu", stages=3).stages == 3
 
 
+@pytest.mark.unit
 def test_task_queries_carry_stored_responses():
     from alignlib.data import load_task_queries
 
@@ -53,6 +56,7 @@ def test_task_queries_carry_stored_responses():
     assert set(load_task_queries("course:movie_openings", "test", n=2)[0]) == {"prompt"}
 
 
+@pytest.mark.unit
 def test_unknown_reward_is_a_clear_error():
     from alignlib.reward_model import build_reward
 

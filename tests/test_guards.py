@@ -11,6 +11,7 @@ from alignlib.utils import guarded_step, seed_everything
 PROMPTS = ["Hello", "Name a colour.", "What is 2 + 2?", "Say something nice."]
 
 
+@pytest.mark.unit
 def test_score_accepts_a_finite_vector_and_names_every_other_output():
     assert score(lambda p, r: torch.ones(len(r), dtype=torch.float64), ["a", "b"], ["x", "y"]).dtype == torch.float32
     cases = [(lambda p, r: torch.ones(1), ValueError, r"shape \(1,\) for 2 responses"),
@@ -22,6 +23,7 @@ def test_score_accepts_a_finite_vector_and_names_every_other_output():
             score(fn, ["a", "b"], ["x", "y"])
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("method", ["ppo", "rrhf", "raft"])
 def test_every_trainer_rejects_a_reward_broadcast_over_the_batch(method):
     from alignlib.ppo import PPOConfig, PPOTrainer
@@ -43,6 +45,7 @@ def test_every_trainer_rejects_a_reward_broadcast_over_the_batch(method):
         trainer.train(progress=False)
 
 
+@pytest.mark.unit
 def test_a_diverging_ppo_run_stops_instead_of_finishing_with_broken_weights():
     from alignlib.ppo import PPOConfig, PPOTrainer
 
@@ -55,6 +58,7 @@ def test_a_diverging_ppo_run_stops_instead_of_finishing_with_broken_weights():
         trainer.train(progress=False)
 
 
+@pytest.mark.unit
 def test_guarded_step_checks_the_gradient_before_and_the_weights_after():
     w = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.SGD([w], lr=1.0)
@@ -70,6 +74,7 @@ def test_guarded_step_checks_the_gradient_before_and_the_weights_after():
         guarded_step(big)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("make, message", [
     (lambda: __import__("alignlib.rrhf", fromlist=["x"]).RRHFConfig(temperature=float("nan")), "temperature"),
     (lambda: __import__("alignlib.rrhf", fromlist=["x"]).RRHFConfig(max_new_tokens=0), "max_new_tokens"),
@@ -81,6 +86,7 @@ def test_configs_are_checked_up_front(make, message):
         make()
 
 
+@pytest.mark.unit
 def test_a_bare_string_is_not_taken_for_a_list_of_prompts():
     from alignlib.ppo import PPOConfig, PPOTrainer
 
@@ -89,6 +95,7 @@ def test_a_bare_string_is_not_taken_for_a_list_of_prompts():
         PPOTrainer(model, tok, lambda p, r: torch.zeros(len(r)), "Hello there", PPOConfig(steps=1))
 
 
+@pytest.mark.unit
 def test_a_diverging_reward_model_stops_instead_of_finishing_with_broken_weights():
     from alignlib import reward_model as rm
 
@@ -100,6 +107,7 @@ def test_a_diverging_reward_model_stops_instead_of_finishing_with_broken_weights
         rm.train_reward_model(model, tok, pairs, config, progress=False)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("out, error, message", [
     (torch.tensor([1 + 2j, 3 + 0j]), TypeError, "reward function bad returned complex rewards"),
     (torch.tensor([1.0, float("inf")]), ValueError, "bad returned non-finite rewards"),
@@ -117,6 +125,7 @@ def test_score_refuses_complex_non_finite_and_misshapen_rewards_by_name(out, err
         WeightedSum({"bad": bad, "ok": lambda p, r: torch.ones(len(r))}, [0.5, 0.5])(["a", "b"], ["x", "y"])
 
 
+@pytest.mark.unit
 def test_pairwise_accuracy_refuses_complex_and_non_numeric_rewards():
     from alignlib.reward_model import pairwise_accuracy
 
@@ -128,6 +137,7 @@ def test_pairwise_accuracy_refuses_complex_and_non_numeric_rewards():
     assert pairwise_accuracy(lambda p, r: [float(len(x)) for x in r], None, pairs)["accuracy"] == 1.0
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("call, message", [
     (lambda: __import__("alignlib.data", fromlist=["x"]).load_prompts("movie_openings", "test", n=-1),
      r"n must be None \(all\) or an integer >= 0, got -1"),
@@ -146,6 +156,7 @@ def test_negative_and_boolean_counts_are_refused_by_the_library(call, message):
         call()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("argv, flag, least", [
     (["cai-sl", "--helpful", "-1"], "--helpful", 0), (["cai-sl", "--study-prompts", "-1"], "--study-prompts", 0),
     (["cai-rl", "--eval", "-1"], "--eval", 1), (["cai-rl", "--human-helpful-pairs", "-1"], "--human-helpful-pairs", 0),
@@ -159,6 +170,7 @@ def test_the_parser_refuses_negative_counts_with_a_usage_line(argv, flag, least,
     assert f"argument {flag}: must be an integer >= {least}, got '{argv[-1]}'" in capsys.readouterr().err
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("command", ["soups", "cai-sl", "cai-rl", "self-align", "bench", "peer-bench", "gpu-check",
                                      "method-bench", "ppo-check"])
 @pytest.mark.parametrize("threads", ["-1", "0"])
@@ -173,6 +185,7 @@ def test_every_threads_flag_refuses_non_positive_counts_and_names_the_cores(comm
         in capsys.readouterr().err
 
 
+@pytest.mark.unit
 def test_set_threads_checks_before_torch_does():
     import os
 
@@ -186,6 +199,7 @@ def test_set_threads_checks_before_torch_does():
     assert set_threads(before) == before == torch.get_num_threads()
 
 
+@pytest.mark.unit
 def test_configs_carrying_top_k_or_top_p_are_checked():
     from types import SimpleNamespace
 

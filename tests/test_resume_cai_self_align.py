@@ -61,6 +61,7 @@ def no_model(*args, **kwargs):
     raise AssertionError("a model was loaded before the output was checked")
 
 
+@pytest.mark.unit
 def test_an_unwritable_output_or_json_fails_before_any_model_loads(tmp_path, monkeypatch):
     import alignlib.models
 
@@ -80,6 +81,7 @@ def test_an_unwritable_output_or_json_fails_before_any_model_loads(tmp_path, mon
     assert not (tmp_path / "cai").exists() and not (tmp_path / "sa").exists()      # refused before claiming
 
 
+@pytest.mark.unit
 def test_cai_sl_refuses_an_earlier_run_and_cai_rl_an_unfinished_sl_before_any_model_loads(tmp_path, monkeypatch):
     import alignlib.models
 
@@ -102,6 +104,7 @@ def test_cai_sl_refuses_an_earlier_run_and_cai_rl_an_unfinished_sl_before_any_mo
         main(["cai-rl", *CAI, "--output", str(cut)])
 
 
+@pytest.mark.unit
 def test_cai_rl_overwrite_redoes_only_cai_rl_with_its_new_settings(tmp_path):
     def args(*extra):
         return build_parser().parse_args(["cai-rl", *CAI, *RL, "--output", str(tmp_path / "run"), *extra])

@@ -184,6 +184,7 @@ open(path, "w").write(json.dumps(run))
 '''
 
 
+@pytest.mark.unit
 def test_ppo_check_keeps_finished_runs_when_stopped_and_resume_runs_only_the_rest(tmp_path, monkeypatch):
     import time
 
