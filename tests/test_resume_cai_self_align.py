@@ -53,7 +53,7 @@ def stopped(monkeypatch, capsys, owner, name: str, argv: list[str]) -> str:
             main(argv)
     assert stop.value.code == 128 + signal.SIGINT
     said = capsys.readouterr().out
-    assert "; run the same command with --resume to continue" in said
+    assert ". Run the same command with --resume to continue." in said
     return said.split("stopped after ")[1].split(";")[0]
 
 

@@ -92,7 +92,8 @@ def claim_output(args, stage: str, config) -> Path:
 def run(args, stage: str) -> dict:
     """Run cai-sl (``stage="sl"``) or cai-rl (``"rl"``) as the module docstring says; print the summary."""
     from ..cai import RL_STAGES, SL_STAGES, run_rl, run_sl
-    from ..training.checkpoint import StageStore, StopRun, check_json_path, graceful_stop
+    from ..training.checkpoint import check_json_path
+    from ..training.loop import staged_run
     from ..utils import set_threads
 
     if args.threads:
@@ -101,19 +102,11 @@ def run(args, stage: str) -> dict:
     if args.json:
         check_json_path(args.json)
     out = claim_output(args, stage, config)
-    done = [name for name in (SL_STAGES if stage == "sl" else RL_STAGES) if StageStore(out).done(name)]
-    if done:
-        print(f"[cai-{stage}] resuming {out}: stored stages {', '.join(done)} are read back", flush=True)
-    with graceful_stop() as stop:
-        try:
-            if stage == "sl":
-                result = run_sl(config, out=out, stop=stop)
-            else:
-                result = run_rl(config, sl_dir=out, out=out, stop=stop)
-        except StopRun as err:
-            print(f"[cai-{stage}] stopped after {err.stage}; run the same command with --resume to continue",
-                  flush=True)
-            raise SystemExit(128 + err.signum) from None
+    with staged_run(f"cai-{stage}", out, SL_STAGES if stage == "sl" else RL_STAGES) as stop:
+        if stage == "sl":
+            result = run_sl(config, out=out, stop=stop)
+        else:
+            result = run_rl(config, sl_dir=out, out=out, stop=stop)
     if stage == "sl":
         result = {k: v for k, v in result.items() if k not in ("policy", "tokenizer")}
         changed = sum(r["final"] != r["initial"] for r in result["revised"])

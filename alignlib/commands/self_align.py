@@ -25,7 +25,8 @@ def add_arguments(parser) -> None:
 def run(args) -> dict:
     from ..self_align import STAGES, SelfAlignConfig
     from ..self_align import run as run_self_align
-    from ..training.checkpoint import StageStore, StopRun, atomic_write, check_json_path, graceful_stop, prepare_output
+    from ..training.checkpoint import atomic_write, check_json_path, prepare_output
+    from ..training.loop import staged_run
     from ..utils import set_threads
 
     if args.threads:
@@ -34,16 +35,8 @@ def run(args) -> dict:
     check_json_path(args.json)
     identity = {"method": "self-align", "preset": args.preset, **json.loads(json.dumps(vars(config)))}
     run_dir = prepare_output(args.output, resume=args.resume, overwrite=args.overwrite, identity=identity)
-    done = [name for name in STAGES if StageStore(run_dir).done(name)]
-    if done:
-        print(f"[self-align] resuming {run_dir}: stored stages {', '.join(done)} are read back", flush=True)
-    with graceful_stop() as stop:
-        try:
-            result = run_self_align(config, out=run_dir, stop=stop)
-        except StopRun as err:
-            print(f"[self-align] stopped after {err.stage}; run the same command with --resume to continue",
-                  flush=True)
-            raise SystemExit(128 + err.signum) from None
+    with staged_run("self-align", run_dir, STAGES) as stop:
+        result = run_self_align(config, out=run_dir, stop=stop)
     text = json.dumps(result, indent=1)
     atomic_write(run_dir / "self_align.json", text)
     out = Path(args.json)

@@ -47,7 +47,8 @@ def run(args) -> dict:
 
     from ..soups import SoupsConfig, plot_front, plot_lmc
     from ..soups import run as run_soups
-    from ..training.checkpoint import StopRun, atomic_write, check_json_path, graceful_stop, prepare_output
+    from ..training.checkpoint import atomic_write, check_json_path, prepare_output
+    from ..training.loop import staged_run
     from ..utils import set_threads
 
     if args.threads:
@@ -57,13 +58,8 @@ def run(args) -> dict:
         check_json_path(args.json)
     out = prepare_output(args.output, resume=getattr(args, "resume", False), overwrite=args.overwrite,
                          identity=soups_identity(args.preset, config))
-    with graceful_stop() as stop:
-        try:
-            result = run_soups(config, out=out, stop=stop)
-        except StopRun as err:
-            print(f"[soups] stopped after {err.stage}; its results are in {out}/stages. Run the same command with "
-                  "--resume to continue.", flush=True)
-            raise SystemExit(128 + err.signum) from None
+    with staged_run("soups", out) as stop:
+        result = run_soups(config, out=out, stop=stop)
     result["machine"] = {"threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
                          "loadavg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     text = json.dumps(result, indent=1)

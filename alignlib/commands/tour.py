@@ -53,7 +53,8 @@ def run(model_name: str = DEFAULT_MODEL, n_prompts: int = 4, max_new_tokens: int
     report is written from the stored steps, as the uninterrupted tour writes it."""
     from contextlib import nullcontext
 
-    from ..training.checkpoint import StageStore, StopRun, graceful_stop, prepare_output
+    from ..training.checkpoint import StageStore, prepare_output
+    from ..training.loop import staged_run
 
     store = None
     if report is not None:
@@ -71,7 +72,7 @@ def run(model_name: str = DEFAULT_MODEL, n_prompts: int = 4, max_new_tokens: int
                "self_align": lambda: tour_self_align(model, tokenizer, n_prompts=min(n_prompts, 4))}
     titles = [("sample", "Step 0: sample and score (lecture 00)")] + TOUR_STEPS
     done = {}
-    with graceful_stop() if store is not None else nullcontext() as stop:   # no report: Ctrl-C stops at once
+    with staged_run("tour", Path(report)) if store is not None else nullcontext() as stop:   # no report: at once
         for method, title in titles:
             print(f"\n== {title} ==")
             work = compute.get(method, lambda: tour_method(method, model_name, steps=steps, seed=seed))
@@ -80,12 +81,7 @@ def run(model_name: str = DEFAULT_MODEL, n_prompts: int = 4, max_new_tokens: int
                 continue
             if store.done(method):
                 print(f"[tour] finished before: {store.path(method)}")
-            try:
-                done[method] = store.run(method, work, stop)
-            except StopRun as err:
-                print(f"[tour] stopped after the step {err.stage}; run the same command with --resume to continue "
-                      f"(finished steps are in {store.root}).", flush=True)
-                raise SystemExit(128 + err.signum) from None
+            done[method] = store.run(method, work, stop)
     if store is not None:
         done = {method: store.load(method) for method, _ in titles}   # the report from the stored steps
     result = {**done.pop("sample"), **done, "seconds": time.perf_counter() - start}

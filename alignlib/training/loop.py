@@ -7,12 +7,14 @@ W&B through accelerate). Under ``accelerate launch`` all processes agree on when
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import _good_copy, graceful_stop, load_checkpoint, save_checkpoint, write_record
+from .checkpoint import StageStore, StopRun, _good_copy, graceful_stop, load_checkpoint, save_checkpoint, write_record
 from .distributed import process_state
 
 
@@ -85,3 +87,20 @@ def stop_run(name: str, out: Path, trainer, total: int, signum: int, say=print):
     say(f"[{name}] stopped after step {len(trainer.history)} of {total}; checkpoint written to {out}. "
         f"Run the same command with --resume to continue.", flush=True)
     raise SystemExit(128 + signum)
+
+
+@contextmanager
+def staged_run(name: str, out: Path, stages: Sequence[str] = ()):
+    """The run protocol of a multi-stage command, once ``prepare_output`` has claimed ``out``: say which of
+    ``stages`` are stored and read back, yield the stop request of SIGINT/SIGTERM (``graceful_stop``), and turn the
+    ``StopRun`` that a stage raises once it is stored into one message and the exit status 128 + the signal."""
+    done = [stage for stage in stages if StageStore(out).done(stage)]
+    if done:
+        print(f"[{name}] resuming {out}: stored stages {', '.join(done)} are read back", flush=True)
+    with graceful_stop() as stop:
+        try:
+            yield stop
+        except StopRun as err:
+            print(f"[{name}] stopped after {err.stage}; the finished stages are in {out}. Run the same command with "
+                  "--resume to continue.", flush=True)
+            raise SystemExit(128 + err.signum) from None
