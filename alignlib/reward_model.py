@@ -481,66 +481,6 @@ def run(config: RewardModelConfig | None = None, device=None, progress: bool = T
     return {"model": model, "tokenizer": tokenizer, "history": history, "test": result}
 
 
-def accuracy_over_seeds(preset: str = "cpu", seeds=(0,), epochs: int | None = None,
-                        max_train_pairs: int | None = None, model: str | None = None,
-                        max_length: int | None = None, output: str | None = None, resume: bool = False,
-                        overwrite: bool = False, every: int = CHECKPOINT_EVERY) -> list[dict]:
-    """``python -m alignlib reward-model``: train one reward model per seed (``run``) and print its pairwise accuracy
-    on the test split and, for the course data, on the shifted pairs written unlike the training set.
-    With ``output``, seed s is a run directory ``<output>/seed-s`` (checked for every seed before any training) whose
-    identity (preset, seed, model, epochs, max_train_pairs, max_length) ``resume`` must match; a flag left out on
-    ``resume`` means the stored value. ``resume`` skips a seed that finished (its accuracies are read from its
-    ``history.json``), continues one with a checkpoint, and starts one the stopped command had not reached.
-    SIGINT/SIGTERM during a training checkpoints it and stops (``runs.train_steps``); between trainings, it stops
-    after the running seed. Either way the exit code is 128 + the signal."""
-    from contextlib import nullcontext
-
-    from .training.checkpoint import (graceful_stop, latest_checkpoint, prepare_output, read_marker, read_record,
-                                      write_record)
-    from .data import load_course_dataset
-
-    overrides = {k: v for k, v in (("epochs", epochs), ("max_train_pairs", max_train_pairs), ("model", model),
-                                          ("max_length", max_length)) if v is not None}
-    fields = ("model", "epochs", "max_train_pairs", "max_length")
-    configs, dirs = {}, {}
-    for seed in seeds:
-        configs[seed] = RewardModelConfig.preset(preset, seed=seed, **overrides)
-        dirs[seed] = None
-        if output:
-            path = Path(output) / f"seed-{seed}"
-            again = resume and latest_checkpoint(path) is None     # a seed the stopped command had not started
-            asked = overrides if resume and not again else {k: getattr(configs[seed], k) for k in fields}
-            identity = {"command": "reward-model", "preset": preset, "seed": seed, **{k: asked.get(k) for k in fields}}
-            dirs[seed] = prepare_output(path, resume=resume and not again, overwrite=overwrite or again,
-                                        identity=identity)
-            stored = read_marker(dirs[seed])["identity"]
-            configs[seed] = RewardModelConfig.preset(preset, seed=seed, **{k: stored[k] for k in fields})
-    rows = []
-    with graceful_stop() if output else nullcontext() as stop:
-        for seed in seeds:
-            config, record = configs[seed], read_record(dirs[seed]) if output else None
-            if record and record.get("status") == "finished" and "row" in record:
-                row = record["row"]                                  # finished before: not trained again
-            else:
-                out = run(config, progress=False, out=dirs[seed], every=every,
-                          resume=bool(output) and latest_checkpoint(dirs[seed]) is not None)
-                row = {"seed": seed, "test": out["test"]["accuracy"]}
-                if config.dataset == "preference_pairs":
-                    shifted = load_course_dataset("preference_pairs_shift", "test")
-                    row["shifted"] = pairwise_accuracy(out["model"], out["tokenizer"], shifted,
-                                                       max_length=config.max_length)["accuracy"]
-                if output:
-                    write_record(dirs[seed], {**read_record(dirs[seed]), "row": row})
-            rows.append(row)
-            print(f"seed {seed}: accuracy on the test split {row['test']:.3f}"
-                  + (f", on the shifted pairs {row['shifted']:.3f}" if "shifted" in row else ""), flush=True)
-            if stop is not None and stop.signum and seed != seeds[-1]:
-                print(f"[reward-model] stopped after seed {seed}; run the same command with --resume to continue.",
-                      flush=True)
-                raise SystemExit(128 + stop.signum)
-    return rows
-
-
 def build_reward(spec: str, device=None):
     """A reward function from its name: ``sentiment``, ``length`` or ``rm:<model>``."""
     if spec == "sentiment":

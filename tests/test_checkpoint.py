@@ -19,6 +19,7 @@ from alignlib.training.checkpoint import (LOCK, MARKER, RunDirectoryError, Stage
                                          latest_checkpoint, load_checkpoint, prepare_output, read_marker, read_record,
                                          release, save_checkpoint)
 from alignlib.models import load_model
+from alignlib.commands.reward_model import accuracy_over_seeds
 from alignlib.training.loop import train_steps
 from alignlib.utils import seed_everything
 
@@ -313,13 +314,13 @@ def test_reward_model_training_resumes_exactly_and_writes_its_run_directory(tmp_
     a, b = whole.trainable_module().state_dict(), resumed.trainable_module().state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
-    rows = rm.accuracy_over_seeds(seeds=[0], epochs=1, max_train_pairs=16, model="tiny-random", max_length=1024,
+    rows = accuracy_over_seeds(seeds=[0], epochs=1, max_train_pairs=16, model="tiny-random", max_length=1024,
                                   output=str(tmp_path / "cli"))
     saved = read_record(tmp_path / "cli" / "seed-0")
     assert saved["status"] == "finished" and saved["test"]["accuracy"] == rows[0]["test"]
     assert (tmp_path / "cli" / "seed-0" / "model" / "model.safetensors").exists()
     with pytest.raises(RunDirectoryError, match="--resume"):
-        rm.accuracy_over_seeds(seeds=[0], model="tiny-random", output=str(tmp_path / "cli"))
+        accuracy_over_seeds(seeds=[0], model="tiny-random", output=str(tmp_path / "cli"))
 
 
 @pytest.mark.unit

@@ -129,21 +129,22 @@ def test_the_tour_stopped_between_steps_resumes_to_the_uninterrupted_report(tmp_
 @pytest.mark.pipeline
 def test_reward_model_seeds_resume_skip_finished_seeds_and_stop_between_seeds(tmp_path, monkeypatch):
     import alignlib.reward_model as rm
+    from alignlib.commands.reward_model import accuracy_over_seeds
 
     small = dict(seeds=[0, 1], epochs=1, max_train_pairs=16, model="tiny-random", max_length=1024)
     whole = tmp_path / "whole"
-    rows = rm.accuracy_over_seeds(output=str(whole), **small)
+    rows = accuracy_over_seeds(output=str(whole), **small)
     for seed in (0, 1):
         release(whole / f"seed-{seed}")
     with pytest.raises(RunDirectoryError, match="epochs: the run used 1, this command asks for 2"):
-        rm.accuracy_over_seeds(output=str(whole), resume=True, **{**small, "epochs": 2})
+        accuracy_over_seeds(output=str(whole), resume=True, **{**small, "epochs": 2})
 
     def retrained(*args, **kwargs):
         raise AssertionError("a finished seed was trained again")
 
     with monkeypatch.context() as m:
         m.setattr(rm, "run", retrained)
-        assert rm.accuracy_over_seeds(output=str(whole), resume=True, **{**small, "epochs": None}) == rows
+        assert accuracy_over_seeds(output=str(whole), resume=True, **{**small, "epochs": None}) == rows
 
     real_run, calls = rm.run, []
 
@@ -157,13 +158,13 @@ def test_reward_model_seeds_resume_skip_finished_seeds_and_stop_between_seeds(tm
     monkeypatch.setattr(rm, "run", run_then_sigint)
     cut = tmp_path / "cut"
     with pytest.raises(SystemExit) as stop:
-        rm.accuracy_over_seeds(output=str(cut), **small)
+        accuracy_over_seeds(output=str(cut), **small)
     assert stop.value.code == 128 + signal.SIGINT
     assert json.loads((cut / "seed-0" / "history.json").read_text())["row"] == rows[0]
     assert not (cut / "seed-1" / "checkpoints").exists()           # seed 1 had not started
     for seed in (0, 1):
         release(cut / f"seed-{seed}")
-    assert rm.accuracy_over_seeds(output=str(cut), resume=True, **small) == rows
+    assert accuracy_over_seeds(output=str(cut), resume=True, **small) == rows
     assert len(calls) == 2                                          # seed 1 only
 
 

@@ -36,14 +36,6 @@ def _tour_arguments(p) -> None:
                    help="directory of the report: report.md, plots, JSON (default: runs/tour)")
 
 
-def _reward_model_arguments(p) -> None:
-    add_shared(p, "preset", "model", "output", "resume", "overwrite", "checkpoint_every")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one reward model per seed (default: 0)")
-    p.add_argument("--epochs", type=count(1), default=None, help="override the preset's epochs")
-    p.add_argument("--max-train-pairs", type=count(1), default=None, help="train on the first N pairs only")
-    p.add_argument("--max-length", type=count(1), default=None, help="override the preset's token limit per pair")
-
-
 def _grade_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """``python -m alignlib grade``: grade an exercise notebook."""
     check_timeout = module_literal("alignlib.checks.grader", "CHECK_TIMEOUT")
@@ -91,14 +83,6 @@ def _download(a):
     print(ensure_default_model(verify="full"))       # hash every cached file, not only sizes and times
 
 
-def _reward_model(a):
-    from ..reward_model import accuracy_over_seeds
-
-    accuracy_over_seeds(a.preset, a.seeds, epochs=a.epochs, max_train_pairs=a.max_train_pairs, model=a.model,
-                        max_length=a.max_length, output=a.output, resume=a.resume, overwrite=a.overwrite,
-                        every=a.checkpoint_every)
-
-
 def _grade(a):
     from ..checks.grader import grade_command
 
@@ -120,7 +104,8 @@ COMMANDS: dict[str, Command] = {
     **{name: Command(help_, _from("alignlib.commands.methods", "add_arguments", name),
                      _from("alignlib.commands.methods", "run", name)) for name, (_, _, help_) in METHODS.items()},
     "reward-model": Command("train Bradley-Terry reward models; accuracy on held-out and shifted pairs",
-                            _reward_model_arguments, _reward_model),
+                            _from("alignlib.commands.reward_model", "add_arguments"),
+                            _from("alignlib.commands.reward_model", "run")),
     "soups": Command("rewarded soups against MORL: experts, soups, fronts, hypervolume (lecture 04)",
                      _from("alignlib.commands.soups", "add_arguments"), _from("alignlib.commands.soups", "run")),
     "cai-sl": Command("Constitutional AI, supervised stage: critiques, revisions, SFT (lecture 05)",
