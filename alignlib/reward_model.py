@@ -325,7 +325,7 @@ class RewardModelTrainer(CheckpointState):
         record = self._log({"step": done + 1, "epoch": epoch, "loss/total": loss.item(),
                             "reward/accuracy": m["accuracy"], "reward/margin": m["margin"],
                             "reward/chosen": r_c.mean().item(), "reward/rejected": r_r.mean().item(),
-                            "grad/norm": grad_norm, "lr": lr, "time/train_s": self.train_s,
+                            "grad/norm": grad_norm, "optim/lr": lr, "time/train_s": self.train_s,
                             "memory/peak_mb": peak_memory_mb(self.device)}, self.history)
         if (done + 1) % self.steps_per_epoch == 0:
             if self.eval_rows is not None:

@@ -158,7 +158,7 @@ def train_sft(model, tokenizer, prompts: Sequence[str], responses: Sequence[str]
     """Fine-tune ``model`` on (prompt, response) pairs; return one record per optimizer step.
 
     Pass ``optimizer`` to keep its state across calls (RAFT does, one call per stage). Each record has
-    ``loss/sft`` (mean NLL per response token of that batch), ``tokens`` and ``epoch``.
+    ``loss/sft`` (mean NLL per response token of that batch), ``data/tokens`` and ``epoch``.
     With an ``accelerator`` of N processes (``model`` and ``optimizer`` prepared by it), every process walks the
     same batches and computes its 1/N of each: its NLL sum over the batch's token count T times N, which the
     gradient averaging turns into the mean over all T tokens, the one-process loss.
@@ -205,7 +205,7 @@ def train_sft(model, tokenizer, prompts: Sequence[str], responses: Sequence[str]
             loss = loss + part_loss.detach()
         norm = guarded_step(optimizer, config.max_grad_norm, "SFT", clip=accelerator and accelerator.clip_grad_norm_)
         record = {"step": step, "grad/norm": norm, **mean_over_processes({"loss/sft": loss.item()}, accelerator),
-                  "tokens": int(tokens),
+                  "data/tokens": int(tokens),
                   "epoch": step * config.batch_size // len(prompts)}
         history.append(record)
         bar.set_postfix(loss=f"{record['loss/sft']:.3f}")

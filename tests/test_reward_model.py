@@ -153,7 +153,7 @@ def test_tiny_reward_model_learns_the_marker_word(trained_toy):
     assert sum(losses[-2:]) / 2 < 0.5 * losses[0]
     assert before["margin"] == pytest.approx(0.0, abs=0.05)
     assert history[-1]["reward/accuracy"] == 1.0
-    for key in ("reward/margin", "time/train_s", "memory/peak_mb", "grad/norm", "lr"):
+    for key in ("reward/margin", "time/train_s", "memory/peak_mb", "grad/norm", "optim/lr"):
         assert key in history[-1]
 
 

@@ -17,6 +17,28 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+METRICS = {  # the namespaces of every trainer's metrics dict: "<namespace>/<name>", plus the index "step"/"stage"
+    "reward": "rewards of the sampled (or ranked, kept, chosen) responses: mean, std, max, per source",
+    "kl": "KL to the reference policy in nats per sequence (kl/ref) and PPO's coefficient (kl/coef)",
+    "ppl": "perplexity of the responses under the reference policy (ppl/ref)",
+    "diversity": "distinct-n of the responses (diversity/distinct1, diversity/distinct2)",
+    "response": "length in tokens and the fraction that ended with EOS",
+    "loss": "the losses minimised (loss/total and its terms: policy, value, rank, ft, sft)",
+    "policy": "PPO's policy statistics: entropy, clip fraction, approximate KL of the update",
+    "value": "PPO's value head: mean, clip fraction, explained variance",
+    "returns": "PPO's GAE returns",
+    "rank": "RRHF: how often the policy ranks the candidates as the reward does",
+    "kept": "RAFT: samples and prompts kept for fine-tuning",
+    "eval": "the reward model's held-out loss, accuracy and margin",
+    "data": "pairs used and skipped",
+    "params": "parameter counts",
+    "grad": "the global gradient norm before clipping",
+    "optim": "optimizer state worth watching: the learning rate of a schedule (optim/lr)",
+    "time": "seconds (names end in _s): generate, reward, score, train, the whole step",
+    "memory": "peak memory in MB (memory/peak_mb)",
+}
+"""The metric vocabulary shared by PPO, RRHF, RAFT, SFT and the reward model (``tests/test_metrics.py``)."""
+
 
 @runtime_checkable
 class Trainer(Protocol):
