@@ -8,10 +8,11 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, MistralConfig, Qwen2Config, Qwen3Config
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from alignlib import generation
 from alignlib.bench import throughput as bench
 from alignlib.commands.bench import bench_arguments
-from alignlib.generation import fast_decode_supported, format_prompts, generate, sample_next_token
+from alignlib.engine import decode
+from alignlib.engine.decode import fast_decode_supported, sample_next_token
+from alignlib.generation import format_prompts, generate
 from alignlib.models import tiny_tokenizer
 
 from test_packed_linear import trained_lora  # tests/ is on the path, as for grading_helpers
@@ -131,7 +132,7 @@ def test_fast_greedy_with_a_shared_prefix_and_several_samples_per_prompt(tiny, m
     """The chat template's common start is encoded once; with k samples per prompt the rest is copied k times.
     The prompts' own tokens are encoded without padding, all in one sequence, or in several (a small
     ``PREFILL_TOKENS``; 1 puts each prompt in a sequence of its own)."""
-    monkeypatch.setattr(generation, "PREFILL_TOKENS", prefill_tokens)
+    monkeypatch.setattr(decode, "PREFILL_TOKENS", prefill_tokens)
     model, tok = tiny
     ids = tok(format_prompts(tok, PROMPTS), add_special_tokens=False).input_ids
     assert len({tuple(i[:3]) for i in ids}) == 1                              # the prompts share their start

@@ -5,9 +5,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from alignlib.generation import _causal_lm, _linears, shared_prefix_length
-from alignlib.models import tiny_tokenizer
+from alignlib.engine.decode import _causal_lm, _linears, shared_prefix_length
 from alignlib.engine.packed_linear import PackedLinears, effective_weight, packing_available
+from alignlib.models import tiny_tokenizer
 
 pytestmark = pytest.mark.unit
 

@@ -66,7 +66,7 @@ Where it is not apples-to-apples (the algorithms differ; the work per step is ma
   step: noisy, one seed, not a verdict on either implementation.
 * PPO's 16 completions come from 16 prompts, GRPO's from 4 prompts x 4.
 * Implementation choices each library makes on its own are part of what is measured: alignlib samples with
-  its own KV-cache loop (``generation.fast_decode``), TRL with ``model.generate``; TRL computes logits only
+  its own KV-cache loop (``engine.decode.fast_decode``), TRL with ``model.generate``; TRL computes logits only
   for completion positions (``logits_to_keep``) and runs its no-grad forwards in chunks of the mini-batch size,
   alignlib's rollout scores all positions of all 16 rows at once (and their entropy).
 * RSS on a CPU includes allocator slack and whatever the imports hold (TRL imports more); the training-only
