@@ -35,7 +35,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -187,26 +186,9 @@ def time_to_reach(history: list[dict], target: float, window: int = 3) -> float 
     return None
 
 
-def run_subprocess(method: str, opts: dict, stop=None) -> dict | None:
-    """``bench_method`` in a fresh interpreter, so its peak memory is its own. With ``stop`` (``graceful_stop``):
-    a SIGINT/SIGTERM terminates the interpreter, and the result is None."""
-    from ..training.checkpoint import wait_workers
-
-    with tempfile.TemporaryDirectory(prefix="method_bench_") as tmp:
-        path = Path(tmp) / "out.json"
-        code = ("import json, sys; from alignlib.bench.methods import bench_method; "
-                f"json.dump(bench_method({method!r}, **{opts!r}), open({str(path)!r}, 'w'))")
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
-                                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-        if stop is None:
-            proc.wait()
-        else:
-            wait_workers([proc], stop)
-            if stop.signum and (proc.returncode != 0 or not path.exists()):
-                return None                                       # stopped before it finished
-        if proc.returncode != 0 or not path.exists():
-            raise RuntimeError(f"the {method} benchmark failed with exit status {proc.returncode}.")
-        return json.loads(path.read_text())
+def worker(job: dict) -> dict:
+    """``bench_method(job["method"], **job["opts"])``: what ``run`` calls in a fresh worker process."""
+    return bench_method(job["method"], **job["opts"])
 
 
 def summarize(results: dict) -> dict:
@@ -285,6 +267,7 @@ def run(args) -> dict:
     steps, mode, methods, threads, seeds and held-out prompts; ``--resume`` refuses others)."""
     from ..training.checkpoint import atomic_write, graceful_stop
     from ..training.checkpoint import prepare_results
+    from .workers import run_worker
 
     if "ppo" not in args.methods:
         raise ValueError("--methods must include ppo: every ratio is relative to PPO.")
@@ -315,7 +298,9 @@ def run(args) -> dict:
                     results[method] = store.load(name)
                     continue
                 print(f"[method-bench] seed {seed}: {method} in a subprocess ...", file=sys.stderr, flush=True)
-                results[method] = run_subprocess(method, opts, stop)
+                results[method] = run_worker("alignlib.bench.methods:worker", {"method": method, "opts": opts},
+                                             name=f"method-bench {method}, seed {seed}", stop=stop,
+                                             stdout=subprocess.DEVNULL, env={"TOKENIZERS_PARALLELISM": "false"})
                 if results[method] is not None and store is not None:
                     store.save(name, results[method])
                 if stop.signum:

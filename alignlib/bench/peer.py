@@ -1,8 +1,9 @@
 """alignlib PPO against TRL's on-policy trainer, side by side: seconds per step, peak memory, reward.
 
 ``python -m alignlib.bench.peer`` runs ``alignlib.ppo.PPOTrainer`` and ``trl.GRPOTrainer`` one after the other,
-each in its own subprocess (``--method ppo`` / ``--method trl``, which print one JSON object), on the same
-model, reward, prompts and number of generated tokens, and prints a table with the ratios alignlib / TRL.
+each in a fresh worker process (``bench.workers``; ``--method ppo`` / ``--method trl`` run one here and print one
+JSON object), on the same model, reward, prompts and number of generated tokens, and prints a table with the
+ratios alignlib / TRL.
 ``run(args)`` and ``alignlib.commands.bench.peer_bench_arguments(parser)`` let the CLI mount it as a subcommand.
 
 Which TRL trainer. trl 1.16 has both ``GRPOTrainer`` and ``RLOOTrainer``, both on-policy, critic-free and
@@ -410,16 +411,10 @@ BENCHES = {"ppo": bench_ppo, "trl": bench_trl}
 
 # ---------------------------------------------------------------- side by side
 
-def run_subprocess(method: str, s: BenchSettings, python: str = sys.executable) -> dict:
-    """Run one method in a fresh interpreter (``python -m alignlib.bench.peer --method ...``); return its JSON."""
-    with tempfile.TemporaryDirectory(prefix="peer_bench_") as tmp:
-        path = Path(tmp) / f"{method}.json"
-        cmd = [python, "-m", "alignlib.bench.peer", "--method", method, *s.to_argv(), "--json", str(path)]
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, env=env)  # progress goes to stderr
-        if proc.returncode != 0 or not path.exists():
-            raise RuntimeError(f"`{' '.join(cmd)}` failed with exit status {proc.returncode}.")
-        return json.loads(path.read_text())
+def worker(job: dict) -> dict:
+    """One method in this process from JSON, ``{"method": ..., "settings": asdict(BenchSettings)}``: what ``compare``
+    runs in a fresh worker process."""
+    return BENCHES[job["method"]](BenchSettings(**job["settings"]).validate())
 
 
 def _fmt(v, spec: str) -> str:
@@ -487,11 +482,15 @@ def format_table(results: dict) -> str:
 
 def compare(s: BenchSettings, methods=METHODS) -> dict:
     """Run each method in its own subprocess, one after the other; return {method: result, "comparison": ...}."""
+    from .workers import run_worker
+
     s.validate()
     results = {}
     for method in methods:
         print(f"[peer_bench] running {LABELS[method]} in a subprocess ...", file=sys.stderr)
-        results[method] = run_subprocess(method, s)
+        results[method] = run_worker("alignlib.bench.peer:worker", {"method": method, "settings": asdict(s)},
+                                     name=f"peer-bench {method}", env={"TOKENIZERS_PARALLELISM": "false"},
+                                     stdout=subprocess.DEVNULL)  # its progress goes to stderr
     if all(m in results for m in METHODS):
         results["comparison"] = comparison(results)
     return results

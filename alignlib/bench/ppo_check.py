@@ -39,9 +39,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -74,7 +72,8 @@ def train_reward_models(seed: int) -> tuple[dict, dict]:
 
 
 def worker(spec: dict) -> dict:
-    """One PPO run in this process: held-out evaluation, training, evaluation again."""
+    """One PPO run in this process: held-out evaluation, training, evaluation again. ``run`` calls it in a fresh
+    worker process (``workers.run_workers``) with ``OMP_NUM_THREADS`` = ``spec["threads"]``."""
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -161,7 +160,8 @@ def judge(run: dict, min_gain: float, kl_budget: float) -> dict:
 
 def run(args) -> int:
     from .. import ppo
-    from ..training.checkpoint import graceful_stop, prepare_results, wait_workers
+    from ..training.checkpoint import graceful_stop, prepare_results
+    from .workers import Job, WorkerError, run_workers
 
     preset_beta = ppo.PPOConfig.preset("cpu").kl_coef
     out = Path(args.output)
@@ -191,29 +191,23 @@ def run(args) -> int:
             while (pending and len(batch) < args.parallel and batch[0][1]["threads"] == 1
                    and pending[0][1]["threads"] == 1):
                 batch.append(pending.pop(0))
-            procs = []
-            for i, spec in batch:
-                path = store.root / f".{name(spec)}.worker-{os.getpid()}.json"
-                env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
-                procs.append((i, spec, path, subprocess.Popen([sys.executable, "-m",
-                                                               "alignlib.bench.ppo_check", "--worker",
-                                                               json.dumps(spec), str(path)], env=env)))
-            wait_workers([proc for *_, proc in procs], stop)
-            for i, spec, path, proc in procs:               # keep every run that finished, even when stopped
-                if proc.returncode == 0 and path.exists():
-                    runs[i] = json.loads(path.read_text())
+            jobs = [Job("alignlib.bench.ppo_check:worker", spec, name(spec), {"OMP_NUM_THREADS": spec["threads"]})
+                    for _, spec in batch]
+            outcomes = run_workers(jobs, stop)
+            for (i, spec), outcome in zip(batch, outcomes):   # keep every run that finished, even when stopped
+                if not isinstance(outcome, WorkerError):
+                    runs[i] = outcome
                     store.save(name(spec), runs[i])
                     print(f"done: seed {spec['seed']}, {spec['threads']} thread(s), beta {spec['kl_coef']}: "
                           f"{runs[i]['seconds']:.0f} s", flush=True)
-                path.unlink(missing_ok=True)
-            failed = [proc.returncode for *_, proc in procs if proc.returncode != 0]
+            failed = [outcome for outcome in outcomes if isinstance(outcome, WorkerError)]
             if stop.signum:
                 print(f"[ppo-check] stopped: {len(runs)} of {len(specs)} runs finished, kept in {store.root}. Run the "
                       "same command with --resume to continue.", flush=True)
                 raise SystemExit(128 + stop.signum)
             if failed:
-                raise RuntimeError(f"a PPO run failed (exit codes {failed}; see its output above). The finished "
-                                   "runs are kept: fix the cause and run the same command with --resume.")
+                raise RuntimeError("a PPO run failed: " + "\n".join(map(str, failed)) + "\nThe finished runs are "
+                                   "kept: fix the cause and run the same command with --resume.") from failed[0]
     return report([runs[i] for i in range(len(specs))], preset_beta, args, out)
 
 
@@ -243,9 +237,6 @@ def report(runs: list[dict], preset_beta: float, args, out: Path) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
-        Path(sys.argv[3]).write_text(json.dumps(worker(json.loads(sys.argv[2]))))
-    else:
-        parser = argparse.ArgumentParser(prog="python -m alignlib ppo-check", description=__doc__.split("\n")[0])
-        ppo_check_arguments(parser)
-        sys.exit(run(parser.parse_args()))
+    parser = argparse.ArgumentParser(prog="python -m alignlib ppo-check", description=__doc__.split("\n")[0])
+    ppo_check_arguments(parser)
+    sys.exit(run(parser.parse_args()))

@@ -42,8 +42,6 @@ import platform
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 import torch
@@ -195,7 +193,7 @@ def matmul_peak(opts: dict) -> dict:
 
 
 def _measure(name: str, opts: dict) -> dict:
-    """Run one measurement; returns its numbers. Top-level so a spawned worker process can run it."""
+    """Run one measurement; returns its numbers (JSON: a worker process sends them back)."""
     from ..generation import generate
     from ..models import load_model
 
@@ -267,10 +265,17 @@ def _measure(name: str, opts: dict) -> dict:
             "load_after": _load()}
 
 
+def worker(job: dict) -> dict:
+    """``_measure(job["name"], job["opts"])``: what ``_run_isolated`` runs in a fresh worker process."""
+    return _measure(job["name"], job["opts"])
+
+
 def _run_isolated(name: str, opts: dict) -> dict:
-    """``_measure`` in a fresh spawned process: its peak memory is its own, and nothing leaks between runs."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(_measure, name, opts).result()
+    """``_measure`` in a fresh worker process (``bench.workers``): its peak memory is its own, and nothing leaks
+    between runs."""
+    from .workers import run_worker
+
+    return run_worker("alignlib.bench.throughput:worker", {"name": name, "opts": opts}, name=f"bench {name}")
 
 
 # ---------------------------------------------------------------- the command
