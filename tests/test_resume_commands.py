@@ -190,7 +190,7 @@ def test_ppo_check_keeps_finished_runs_when_stopped_and_resume_runs_only_the_res
     import time
 
     import alignlib.bench.ppo_check as pc
-    from alignlib.training.checkpoint import prepare_results  # noqa: F401  (finished runs are kept beside --output)
+    from alignlib.training.checkpoint import prepare_results  # noqa: F401  (finished runs are kept beside --json)
 
     fake = tmp_path / "fake_worker.py"
     fake.write_text(FAKE_WORKER)
@@ -208,7 +208,7 @@ def test_ppo_check_keeps_finished_runs_when_stopped_and_resume_runs_only_the_res
     monkeypatch.setattr(pc, "reference_perplexity", perplexity)
     out = tmp_path / "check" / "ppo_check.json"
     args = types.SimpleNamespace(seeds=[0, 1, 2], threads=[1], kl_coefs=None, steps=None, task="sentiment",
-                                 min_gain=None, kl_budget=12.0, parallel=1, output=str(out), rejudge=False,
+                                 min_gain=None, kl_budget=12.0, parallel=1, json=str(out), rejudge=False,
                                  resume=False, overwrite=False)
     start = time.monotonic()
     with pytest.raises(SystemExit) as stop:

@@ -24,13 +24,13 @@ beside the proxy, so a proxy gain the judge does not share shows where the proxy
 the proxy's held-out gain (default threshold 0.02: Bradley-Terry scores here span about +-0.5); the judge's gain
 is reported, not judged, as are both reward models' accuracies on held-out and on shifted preference pairs.
 
-The JSON it writes (``--output``) holds every run's history, held-out rewards and samples; lecture 01 reads the
+The JSON it writes (``--json``) holds every run's history, held-out rewards and samples; lecture 01 reads the
 stored copies in ``lectures/results/`` to show the spread over seeds and the effect of beta. Exit code 1 if any
 run at the preset's beta fails a criterion (runs at other betas are reported, not judged: beta = 0 is expected
 to break the KL budget).
 
-``--output`` is checked before any run: an existing file is refused unless ``--overwrite`` or ``--resume``. Each
-finished run is kept at once in ``<output stem>.runs/stages/`` (``StageStore``). SIGINT/SIGTERM terminates the
+``--json`` is checked before any run: an existing file is refused unless ``--overwrite`` or ``--resume``. Each
+finished run is kept at once in ``<json stem>.runs/stages/`` (``StageStore``). SIGINT/SIGTERM terminates the
 running workers, keeps the finished runs and exits with 128 + the signal; ``--resume`` runs only the runs that
 had not finished (the same seeds, threads, betas, task and steps; ``--resume`` refuses others).
 """
@@ -164,7 +164,7 @@ def run(args) -> int:
     from .workers import Job, WorkerError, run_workers
 
     preset_beta = ppo.PPOConfig.preset("cpu").kl_coef
-    out = Path(args.output)
+    out = Path(args.json)
     if args.min_gain is None:
         args.min_gain = MIN_GAIN[args.task]
     if args.rejudge:
@@ -179,7 +179,8 @@ def run(args) -> int:
     steps = args.steps or (8 if args.task == "reward-model" else ppo.PPOConfig.preset("cpu").steps)
     identity = {"command": "ppo-check", "task": args.task, "ppo_steps": steps, "seeds": list(args.seeds),
                 "threads": list(args.threads), "kl_coefs": betas}
-    store = prepare_results(out, getattr(args, "resume", False), getattr(args, "overwrite", False), identity)
+    store = prepare_results(out, getattr(args, "resume", False), getattr(args, "overwrite", False), identity,
+                            flag="--json")
     name = lambda spec: f"seed-{spec['seed']}_threads-{spec['threads']}_beta-{spec['kl_coef']}"  # noqa: E731
     runs = {i: store.load(name(spec)) for i, spec in enumerate(specs) if store.done(name(spec))}
     if runs:

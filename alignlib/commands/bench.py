@@ -24,7 +24,8 @@ def bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--threads", type=threads_arg, default=None,
                         help="torch CPU threads for every measurement (default: torch's choice, one per core)")
-    parser.add_argument("--new-tokens", type=int, default=48, help="tokens to generate per prompt")
+    parser.add_argument("--max-new-tokens", "--new-tokens", dest="new_tokens", type=int, default=48,
+                        help="tokens to generate per prompt (no EOS stop: every prompt gets this many)")
     parser.add_argument("--measure", nargs="+", choices=measures, default=None,
                         help="only these measurements (the matmul peak is always measured)")
     parser.add_argument("--hf-baseline", action="store_true",
@@ -125,10 +126,10 @@ def ppo_check_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="required rise of the held-out reward (default 0.1 for sentiment, 0.02 for reward-model)")
     parser.add_argument("--kl-budget", type=float, default=12.0, help="nats per sequence")
     parser.add_argument("--parallel", type=int, default=1, help="runs at once (only 1-thread runs are paired)")
-    parser.add_argument("--output", default="runs/ppo_check.json",
-                        help="the JSON of every run; each finished run is kept in <output without .json>.runs/")
+    parser.add_argument("--json", default="runs/ppo_check.json", metavar="PATH",
+                        help="the JSON of every run; each finished run is kept in <PATH without .json>.runs/")
     parser.add_argument("--resume", action="store_true", help="reuse the finished runs of an interrupted check")
-    parser.add_argument("--overwrite", action="store_true", help="replace --output and its finished runs")
+    parser.add_argument("--overwrite", action="store_true", help="replace --json and its finished runs")
     parser.add_argument("--rejudge", action="store_true",
-                        help="run nothing: score and judge the runs stored in --output again, and rewrite it")
+                        help="run nothing: score and judge the runs stored in --json again, and rewrite it")
     return parser
