@@ -11,10 +11,11 @@ stops after the running seed. Either way the exit code is 128 + the signal.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from ..training import CHECKPOINT_EVERY
-from .args import add_config_arguments, add_shared, config_fields, config_overrides
+from .args import add_config_arguments, add_shared, config_overrides
 
 
 def add_arguments(parser) -> None:
@@ -40,7 +41,7 @@ def accuracy_over_seeds(preset: str = "cpu", seeds=(0,), output: str | None = No
                                        write_record)
 
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    fields = [f.name for f in config_fields("alignlib.reward_model", "RewardModelConfig")[0] if f.name != "seed"]
+    fields = [f.name for f in dataclasses.fields(rm.RewardModelConfig) if f.name != "seed"]   # the class is loaded
     configs, dirs = {}, {}
     for seed in seeds:
         configs[seed] = rm.RewardModelConfig.preset(preset, seed=seed, **overrides)

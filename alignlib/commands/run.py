@@ -31,7 +31,6 @@ from .presets import get_task
 from ..utils import seed_everything
 
 
-
 def prepare(args):
     """The preset's task, a LoRA policy, the reward function, train prompts and held-out prompts."""
     task = get_task(args.preset)
