@@ -141,21 +141,21 @@ def tiny_args(out, **change):
 
 @pytest.mark.pipeline
 def test_resume_refuses_another_method_model_reward_seed_or_a_smaller_budget(tmp_path):
-    from alignlib.commands.run import run_ppo, run_raft
+    from alignlib.commands.run import run_named
 
     out = tmp_path / "ppo"
-    run_ppo(tiny_args(out, steps=2))
+    run_named("ppo", tiny_args(out, steps=2))
     release(out)
     with pytest.raises(RunDirectoryError, match="method: the run used 'ppo', this command asks for 'raft'"):
-        run_raft(tiny_args(out, resume=True))
+        run_named("raft", tiny_args(out, resume=True))
     with pytest.raises(RunDirectoryError, match="reward: .*'length'.*'sentiment'.*seed: the run used 0"):
-        run_ppo(tiny_args(out, resume=True, reward="sentiment", seed=1))
+        run_named("ppo", tiny_args(out, resume=True, reward="sentiment", seed=1))
     with pytest.raises(RunDirectoryError, match="steps: 1 is fewer than the 2"):
-        run_ppo(tiny_args(out, resume=True, steps=1))
+        run_named("ppo", tiny_args(out, resume=True, steps=1))
     with pytest.raises(RunDirectoryError, match="already finished its 2 steps"):
-        run_ppo(tiny_args(out, resume=True, steps=None))
+        run_named("ppo", tiny_args(out, resume=True, steps=None))
     assert read_record(out)["method"] == "ppo"                       # nothing was rewritten by the refusals
-    record = run_ppo(tiny_args(out, resume=True, steps=3))           # a larger budget extends the run
+    record = run_named("ppo", tiny_args(out, resume=True, steps=3))           # a larger budget extends the run
     assert len(record["history"]) == 3 and read_marker(out)["identity"]["steps"] == 3
 
 
@@ -240,7 +240,7 @@ def test_an_unwritable_output_fails_before_training(tmp_path):
 @pytest.mark.pipeline
 def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_run(tmp_path, monkeypatch):
     from alignlib.ppo import PPOTrainer
-    from alignlib.commands.run import run_ppo
+    from alignlib.commands.run import run_named
 
     real_step, calls = PPOTrainer.step, []
 
@@ -255,7 +255,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_run(tmp_path, monke
     out = tmp_path / "ppo"
     args = tiny_args(out, steps=3)
     with pytest.raises(SystemExit) as stop:
-        run_ppo(args)
+        run_named("ppo", args)
     assert stop.value.code == 128 + signal.SIGTERM
     record = read_record(out)
     assert record["status"] == "interrupted" and len(record["history"]) == 2   # the running step finished
@@ -263,9 +263,9 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_run(tmp_path, monke
     assert signal.getsignal(signal.SIGTERM) == handler_before            # the run's handler is removed again
 
     with pytest.raises(RunDirectoryError, match="--resume"):
-        run_ppo(args)                                            # the interrupted run is not replaced silently
+        run_named("ppo", args)                                            # the interrupted run is not replaced silently
     release(out)
-    run_ppo(types.SimpleNamespace(**{**vars(args), "resume": True}))
+    run_named("ppo", types.SimpleNamespace(**{**vars(args), "resume": True}))
     record = json.loads((out / "history.json").read_text())
     assert record["status"] == "finished" and len(record["history"]) == 3
     assert (out / "adapter" / "adapter_model.safetensors").exists()
@@ -275,13 +275,13 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_run(tmp_path, monke
 def test_report_to_tensorboard_logs_every_step_offline_with_gradient_checkpointing(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from alignlib.commands.run import run_rrhf
+    from alignlib.commands.run import run_named
 
     out = tmp_path / "rrhf"
     args = types.SimpleNamespace(preset="cpu", model="tiny-random", reward="length", steps=2, seed=0,
                                  output=str(out), resume=False, overwrite=False, checkpoint_every=0,
                                  report_to="tensorboard", gradient_checkpointing=True)
-    record = run_rrhf(args)
+    record = run_named("rrhf", args)
     assert record["status"] == "finished"
     events = EventAccumulator(str(next((out / "tensorboard").rglob("events.out.tfevents.*")).parent))
     events.Reload()

@@ -20,11 +20,11 @@ def test_parser_knows_the_commands():
 @pytest.mark.pipeline
 @pytest.mark.parametrize("method,field", [("ppo", "steps"), ("rrhf", "steps"), ("raft", "stages")])
 def test_method_run_writes_history_and_adapter(tmp_path, method, field):
-    from alignlib.commands.run import RUNS
+    from alignlib.commands.run import run_named
 
     args = types.SimpleNamespace(preset="cpu", model="tiny-random", reward="length", steps=2, seed=0,
                                  output=str(tmp_path / method))
-    record = RUNS[method](args)
+    record = run_named(method, args)
     saved = json.loads((tmp_path / method / "history.json").read_text())
     assert saved["method"] == method
     assert len(saved["history"]) == 2 and saved["config"][field] == 2

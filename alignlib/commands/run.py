@@ -138,22 +138,8 @@ def run_named(method: str, args) -> dict:
     return run_method(method, args, make, run_identity(method, args, steps, config))
 
 
-def run_ppo(args) -> dict:
-    return run_named("ppo", args)
-
-
-def run_rrhf(args) -> dict:
-    return run_named("rrhf", args)
-
-
-def run_raft(args) -> dict:
-    return run_named("raft", args)
-
-
 def several_processes() -> dict:
     """Under ``accelerate launch`` with N > 1 processes, sample every prompt from its own stream (the run then
     learns what one process with ``seed_per_query=True`` learns)."""
     return {"seed_per_query": True} if process_state().num_processes > 1 else {}
 
-
-RUNS = {"ppo": run_ppo, "rrhf": run_rrhf, "raft": run_raft}
