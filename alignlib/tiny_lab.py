@@ -179,3 +179,132 @@ def soup_utility(lam: float, mu: float = 0.5, shared_hessian: bool = False) -> f
     h1, h2 = HESSIANS[bool(shared_hessian)]
     r = [-0.5 * (theta - e) @ h @ (theta - e) for e, h in zip(EXPERTS, (h1, h2))]
     return float((1 - mu) * r[0] + mu * r[1])
+
+
+# ---------------------------------------------------------------- AI feedback from a judge (exercise 05)
+
+JUDGE_PAIRS = 400          # comparisons in the fixed pair set
+JUDGE_SIGNAL = 1.5         # s: log-odds per unit of oracle quality difference
+JUDGE_BIAS = 1.0           # b: log-odds added to the letter (A), whatever it shows
+JUDGE_NOISE = 1.0          # sigma: standard deviation of each reading's noise (independent between orders)
+JUDGE_SEED = 5
+
+
+@functools.lru_cache(maxsize=1)
+def judge_readings() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A simulated judge on ``JUDGE_PAIRS`` fixed comparisons: (delta, d_first, d_swapped), each (N,) float64.
+
+    delta_i ~ N(0, 1) is the oracle's quality difference (first response minus second: the first is better iff
+    delta_i > 0). Each reading is the judge's log-odds of the letter (A) over (B): with the first response shown as
+    (A), d_first = s delta + b + e_1; swapped (the first shown as (B)), d_swapped = -s delta + b + e_2, e ~ N(0, sigma^2).
+    The letter bias b and the noise are what a small judge shows (lecture 05 measures the real one); s, b and sigma
+    are set here, not measured, so this is a model of a judge, not a judge.
+    """
+    gen = torch.Generator().manual_seed(JUDGE_SEED)
+    delta = torch.randn(JUDGE_PAIRS, generator=gen, dtype=torch.float64)
+    noise = torch.randn(2, JUDGE_PAIRS, generator=gen, dtype=torch.float64) * JUDGE_NOISE
+    return delta, JUDGE_SIGNAL * delta + JUDGE_BIAS + noise[0], -JUDGE_SIGNAL * delta + JUDGE_BIAS + noise[1]
+
+
+def judge_labels(both_orders: bool, margin: float) -> dict:
+    """AI labels of the simulated judge (``judge_readings``), kept when confident, validated against the oracle.
+
+    The soft label is p = sigmoid(d_first) (one order) or 1/2 [sigmoid(d_first) + sigmoid(-d_swapped)] (both orders,
+    Bai et al. 2022's debiasing; ``feedback.soft_labels``). A pair is kept when |p - 1/2| >= ``margin``. Returns
+    ``kept`` (fraction of the pairs kept), ``accuracy`` (fraction of the kept pairs whose label, p > 1/2, agrees with
+    the oracle; 0.0 if none is kept) and ``mean_p`` (mean label over all pairs: 1/2 for an unbiased judge).
+    """
+    if not isinstance(both_orders, bool):
+        raise ValueError(f"both_orders must be True or False, got {both_orders!r}")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 0.5:
+        raise ValueError(f"margin must be a number in [0, 0.5), got {margin!r}")
+    delta, first, swapped = judge_readings()
+    p = torch.sigmoid(first)
+    if both_orders:
+        p = 0.5 * (p + torch.sigmoid(-swapped))
+    keep = (p - 0.5).abs() >= margin
+    right = (p > 0.5) == (delta > 0)
+    n = int(keep.sum())
+    return {"kept": n / len(p), "accuracy": float(right[keep].double().mean()) if n else 0.0,
+            "mean_p": float(p.mean())}
+
+
+# ---------------------------------------------------------------- the novelty filter of self-instruct (exercise 06)
+
+NOVELTY_SEEDS = ("Write a short poem about the sea.", "Explain how vaccines work.", "Give me a recipe for bread.",
+                 "What is the capital of Peru?", "Plan a trip to Rome on a budget.", "Why do cats purr?")
+NOVELTY_BASES = ("Describe the water cycle for a child.", "Compare trains and planes for short trips.",
+                 "Suggest a name for a bakery.", "List three reasons to learn history.",
+                 "Summarise this news story in two lines.", "Translate good morning into French.",
+                 "How do I fix a flat bicycle tyre?", "Write a haiku about autumn leaves.",
+                 "What causes thunder and lightning?", "Help me write a thank-you note to my teacher.",
+                 "Name five animals that live in the desert.", "How does a refrigerator keep food cold?",
+                 "Draft an email asking for a day off.", "Tell me a joke about computers.",
+                 "What should I pack for a week of hiking?", "Give tips for sleeping better.",
+                 "Explain the rules of chess to a beginner.", "Recommend a book for a long flight.")
+NOVELTY_FILLERS = ("please", "quickly", "today", "again", "simply", "now", "briefly", "for me")
+NOVELTY_CANDIDATES = 48
+NOVELTY_SEED = 6
+
+
+def _near_duplicate(rng, text: str) -> str:
+    """``text`` with a word added, removed or replaced: what a model writes when it repeats an instruction."""
+    words = text.rstrip(".?!").split()
+    kind = rng.randrange(3)
+    if kind == 0:
+        words.insert(rng.randint(0, len(words)), rng.choice(NOVELTY_FILLERS))
+    elif kind == 1 and len(words) > 3:
+        del words[rng.randrange(1, len(words))]
+    else:
+        words[rng.randrange(1, len(words))] = rng.choice(NOVELTY_FILLERS)
+    return " ".join(words) + rng.choice((".", "?", ""))
+
+
+@functools.lru_cache(maxsize=1)
+def novelty_candidates() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(pool, candidates): the seed instructions and ``NOVELTY_CANDIDATES`` fixed generated ones, a mix of new
+    instructions and near-duplicates of the seeds and of earlier candidates (what stage 1 of SELF-ALIGN returns)."""
+    import random
+
+    rng = random.Random(NOVELTY_SEED)
+    fresh, candidates = list(NOVELTY_BASES), []
+    while len(candidates) < NOVELTY_CANDIDATES:
+        u = rng.random()
+        if u < 0.4 and fresh:
+            candidates.append(fresh.pop(rng.randrange(len(fresh))))
+        elif u < 0.6:
+            candidates.append(_near_duplicate(rng, rng.choice(NOVELTY_SEEDS)))
+        else:
+            candidates.append(_near_duplicate(rng, rng.choice(candidates or list(NOVELTY_SEEDS))))
+    return NOVELTY_SEEDS, tuple(candidates)
+
+
+@functools.lru_cache(maxsize=1)
+def _novelty_scores() -> torch.Tensor:
+    """(C, S + C) ROUGE-L F of each candidate with each seed and each candidate (``self_align.rouge_l``)."""
+    from .self_align import rouge_l
+
+    pool, candidates = novelty_candidates()
+    texts = pool + candidates
+    return torch.tensor([[rouge_l(c, t) for t in texts] for c in candidates], dtype=torch.float64)
+
+
+def novelty_pass_rate(threshold: float) -> dict:
+    """Self-instruct's novelty filter over ``novelty_candidates`` with ``threshold``: each candidate in turn is
+    rejected if its ROUGE-L F with a seed or with a candidate kept before it is above ``threshold`` (Wang et al.
+    2023 reject above 0.7), kept otherwise. Returns ``pass_rate`` (kept / candidates), ``kept`` (how many) and
+    ``mean_best`` (the mean over kept candidates of their highest ROUGE-L with what they were compared to: lower
+    is more diverse)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+        raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
+    scores = _novelty_scores()
+    n_pool, n = len(NOVELTY_SEEDS), scores.shape[0]
+    compared = list(range(n_pool))          # columns: the seeds, then each kept candidate
+    best_kept = []
+    for i in range(n):
+        best = float(scores[i, compared].max())
+        if best <= threshold:
+            compared.append(n_pool + i)
+            best_kept.append(best)
+    return {"pass_rate": len(best_kept) / n, "kept": len(best_kept),
+            "mean_best": sum(best_kept) / len(best_kept) if best_kept else 0.0}

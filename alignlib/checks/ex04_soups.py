@@ -1,10 +1,16 @@
 """Checks of exercise 04 (rewarded soups: weight interpolation, LoRA soups, Pareto fronts, 2-D hypervolume, and a
-soup chosen by experiment), 13 points.
+soup chosen by experiment), 17 points.
 
 Each check compares the student's function with ``alignlib.soups`` on seeded random inputs, or tests a property
 the reference has too: the soup at a vertex is that expert, both LoRA modes (the product B_i A_i, and A and B
 averaged separately), weights off the simplex refused, duplicates and ties in Pareto filtering, dominated points
 and points under the reference adding no hypervolume. Inputs are cloned before each call.
+
+Each function is asked in a form that ``alignlib.soups`` does not have, so pasting its code does not pass (one check
+each): integer buffers are carried over, not averaged; the product mode takes experts of different ranks, which the
+factor mode refuses; some rewards may be costs to minimise; a batch of fronts gives one hypervolume each.
+``ALIGNLIB_VERSIONS`` lists the implementations the grader compares the student's syntax trees with
+(``checks.similarity``).
 """
 from __future__ import annotations
 
@@ -14,6 +20,11 @@ from alignlib import soups as ref
 from alignlib import tiny_lab
 
 from . import as_number, assert_close, check, generator, get_function, run_experiment
+
+ALIGNLIB_VERSIONS = {"interpolate_state_dicts": ("alignlib.soups:interpolate",),
+                     "lora_delta": ("alignlib.soups:lora_soup",),
+                     "pareto_mask": ("alignlib.soups:pareto_mask",),
+                     "hypervolume_2d": ("alignlib.soups:hypervolume",)}
 
 
 def random_state_dicts(n: int, gen: torch.Generator) -> list[dict]:
@@ -70,7 +81,33 @@ def interpolate_refuses_bad_weights(ns):
                              "(weights must be >= 0, sum to 1, one per expert)")
 
 
-# ---------------------------------------------------------------- lora_delta (3 points)
+@check(points=1, function="interpolate_state_dicts")
+def interpolate_carries_integer_buffers(ns):
+    """integer tensors (step counters) are not averaged: equal across experts they are returned as they are"""
+    student = get_function(ns, "interpolate_state_dicts")
+    sds = random_state_dicts(3, generator(415))
+    for sd in sds:
+        sd["bn.num_batches_tracked"] = torch.tensor(120, dtype=torch.long)
+        sd["step"] = torch.tensor([7, 3], dtype=torch.int32)
+    w = random_weights(3, generator(416))
+    got = student(clone(sds), list(w))
+    for k in ("bn.num_batches_tracked", "step"):
+        assert isinstance(got.get(k), torch.Tensor) and got[k].dtype == sds[0][k].dtype \
+            and torch.equal(got[k], sds[0][k]), \
+            f"interpolate_state_dicts: the integer buffer {k!r} (equal in every expert, {sds[0][k].tolist()}) should " \
+            f"be returned unchanged with its dtype {sds[0][k].dtype}, got {got.get(k)!r}"
+    assert_close(got["layer.weight"], ref.interpolate([{"w": sd["layer.weight"]} for sd in sds], w)["w"],
+                 "interpolate_state_dicts: the float tensors beside integer buffers")
+    sds[1]["step"] = torch.tensor([8, 3], dtype=torch.int32)
+    try:
+        got = student(clone(sds), list(w))
+    except ValueError:
+        return
+    raise AssertionError("interpolate_state_dicts with an integer buffer 'step' that differs between experts should "
+                         f"raise ValueError (integers cannot be averaged), got {got.get('step')!r}")
+
+
+# ---------------------------------------------------------------- lora_delta (4 points)
 
 def random_lora(n: int, gen: torch.Generator, r: int = 3, d_in: int = 5, d_out: int = 4):
     As = [torch.randn(r, d_in, generator=gen, dtype=torch.float64) for _ in range(n)]
@@ -117,7 +154,25 @@ def lora_vertex_is_the_expert(ns):
                          f"lora_delta at the vertex {vertex}, mode {mode!r} (expert {i}'s B A)", atol=1e-10, rtol=0)
 
 
-# ---------------------------------------------------------------- pareto_mask (3 points)
+@check(points=1, function="lora_delta")
+def lora_ranks_may_differ_in_product_mode(ns):
+    """experts of different ranks: 'product' still gives sum_i lambda_i B_i A_i, 'factors' raises ValueError"""
+    student = get_function(ns, "lora_delta")
+    gen = generator(445)
+    As = [torch.randn(r, 5, generator=gen, dtype=torch.float64) for r in (2, 4)]
+    Bs = [torch.randn(3, r, generator=gen, dtype=torch.float64) for r in (2, 4)]
+    w = [0.3, 0.7]
+    assert_close(student(clone(As), clone(Bs), list(w), "product"), 0.3 * Bs[0] @ As[0] + 0.7 * Bs[1] @ As[1],
+                 "lora_delta(..., 'product') with experts of ranks 2 and 4")
+    try:
+        got = student(clone(As), clone(Bs), list(w), "factors")
+    except ValueError:
+        return
+    raise AssertionError("lora_delta(..., 'factors') with experts of ranks 2 and 4 should raise ValueError (factors "
+                         f"of different shapes cannot be averaged), got {type(got).__name__}")
+
+
+# ---------------------------------------------------------------- pareto_mask (4 points)
 
 def as_mask(out, n: int) -> list[bool]:
     assert isinstance(out, torch.Tensor) and out.dtype == torch.bool and out.shape == (n,), \
@@ -158,7 +213,21 @@ def pareto_weak_dominance(ns):
     assert got == expected, f"pareto_mask on {pts.tolist()} returned {got}, expected {expected}"
 
 
-# ---------------------------------------------------------------- hypervolume_2d (3 points)
+@check(points=1, function="pareto_mask")
+def pareto_minimises_costs(ns):
+    """rewards listed in minimize are costs: lower is better there (the same front as negating them)"""
+    student = get_function(ns, "pareto_mask")
+    gen = generator(455)
+    for shape, minimize in (((15, 2), (1,)), ((20, 3), (0, 2)), ((8, 2), ())):
+        pts = torch.randn(shape, generator=gen)
+        flipped = pts.clone()
+        flipped[:, list(minimize)] *= -1
+        got = as_mask(student(pts.clone(), minimize=minimize), shape[0])
+        expected = ref.pareto_mask(flipped).tolist()
+        assert got == expected, f"pareto_mask({pts.tolist()}, minimize={minimize}) returned {got}, expected {expected}"
+
+
+# ---------------------------------------------------------------- hypervolume_2d (4 points)
 
 def hv(student, pts, reference) -> float:
     return as_number(student(pts.clone(), reference.clone()), "hypervolume_2d")
@@ -203,6 +272,20 @@ def hypervolume_ignores_points_under_the_reference(ns):
                                   "(only [2, 1] lies above the reference in both rewards)"
     got = hv(student, pts[1:], reference)
     assert abs(got) < 1e-9, f"hypervolume_2d({pts[1:].tolist()}, {reference.tolist()}) = {got}, expected 0.0"
+
+
+@check(points=1, function="hypervolume_2d")
+def hypervolume_of_a_batch_of_fronts(ns):
+    """points (S, P, 2) give a (S,) float64 tensor, one hypervolume per front"""
+    student = get_function(ns, "hypervolume_2d")
+    pts = torch.randn(4, 6, 2, generator=generator(465))
+    reference = torch.tensor([-1.5, -1.5])
+    got = student(pts.clone(), reference.clone())
+    expected = torch.tensor([ref.hypervolume(p, reference) for p in pts], dtype=torch.float64)
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.float64, \
+        f"hypervolume_2d of a batch (4, 6, 2) should return a float64 tensor, got {type(got).__name__} " \
+        f"{getattr(got, 'dtype', '')}"
+    assert_close(got, expected, "hypervolume_2d of a batch of 4 fronts")
 
 
 # ---------------------------------------------------------------- the graded experiment (2 points)

@@ -1,14 +1,17 @@
-"""Checks of exercise 05 (Constitutional AI: the SL-CAI prompts and training pair, debiased soft labels from AI
-feedback, Elo ratings from pairwise comparisons), 13 points.
+"""Checks of exercise 05 (Constitutional AI: the SL-CAI prompts and training pairs, debiased soft labels from AI
+feedback, Elo ratings from pairwise comparisons, and a judge setup chosen by experiment), 18 points.
 
-The prompt checks compare the student's text with ``alignlib.cai`` character for character on seeded random
-conversations (prompts and answers padded with stray whitespace, braces and newlines inside), and test what the
-reference guarantees: the revision prompt extends the critique prompt, the training pair holds the original prompt and
-the last revision and nothing else of a critique/revision transcript. ``soft_labels`` is compared with
-``alignlib.feedback`` on random log-probabilities and logits and tested for the swap symmetry and for a letter bias
-cancelling. ``elo_scores`` may be fitted by any method: it is compared with ``alignlib.cai`` within 1 Elo point,
-and runs on
-one thread (see ``one_thread``). Inputs are copied before each call.
+Exact text is worth 2 points (one per prompt, compared with ``alignlib.cai`` character for character on seeded random
+conversations); the rest is behaviour: bad input refused, the SL-CAI pairs (one per round, as in Bai et al. 2022, or the
+final revision only) holding nothing of the critique transcript, ``soft_labels`` against ``alignlib.feedback`` with
+the swap symmetry, a letter bias cancelling and measured, ``elo_scores`` within 1 Elo point of ``alignlib.cai`` (any
+optimiser; run on one thread, see ``one_thread``) with its anchor player at 0.
+
+Each function is asked in a form that alignlib's does not have, so pasting its code does not pass (at least one
+check each): the prompts refuse a missing request or a blank answer; ``sft_examples`` returns one pair per round;
+``soft_labels`` also returns the letter bias; ``elo_scores`` takes an ``anchor``. ``ALIGNLIB_VERSIONS`` lists the
+implementations the grader compares the student's syntax trees with (``checks.similarity``). Inputs are copied before
+each call.
 """
 from __future__ import annotations
 
@@ -21,7 +24,16 @@ import torch
 from alignlib import cai as ref
 from alignlib import feedback as ref_feedback
 
-from . import assert_close, assert_same_text, check, generator, get_function, one_thread, pad
+from alignlib import tiny_lab
+
+from . import (as_number, assert_close, assert_same_text, check, generator, get_function, one_thread, pad,
+               run_experiment)
+
+ALIGNLIB_VERSIONS = {"critique_prompt": ("alignlib.cai:critique_prompt", "alignlib.cai:conversation"),
+                     "revision_prompt": ("alignlib.cai:revision_prompt",),
+                     "sft_examples": ("alignlib.cai:sft_example", "alignlib.checks.ex05_cai:reference_sft_examples"),
+                     "soft_labels": ("alignlib.feedback:soft_labels",),
+                     "elo_scores": ("alignlib.cai:elo_scores",)}
 
 WORDS = ("the", "a", "lock", "door", "neighbour", "password", "recipe", "bleach", "ammonia", "car", "key", "ask",
          "quietly", "why", "never", "please", "how", "can", "I", "you", "should", "legal", "safe", "friend", "tonight",
@@ -52,7 +64,16 @@ def random_conversations(seed: int, n: int = 30):
         yield pad(rng, random_text(rng)), pad(rng, random_text(rng)), random_pair(rng), pad(rng, random_text(rng))
 
 
-# ---------------------------------------------------------------- critique_prompt (1 point)
+def refuses(call, args: tuple, why: str, what: str) -> None:
+    """``call(*args)`` raises ValueError; otherwise an AssertionError saying why it should."""
+    try:
+        got = call(*args)
+    except ValueError:
+        return
+    raise AssertionError(f"{what} should raise ValueError ({why}), got {got!r}")
+
+
+# ---------------------------------------------------------------- critique_prompt (2 points)
 
 @check(points=1, function="critique_prompt")
 def critique_matches_reference(ns):
@@ -61,6 +82,18 @@ def critique_matches_reference(ns):
     for prompt, response, pair, _ in random_conversations(500):
         assert_same_text(student(prompt, response, dict(pair)), ref.critique_prompt(prompt, response, pair),
                          f"critique_prompt({prompt!r}, {response!r}, ...)")
+
+
+@check(points=1, function="critique_prompt")
+def critique_refuses_bad_input(ns):
+    """raises ValueError for a pair with no (or a blank) critique request, and for a blank prompt or response"""
+    student = get_function(ns, "critique_prompt")
+    pair = random_pair(random.Random(505))
+    for args, why in ((("How?", "Like this.", {"id": "x", "revision_request": "Rewrite."}), "no critique_request"),
+                      (("How?", "Like this.", {**pair, "critique_request": " \n"}), "a blank critique request"),
+                      (("How?", "  \n", dict(pair)), "a blank response: nothing to critique"),
+                      (("", "Like this.", dict(pair)), "a blank prompt")):
+        refuses(student, args, why, f"critique_prompt{args!r}")
 
 
 # ---------------------------------------------------------------- revision_prompt (2 points)
@@ -76,43 +109,57 @@ def revision_matches_reference(ns):
 
 
 @check(points=1, function="revision_prompt")
-def revision_extends_the_critique_prompt(ns):
-    """starts with the critique prompt of the same conversation, then the critique; ends at "Revision:\""""
+def revision_refuses_bad_input(ns):
+    """raises ValueError for a blank critique (a failed generation) and a pair with no revision request"""
     student = get_function(ns, "revision_prompt")
-    for prompt, response, pair, critique in random_conversations(520):
-        got = student(prompt, response, dict(pair), critique)
-        assert isinstance(got, str), f"revision_prompt should return a str, got {type(got).__name__}"
-        head = ref.critique_prompt(prompt, response, pair)
-        assert got.startswith(head), \
-            (f"revision_prompt({prompt!r}, {response!r}, ...) should start with the critique prompt {head!r}; "
-             f"got {got!r}")
-        assert critique.strip() in got[len(head):], \
-            f"the critique {critique.strip()!r} should follow the critique prompt; got {got[len(head):]!r} after it"
-        tail = f"Revision request: {pair['revision_request']}\n\nRevision:"
-        assert got.endswith(tail), f"revision_prompt should end with {tail!r}; got ...{got[-len(tail) - 20:]!r}"
+    pair = random_pair(random.Random(520))
+    for args, why in ((("How?", "Like this.", dict(pair), " \n\t"), "a blank critique: the critic wrote nothing"),
+                      (("How?", "Like this.", dict(pair), ""), "an empty critique"),
+                      (("How?", "Like this.", {"id": "x", "critique_request": "Why?"}, "Harmful."),
+                       "no revision_request"),
+                      (("How?", "Like this.", {**pair, "revision_request": ""}, "Harmful."),
+                       "a blank revision request")):
+        refuses(student, args, why, f"revision_prompt{args!r}")
 
 
-# ---------------------------------------------------------------- sft_example (2 points)
+# ---------------------------------------------------------------- sft_examples (2 points)
 
-@check(points=1, function="sft_example")
-def sft_matches_reference(ns):
-    """the original prompt and the last revision, both stripped, after one to four rounds"""
-    student = get_function(ns, "sft_example")
+def reference_sft_examples(prompt: str, revisions, every_round: bool = True) -> list[dict]:
+    """The check's reference: one pair per round's revision (Bai et al. 2022 train on every revision), or the
+    final revision only; prompt and revisions stripped; no revisions or a blank one refused."""
+    if len(revisions) == 0:
+        raise ValueError("no revisions")
+    if any(not r.strip() for r in revisions):
+        raise ValueError("a blank revision")
+    chosen = list(revisions) if every_round else list(revisions)[-1:]
+    return [{"prompt": prompt.strip(), "response": r.strip()} for r in chosen]
+
+
+def sft_list(student, prompt, revisions, **kwargs) -> list:
+    got = student(prompt, list(revisions), **kwargs)
+    assert isinstance(got, list) and all(isinstance(x, dict) and set(x) == {"prompt", "response"} for x in got), \
+        f"sft_examples should return a list of {{'prompt', 'response'}} dicts, got {got!r}"
+    return got
+
+
+@check(points=1, function="sft_examples")
+def sft_one_pair_per_round(ns):
+    """one pair per round's revision (the paper's recipe), or with every_round=False the last one only; stripped"""
+    student = get_function(ns, "sft_examples")
     rng = random.Random(530)
     for rounds in (1, 2, 3, 4, 1, 2):
         prompt = pad(rng, random_text(rng))
         revisions = [pad(rng, random_text(rng)) for _ in range(rounds)]
-        got = student(prompt, list(revisions))
-        expected = ref.sft_example(prompt, revisions)
-        assert isinstance(got, dict) and set(got) == set(expected), \
-            f"sft_example should return a dict with the keys {sorted(expected)}, got {got!r}"
-        assert got == expected, f"sft_example({prompt!r}, {revisions!r}) = {got!r}, expected {expected!r}"
+        for kwargs in ({}, {"every_round": True}, {"every_round": False}):
+            got, expected = sft_list(student, prompt, revisions, **kwargs), reference_sft_examples(prompt, revisions,
+                                                                                                     **kwargs)
+            assert got == expected, f"sft_examples({prompt!r}, {revisions!r}, {kwargs}) = {got!r}, expected {expected!r}"
 
 
-@check(points=1, function="sft_example")
+@check(points=1, function="sft_examples")
 def sft_leaves_the_transcript_out(ns):
-    """no critique, request, section label or earlier draft in the pair; no revisions raise ValueError"""
-    student = get_function(ns, "sft_example")
+    """no critique, request or section label in the pairs; no revisions or a blank revision raise ValueError"""
+    student = get_function(ns, "sft_examples")
     rng = random.Random(540)
     for rounds in (1, 2, 3):
         prompt, answer = pad(rng, random_text(rng)), f"first draft: {random_text(rng)}"
@@ -122,24 +169,19 @@ def sft_leaves_the_transcript_out(ns):
             critiques.append(f"critique of round {k}: {random_text(rng)}")
             requests += [pair["critique_request"], pair["revision_request"]]
             drafts.append(f"revision of round {k}: {random_text(rng)}")
-        got = student(prompt, [pad(rng, d) for d in drafts[1:]])
-        assert isinstance(got, dict) and set(got) == {"prompt", "response"}, \
-            f"sft_example should return a dict with the keys ['prompt', 'response'], got {got!r}"
-        text = f"{got['prompt']}\n{got['response']}"
-        leaked = [t for t in critiques + requests + drafts[:-1] + list(SECTION_LABELS) if t in text]
-        assert not leaked, f"the SL-CAI training pair after {rounds} round(s) holds {leaked[0]!r}: {got!r}"
-        assert got == {"prompt": prompt.strip(), "response": drafts[-1]}, \
-            f"after {rounds} round(s) the pair should be the prompt and the last revision, got {got!r}"
-    for empty in ([], ()):
-        try:
-            got = student("How do I pick a lock?", empty)
-        except ValueError:
-            continue
-        raise AssertionError(f"sft_example(prompt, {empty!r}) should raise ValueError (there is no revision to train "
-                             f"on), got {got!r}")
+        for every_round in (True, False):
+            got = sft_list(student, prompt, [pad(rng, d) for d in drafts[1:]], every_round=every_round)
+            text = "\n".join(f"{x['prompt']}\n{x['response']}" for x in got)
+            leaked = [t for t in critiques + requests + drafts[:1] + list(SECTION_LABELS) if t in text]
+            assert not leaked, f"the SL-CAI training pairs after {rounds} round(s) hold {leaked[0]!r}: {got!r}"
+            assert [x["response"] for x in got] == (drafts[1:] if every_round else drafts[-1:]), \
+                f"after {rounds} round(s), every_round={every_round}: the responses should be " \
+                f"{drafts[1:] if every_round else drafts[-1:]!r}, got {got!r}"
+    for revisions, why in (([], "there is no revision to train on"), (("Fine.", " \n"), "round 2's revision is blank")):
+        refuses(student, ("How do I pick a lock?", revisions), why, f"sft_examples(prompt, {revisions!r})")
 
 
-# ---------------------------------------------------------------- soft_labels (4 points)
+# ---------------------------------------------------------------- soft_labels (5 points)
 
 LABEL_KEYS = ("p", "p_first_order", "p_swapped")
 
@@ -209,7 +251,26 @@ def soft_labels_refuse_bad_shapes(ns):
                              "(B, 2): the letters A and B of each pair)")
 
 
-# ---------------------------------------------------------------- elo_scores (4 points)
+@check(points=1, function="soft_labels")
+def soft_labels_measure_the_letter_bias(ns):
+    """also returns "bias" (B,): the letter (A)'s log-odds shared by both orders, 1/2 (d_first + d_swapped)"""
+    student = get_function(ns, "soft_labels")
+    gen = generator(585)
+    for kind in ("logprobs", "logits"):
+        first, swapped = letter_inputs(9, gen, kind), letter_inputs(9, gen, kind)
+        out = student(first.clone(), swapped.clone())
+        assert isinstance(out, dict) and "bias" in out, \
+            f"soft_labels should also return the key 'bias', got {sorted(out) if isinstance(out, dict) else out!r}"
+        d_first, d_swapped = first[:, 0] - first[:, 1], swapped[:, 0] - swapped[:, 1]
+        assert_close(out["bias"], 0.5 * (d_first + d_swapped), f"soft_labels(...)['bias'] on {kind}")
+    delta = torch.randn(6, generator=gen)            # a judge with log-odds delta + 0.8 for whatever (A) shows
+    first = torch.stack([delta + 0.8, torch.zeros(6)], -1)
+    swapped = torch.stack([-delta + 0.8, torch.zeros(6)], -1)
+    assert_close(student(first, swapped)["bias"], torch.full((6,), 0.8),
+                 "soft_labels(...)['bias'] of a judge that adds 0.8 nats to the letter (A)")
+
+
+# ---------------------------------------------------------------- elo_scores (5 points)
 
 def random_tournament(rng: random.Random, players: list, games: int, soft: bool) -> list[tuple]:
     """Outcomes drawn from Bradley-Terry strengths; a fifth are ties, and with ``soft`` some scores in between."""
@@ -308,6 +369,28 @@ def elo_sweep_stays_finite(ns):
 
 
 @check(points=1, function="elo_scores")
+def elo_anchor_player(ns):
+    """anchor names the player rated 0 (default players[0]); the differences do not change; a stranger is refused"""
+    student = on_one_thread(get_function(ns, "elo_scores"))
+    rng = random.Random(595)
+    players = ["m0", "m1", "m2", "m3"]
+    outcomes = random_tournament(rng, players, 50, soft=True)
+    expected = reference_elo(outcomes, players)
+    for anchor in ("m2", "m0", "m3"):
+        got = scores(student, outcomes, players, anchor=anchor)
+        assert abs(got[anchor]) < 1e-6, f"elo_scores(..., anchor={anchor!r}) should rate {anchor!r} 0, got {rounded(got)}"
+        for p in players:
+            want = expected[p] - expected[anchor]
+            assert abs(got[p] - want) <= ELO_TOLERANCE, \
+                f"elo_scores(..., anchor={anchor!r}): Elo({p!r}) should be {want:.1f}, got {got[p]:.1f}"
+    try:
+        got = student(list(outcomes), list(players), anchor="nobody")
+    except ValueError:
+        return
+    raise AssertionError(f"elo_scores(..., anchor='nobody') should raise ValueError (not one of {players}), got {got!r}")
+
+
+@check(points=1, function="elo_scores")
 def elo_refuses_bad_input(ns):
     """raises ValueError for an outcome naming a player not in players, and for no outcomes"""
     student = on_one_thread(get_function(ns, "elo_scores"))
@@ -319,3 +402,29 @@ def elo_refuses_bad_input(ns):
         except ValueError:
             continue
         raise AssertionError(f"elo_scores({outcomes}, {players}) should raise ValueError ({why}), got {got!r}")
+
+
+# ---------------------------------------------------------------- the graded experiment (2 points)
+
+MIN_KEPT = 0.5           # the setup must keep at least half of the AI-labelled pairs
+ACCURACY_TOLERANCE = 0.01
+
+
+@check(points=2, function="choose_judge_setup")
+def judge_setup_for_the_preference_data(ns):
+    """the (both_orders, margin) chosen keeps >= half of the pairs with an accuracy within 0.01 of the best setup's"""
+    chosen = run_experiment(ns, "choose_judge_setup")
+    assert isinstance(chosen, (tuple, list)) and len(chosen) == 2, \
+        f"choose_judge_setup() should return (both_orders, margin), got {chosen!r}"
+    both_orders, margin = chosen
+    assert isinstance(both_orders, bool), f"both_orders should be True or False, got {both_orders!r}"
+    margin = as_number(margin, "the margin")
+    assert 0 <= margin < 0.5, f"the margin must lie in [0, 0.5), got {margin}"
+    got = tiny_lab.judge_labels(both_orders, margin)
+    best = max(r["accuracy"] for r in (tiny_lab.judge_labels(b, m / 1000) for b in (True, False) for m in range(500))
+               if r["kept"] >= MIN_KEPT)
+    assert got["kept"] >= MIN_KEPT, \
+        f"both_orders={both_orders}, margin={margin:.3f} keeps {got['kept']:.1%} of the pairs, fewer than {MIN_KEPT:.0%}"
+    assert got["accuracy"] >= best - ACCURACY_TOLERANCE, \
+        f"both_orders={both_orders}, margin={margin:.3f}: validated accuracy {got['accuracy']:.3f}; the best setup " \
+        f"that keeps {MIN_KEPT:.0%} of the pairs reaches {best:.3f}"
