@@ -456,7 +456,12 @@ WRONG_04 = {
 
 # ---------------------------------------------------------------- 05 Constitutional AI
 
-TURNS = 'turns = f"Human: {prompt.strip()}\\n\\nAssistant: {response.strip()}\\n\\n"\n'
+# the refusals of blank input, written before each prompt body below (they are not the mistake under test)
+BLANKS = ('if any(not str(x).strip() for x in (prompt, response, pair.get("critique_request") or "")):\n'
+          '    raise ValueError("blank input")\n')
+REVISION_BLANKS = BLANKS.replace('pair.get("critique_request") or ""',
+                                 'pair.get("critique_request") or "", critique, pair.get("revision_request") or ""')
+TURNS = BLANKS + 'turns = f"Human: {prompt.strip()}\\n\\nAssistant: {response.strip()}\\n\\n"\n'
 SHAPE_CHECK = """
 if logp_first_order.dim() != 2 or logp_first_order.shape[1] != 2 or logp_swapped.shape != logp_first_order.shape:
     raise ValueError("both inputs must be (B, 2)")
@@ -464,7 +469,8 @@ if logp_first_order.dim() != 2 or logp_first_order.shape[1] != 2 or logp_swapped
 SOFT = """
 first = {first}
 swapped = {swapped}
-return {{"p": (first + swapped) / 2, "p_first_order": first, "p_swapped": swapped}}
+bias = (logp_first_order[:, 0] - logp_first_order[:, 1] + logp_swapped[:, 0] - logp_swapped[:, 1]) / 2
+return {{"p": (first + swapped) / 2, "p_first_order": first, "p_swapped": swapped, "bias": bias}}
 """
 # a compact Newton fit; {guard}, {prior}, {scale} and {anchor} are where the mistakes go
 ELO = """
@@ -485,60 +491,88 @@ elo = {scale} * (beta - beta{anchor})
 return {{name: float(elo[i]) for name, i in index.items()}}
 """
 GUARD = """if not outcomes or any(x not in index for a, b, _ in outcomes for x in (a, b)):
-    raise ValueError("unknown player or no outcomes")"""
-ELO_RIGHT = dict(guard=GUARD, prior="prior", scale="400 / math.log(10)", anchor="[0]")
+    raise ValueError("unknown player or no outcomes")
+anchor = players[0] if anchor is None else anchor
+if anchor not in index:
+    raise ValueError("unknown anchor")"""
+ELO_RIGHT = dict(guard=GUARD, prior="prior", scale="400 / math.log(10)", anchor="[index[anchor]]")
+SFT = """
+if not revisions or any(not r.strip() for r in revisions):
+    raise ValueError("no revisions, or a blank one")
+return [{{"prompt": prompt.strip(), "response": {response}}} for r in {chosen}]
+"""
+SFT_RIGHT = dict(response="r.strip()", chosen="(revisions if every_round else revisions[-1:])")
 
 CRITIQUE = 'critique_prompt: the conversation (stripped), the critique request and "Critique:", exactly as specified'
+CRITIQUE_BAD = ("critique_prompt: raises ValueError for a pair with no (or a blank) critique request, and for a blank "
+                "prompt or response")
 REVISION_REF = ('revision_prompt: the critique prompt, the critique (stripped), the revision request and "Revision:", '
                 'exactly as specified')
-REVISION_EXTENDS = ('revision_prompt: starts with the critique prompt of the same conversation, then the critique; '
-                    'ends at "Revision:"')
-SFT_REF = "sft_example: the original prompt and the last revision, both stripped, after one to four rounds"
-SFT_LEAK = ("sft_example: no critique, request, section label or earlier draft in the pair; no revisions raise "
+REVISION_BAD = ("revision_prompt: raises ValueError for a blank critique (a failed generation) and a pair with no "
+                "revision request")
+SFT_REF = ("sft_examples: one pair per round's revision (the paper's recipe), or with every_round=False the last one "
+           "only; stripped")
+SFT_LEAK = ("sft_examples: no critique, request or section label in the pairs; no revisions or a blank revision raise "
             "ValueError")
 SOFT_REF = "soft_labels: matches the reference on random (B, 2) log-probabilities and unnormalised logits"
 SOFT_SWAP = "soft_labels: swapping the two arguments gives 1 - p, and p lies in [0, 1]"
 SOFT_BIAS = "soft_labels: a pure letter bias cancels: two identical answers give exactly 1/2"
 SOFT_SHAPE = "soft_labels: raises ValueError unless both inputs have the same shape (B, 2)"
+SOFT_MEASURE = ('soft_labels: also returns "bias" (B,): the letter (A)\'s log-odds shared by both orders, 1/2 (d_first '
+                '+ d_swapped)')
 ELO_REF = "elo_scores: within 1 Elo point of the reference on random tournaments, with players[0] at 0"
 ELO_KNOWN = ("elo_scores: a 75% record is 400 log10(3) = 190.8 points ahead (prior=0); tied players score the "
              "same")
 ELO_SWEEP = "elo_scores: a clean sweep stays finite with the default prior (the reference's gap within 1 Elo point)"
+ELO_ANCHOR = ("elo_scores: anchor names the player rated 0 (default players[0]); the differences do not change; a "
+              "stranger is refused")
 ELO_BAD = "elo_scores: raises ValueError for an outcome naming a player not in players, and for no outcomes"
+JUDGE = ("choose_judge_setup: the (both_orders, margin) chosen keeps >= half of the pairs with an accuracy within 0.01 "
+         "of the best setup's")
 
 WRONG_05 = {
     "prompt and response not stripped": (
         "critique_prompt",
-        'return f"Human: {prompt}\\n\\nAssistant: {response}\\n\\nCritique request: {pair[\'critique_request\']}'
-        '\\n\\nCritique:"',
+        BLANKS + 'return f"Human: {prompt}\\n\\nAssistant: {response}\\n\\nCritique request: '
+                 '{pair[\'critique_request\']}\\n\\nCritique:"',
         {CRITIQUE}),
     "a space after 'Critique:'": (
         "critique_prompt",
         TURNS + 'return turns + f"Critique request: {pair[\'critique_request\']}\\n\\nCritique: "',
         {CRITIQUE}),
+    "a blank response accepted (alignlib's critique_prompt)": (
+        "critique_prompt",
+        'turns = f"Human: {prompt.strip()}\\n\\nAssistant: {response.strip()}\\n\\n"\n'
+        'return turns + f"Critique request: {pair[\'critique_request\']}\\n\\nCritique:"',
+        {CRITIQUE_BAD}),
     "critique not stripped": (
         "revision_prompt",
-        TURNS + 'return (turns + f"Critique request: {pair[\'critique_request\']}\\n\\nCritique: {critique}\\n\\n"\n'
-                '        f"Revision request: {pair[\'revision_request\']}\\n\\nRevision:")',
+        REVISION_BLANKS + TURNS.replace(BLANKS, "")
+        + 'return (turns + f"Critique request: {pair[\'critique_request\']}\\n\\nCritique: {critique}\\n\\n"\n'
+          '        f"Revision request: {pair[\'revision_request\']}\\n\\nRevision:")',
         {REVISION_REF}),
     "critique request left out of the revision prompt": (
         "revision_prompt",
-        TURNS + 'return (turns + f"Critique: {critique.strip()}\\n\\n"\n'
-                '        f"Revision request: {pair[\'revision_request\']}\\n\\nRevision:")',
-        {REVISION_REF, REVISION_EXTENDS}),
-    "every revision joined in the target (earlier drafts leak in)": (
-        "sft_example",
-        'if not revisions:\n    raise ValueError("no revisions")\n'
-        'return {"prompt": prompt.strip(), "response": "\\n\\n".join(r.strip() for r in revisions)}',
+        REVISION_BLANKS + TURNS.replace(BLANKS, "")
+        + 'return (turns + f"Critique: {critique.strip()}\\n\\n"\n'
+          '        f"Revision request: {pair[\'revision_request\']}\\n\\nRevision:")',
+        {REVISION_REF}),
+    "a blank critique accepted": (
+        "revision_prompt",
+        TURNS + 'return (turns + f"Critique request: {pair[\'critique_request\']}\\n\\nCritique: {critique.strip()}'
+                '\\n\\nRevision request: {pair[\'revision_request\']}\\n\\nRevision:")',
+        {REVISION_BAD}),
+    "every revision joined in one target (the transcript leaks in)": (
+        "sft_examples", SFT.format(response="'\\n\\n'.join(x.strip() for x in revisions)", chosen="revisions[-1:]"),
         {SFT_REF, SFT_LEAK}),
     "the target labelled as a section ('Revision: ...')": (
-        "sft_example",
-        'if not revisions:\n    raise ValueError("no revisions")\n'
-        'return {"prompt": prompt.strip(), "response": "Revision: " + revisions[-1].strip()}',
+        "sft_examples", SFT.format(**{**SFT_RIGHT, "response": "'Revision: ' + r.strip()"}),
         {SFT_REF, SFT_LEAK}),
-    "no ValueError for an empty list of revisions": (
-        "sft_example",
-        'return {"prompt": prompt.strip(), "response": revisions[-1].strip()}',
+    "the final revision only, whatever every_round says (alignlib's shortcut)": (
+        "sft_examples", SFT.format(**{**SFT_RIGHT, "chosen": "revisions[-1:]"}),
+        {SFT_REF, SFT_LEAK}),
+    "no ValueError for no revisions or a blank one": (
+        "sft_examples", SFT.format(**SFT_RIGHT).split("\n", 3)[3],
         {SFT_LEAK}),
     "p_A of both orders averaged instead of p_A and p_B": (
         "soft_labels",
@@ -552,137 +586,196 @@ WRONG_05 = {
         "soft_labels",
         SOFT.format(first="logp_first_order.softmax(-1)[:, 0]", swapped="logp_swapped.softmax(-1)[:, 1]"),
         {SOFT_SHAPE}),
+    "no letter bias returned (alignlib's soft_labels)": (
+        "soft_labels",
+        SHAPE_CHECK + SOFT.format(first="logp_first_order.softmax(-1)[:, 0]", swapped="logp_swapped.softmax(-1)[:, 1]")
+        .replace(', "bias": bias}', "}"),
+        {SOFT_MEASURE}),
     "Elo in base e (400 points per nat)": (
         "elo_scores",
         ELO.format(**{**ELO_RIGHT, "scale": "400"}),
-        {ELO_REF, ELO_KNOWN, ELO_SWEEP}),
+        {ELO_REF, ELO_KNOWN, ELO_SWEEP, ELO_ANCHOR}),
     "ratings centred on their mean, not on players[0]": (
         "elo_scores",
         ELO.format(**{**ELO_RIGHT, "anchor": ".mean()"}),
-        {ELO_REF}),
+        {ELO_REF, ELO_ANCHOR}),
+    "the anchor ignored (players[0] at 0, as alignlib's)": (
+        "elo_scores",
+        ELO.format(**{**ELO_RIGHT, "anchor": "[0]"}),
+        {ELO_ANCHOR}),
     "the prior ignored": (
         "elo_scores",
         ELO.format(**{**ELO_RIGHT, "prior": "0.0"}),
-        {ELO_REF, ELO_SWEEP}),
+        {ELO_REF, ELO_SWEEP, ELO_ANCHOR}),
     "no check of the players and of empty outcomes": (
         "elo_scores",
-        ELO.format(**{**ELO_RIGHT, "guard": ""}),
-        {ELO_BAD}),
+        ELO.format(**{**ELO_RIGHT, "guard": "anchor = players[0] if anchor is None else anchor"}),
+        {ELO_BAD, ELO_ANCHOR}),
 }
 
 
 # ---------------------------------------------------------------- 06 principle-driven self-alignment
 
 PROMPT_REF = "principle_prompt: the intro, the rules and every exemplar with its thoughts, exactly as specified"
-PROMPT_ORDER = ("principle_prompt: the rules in the data's order, then each exemplar as a query, its thoughts and its "
-                "answer; ends with a blank line")
+PROMPT_FIRST = ("principle_prompt: num_principles=n keeps the first n rules and every exemplar (an ablation); n "
+                "outside 1..len raises ValueError")
 QUERY = 'query: the instruction (stripped) after "User:", a blank line, and the thought label with nothing after it'
+QUERY_BATCH = "query: a list of instructions gives the list of their queries; a blank instruction raises ValueError"
 ENGRAVE_REF = "engraving_pairs: the kept rows' instructions and answers, stripped, in order; dropped rows left out"
 ENGRAVE_PRUNE = ("engraving_pairs: no principle text, title, exemplar or thought left in the pairs; nothing kept "
                  "raises ValueError")
+ENGRAVE_REPEAT = ("engraving_pairs: an answer that says one sentence twice (a degenerate loop) is left out, as Dromedary "
+                  "filters before engraving")
 NOVELTY_REF = ("novelty_filter: matches the reference on random candidates with near-duplicates of the pool and of "
                "each other")
 NOVELTY_ORDER = "novelty_filter: each candidate meets the pool and the candidates kept before it, not the rejected ones"
-NOVELTY_EQUAL = ("novelty_filter: a score equal to the threshold rejects; at threshold 1 only duplicates (after "
-                 "stemming) are rejected")
+NOVELTY_TIE = ("novelty_filter: a score equal to the threshold keeps the candidate (rejected only above it); at "
+               "threshold 1 nothing is rejected")
 NOVELTY_BAD = "novelty_filter: blank candidates are skipped; a threshold outside (0, 1] raises ValueError"
+NOVELTY_SCORES = ("novelty_filter: also returns scores: each non-blank candidate's best ROUGE-L, in order, the number "
+                  "the threshold is applied to")
 TRUE_REF = "true_scores: p(True) / (p(True) + p(False)) per choice on the tiny model, within 1e-5 of the reference"
 TRUE_ARGS = "true_scores: follows the query template and the two words it is given; swapping the words gives 1 - s"
+TRUE_BATCH = "true_scores: a list of questions with one list of choices each gives one (K_i,) tensor per question"
 ACC_REF = ("accuracy: the fraction of questions whose top score is the answer, ties going to the first choice; hits "
            "per question")
 ACC_BAD = "accuracy: raises ValueError for mismatched lengths, no questions, and an answer outside the choices"
+ACC_SPLIT = 'accuracy: ties="split": a question whose answer shares the top score with m - 1 others counts 1/m'
+THRESHOLD = ("choose_threshold: the chosen threshold keeps >= 40% of the candidates and is within 0.02 of the "
+             "strictest that does")
 
 # the prompt with {rule}, {thought} standing for the parts the mistakes change
 PROMPT = """
-rules = "\\n".join(f"{{p['id']}} ({{p['title']}}): {rule}" for p in data.principles)
+if num_principles is not None and not 1 <= num_principles <= len(data.principles):
+    raise ValueError("num_principles out of range")
+principles = data.principles[:num_principles] if num_principles else data.principles
+rules = "\\n".join(f"{{p['id']}} ({{p['title']}}): {rule}" for p in principles)
 shots = "".join(f"{{USER}} {{e['instruction'].strip()}}\\n\\n{thought}{{ANSWER}} {{e['answer'].strip()}}\\n\\n"
                 for e in data.exemplars)
 return INTRO + "Rules:\\n" + rules + "\\n\\n" + shots
 """
 RULE, THOUGHT_TURN = "{p['rule'].strip()}", "{THOUGHT} {e['thought'].strip()}\\n\\n"
+QUERY_BODY = """
+if isinstance(instruction, list):
+    return [query(one) for one in instruction]
+if not instruction.strip():
+    raise ValueError("blank instruction")
+return {text}
+"""
 ENGRAVE = """
+def repeats(text):
+    parts = [t.strip().lower() for t in re.split(r"(?<=[.!?])\\s+|\\n+", text) if t.strip()]
+    return len(set(parts)) < len(parts)
 kept = [r for r in rows if {keep}]
 if not kept:
     raise ValueError("nothing to engrave")
 return [{instruction} for r in kept], [{answer} for r in kept]
 """
-ENGRAVE_RIGHT = dict(keep="not r.get('dropped')", instruction="r['instruction'].strip()",
+ENGRAVE_RIGHT = dict(keep="not r.get('dropped') and not repeats(r['answer'])", instruction="r['instruction'].strip()",
                      answer="r['answer'].strip()")
 # a compact filter; {compare}, {test} and {reject} are where the mistakes go
 NOVELTY = """
 if not 0 < threshold <= 1:
     raise ValueError("threshold must lie in (0, 1]")
-seen, kept, rejected = list(pool), [], []
+seen, kept, rejected, scores = list(pool), [], [], []
 for text in candidates:
     text = text.strip()
     if not text:
         continue
     score, closest = max([(rouge_l(text, other), other) for other in {compare}] or [(0.0, "")])
+    scores.append(score)
     if {test}:
         rejected.append((text, closest, score)){reject}
     else:
         kept.append(text)
         seen.append(text)
-return kept, rejected
+return kept, rejected, scores
 """
-NOVELTY_RIGHT = dict(compare="seen", test="score >= threshold", reject="")
+NOVELTY_RIGHT = dict(compare="seen", test="score > threshold", reject="")
 TRUE = """
-suffixes = [{template}.format(question=question, choice=c) for c in choices]
-yes = cache.score(suffixes, [words[0]] * len(choices))
-no = cache.score(suffixes, [words[1]] * len(choices))
-return {result}
+batched = isinstance(question, list)
+questions, lists = (question, choices) if batched else ([question], [choices])
+suffixes = [{template}.format(question=q, choice=c) for q, cs in zip(questions, lists) for c in cs]
+yes = cache.score(suffixes, [words[0]] * len(suffixes))
+no = cache.score(suffixes, [words[1]] * len(suffixes))
+out = list(({result}).split([len(cs) for cs in lists]))
+return out if batched else out[0]
 """
 ACCURACY = """
+if ties not in ("first", "split"):
+    raise ValueError("ties is 'first' or 'split'")
 if len(scores) != len(answers) or not answers:
     raise ValueError("one score row per answer")
 hits = []
 for s, a in zip(scores, answers):
     if not {in_range}:
         raise ValueError("answer out of range")
-    hits.append({pick} == a)
+    top = torch.as_tensor(s) == torch.as_tensor(s).max()
+    hits.append({pick} == a if ties == "first" else {split})
 return {{"accuracy": sum(hits) / len(hits), "hits": hits}}
 """
-ACCURACY_RIGHT = dict(in_range="0 <= a < len(s)", pick="int(torch.as_tensor(s).argmax())")
+ACCURACY_RIGHT = dict(in_range="0 <= a < len(s)", pick="int(torch.as_tensor(s).argmax())",
+                      split="float(top[a]) / int(top.sum())")
 
 WRONG_06 = {
     "rules not stripped in the shared prompt": (
         "principle_prompt", PROMPT.format(rule="{p['rule']}", thought=THOUGHT_TURN),
-        {PROMPT_REF, PROMPT_ORDER}),
+        {PROMPT_REF, PROMPT_FIRST}),
     "exemplar thoughts left out of the shared prompt": (
         "principle_prompt", PROMPT.format(rule=RULE, thought=""),
-        {PROMPT_REF, PROMPT_ORDER}),
+        {PROMPT_REF, PROMPT_FIRST}),
+    "num_principles ignored (alignlib's principle_prompt)": (
+        "principle_prompt", PROMPT.format(rule=RULE, thought=THOUGHT_TURN).replace(
+            "data.principles[:num_principles] if num_principles else data.principles", "data.principles"),
+        {PROMPT_FIRST}),
     "a space after the thought label of the query": (
-        "query", 'return f"{USER} {instruction.strip()}\\n\\n{THOUGHT} "',
-        {QUERY}),
+        "query", QUERY_BODY.format(text='f"{USER} {instruction.strip()}\\n\\n{THOUGHT} "'),
+        {QUERY, QUERY_BATCH}),
+    "one instruction only, blanks accepted (alignlib's query)": (
+        "query", 'return f"{USER} {instruction.strip()}\\n\\n{THOUGHT}"',
+        {QUERY_BATCH}),
     "thoughts left in the engraving answers": (
         "engraving_pairs",
         ENGRAVE.format(**{**ENGRAVE_RIGHT, "answer": "r['thought'].strip() + ' ' + r['answer'].strip()"}),
-        {ENGRAVE_REF, ENGRAVE_PRUNE}),
+        {ENGRAVE_REF, ENGRAVE_PRUNE, ENGRAVE_REPEAT}),
     "dropped rows kept": (
-        "engraving_pairs", ENGRAVE.format(**{**ENGRAVE_RIGHT, "keep": "True"}),
+        "engraving_pairs", ENGRAVE.format(**{**ENGRAVE_RIGHT, "keep": "not repeats(r['answer'])"}),
         {ENGRAVE_REF, ENGRAVE_PRUNE}),
     "engraving pairs not stripped": (
-        "engraving_pairs", ENGRAVE.format(keep="not r.get('dropped')", instruction="r['instruction']",
-                                          answer="r['answer']"),
-        {ENGRAVE_REF}),
+        "engraving_pairs", ENGRAVE.format(**{**ENGRAVE_RIGHT, "instruction": "r['instruction']",
+                                             "answer": "r['answer']"}),
+        {ENGRAVE_REF, ENGRAVE_REPEAT}),
+    "repeated sentences kept (alignlib's engraving_pairs)": (
+        "engraving_pairs", ENGRAVE.format(**{**ENGRAVE_RIGHT, "keep": "not r.get('dropped')"}),
+        {ENGRAVE_REPEAT}),
     "candidates compared with the pool only, not with earlier kept ones": (
         "novelty_filter", NOVELTY.format(**{**NOVELTY_RIGHT, "compare": "pool"}),
-        {NOVELTY_REF, NOVELTY_ORDER}),
+        {NOVELTY_REF, NOVELTY_ORDER, NOVELTY_SCORES}),
     "rejected candidates join the comparison set": (
         "novelty_filter", NOVELTY.format(**{**NOVELTY_RIGHT, "reject": "\n        seen.append(text)"}),
-        {NOVELTY_REF, NOVELTY_ORDER}),
-    "'>' instead of '>=' at the threshold": (
-        "novelty_filter", NOVELTY.format(**{**NOVELTY_RIGHT, "test": "score > threshold"}),
-        {NOVELTY_EQUAL}),
+        {NOVELTY_REF, NOVELTY_ORDER, NOVELTY_SCORES}),
+    "'>=' instead of '>' at the threshold": (
+        "novelty_filter", NOVELTY.format(**{**NOVELTY_RIGHT, "test": "score >= threshold"}),
+        {NOVELTY_TIE}),
     "no check of the threshold": (
         "novelty_filter", NOVELTY.format(**NOVELTY_RIGHT).split("\n", 3)[3],
         {NOVELTY_BAD}),
+    "no scores returned (alignlib's novelty_filter)": (
+        "novelty_filter", NOVELTY.format(**NOVELTY_RIGHT).replace("return kept, rejected, scores",
+                                                                  "return kept, rejected"),
+        {NOVELTY_REF, NOVELTY_ORDER, NOVELTY_TIE, NOVELTY_BAD, NOVELTY_SCORES}),
     "p(True) without normalising by p(True) + p(False)": (
         "true_scores", TRUE.format(template="query", result="yes.exp()"),
-        {TRUE_REF, TRUE_ARGS}),
+        {TRUE_REF, TRUE_ARGS, TRUE_BATCH}),
     "the default template used whatever query is given": (
         "true_scores", TRUE.format(template="TRUE_QUERY", result="torch.sigmoid(yes - no)"),
         {TRUE_ARGS}),
+    "one question only (alignlib's true_scores)": (
+        "true_scores",
+        "suffixes = [query.format(question=question, choice=c) for c in choices]\n"
+        "return torch.sigmoid(cache.score(suffixes, [words[0]] * len(choices))\n"
+        "                     - cache.score(suffixes, [words[1]] * len(choices)))",
+        {TRUE_BATCH}),
     "ties go to the last choice": (
         "accuracy", ACCURACY.format(**{**ACCURACY_RIGHT,
                                        "pick": "len(s) - 1 - int(torch.as_tensor(s).flip(0).argmax())"}),
@@ -690,6 +783,12 @@ WRONG_06 = {
     "negative answers accepted": (
         "accuracy", ACCURACY.format(**{**ACCURACY_RIGHT, "in_range": "a < len(s)"}),
         {ACC_BAD}),
+    "a split tie counted as a whole hit": (
+        "accuracy", ACCURACY.format(**{**ACCURACY_RIGHT, "split": "float(top[a])"}),
+        {ACC_SPLIT}),
+    "the threshold of self-instruct's paper, 0.7": (
+        "choose_threshold", "return 0.7",
+        {THRESHOLD}),
 }
 
 
@@ -712,20 +811,21 @@ EXERCISES = {
         total=12, syntax_error=("select_global", "distinct_n"), imported=(("distinct_n", "alignlib.raft"),),
         wrong=WRONG_03),
     "04_soups": Exercise(
-        points={"interpolate_state_dicts": 2, "lora_delta": 3, "pareto_mask": 3, "hypervolume_2d": 3,
+        points={"interpolate_state_dicts": 3, "lora_delta": 4, "pareto_mask": 4, "hypervolume_2d": 4,
                 "choose_lambda": 2},
-        total=13, syntax_error=("lora_delta", "pareto_mask"), imported=(("pareto_mask", "alignlib.soups"),),
+        total=17, syntax_error=("lora_delta", "pareto_mask"), imported=(("pareto_mask", "alignlib.soups"),),
         wrong=WRONG_04),
     "05_cai": Exercise(
-        points={"critique_prompt": 1, "revision_prompt": 2, "sft_example": 2, "soft_labels": 4, "elo_scores": 4},
-        total=13, syntax_error=("soft_labels", "elo_scores"),
+        points={"critique_prompt": 2, "revision_prompt": 2, "sft_examples": 2, "soft_labels": 5, "elo_scores": 5,
+                "choose_judge_setup": 2},
+        total=18, syntax_error=("soft_labels", "elo_scores"),
         imported=(("soft_labels", "alignlib.feedback"), ("elo_scores", "alignlib.cai"),
-                  ("sft_example", "alignlib.cai")),
+                  ("critique_prompt", "alignlib.cai")),
         wrong=WRONG_05),
     "06_self_align": Exercise(
-        points={"principle_prompt": 2, "query": 1, "engraving_pairs": 2, "novelty_filter": 4, "true_scores": 2,
-                "accuracy": 2},
-        total=13, syntax_error=("novelty_filter", "accuracy"),
+        points={"principle_prompt": 2, "query": 2, "engraving_pairs": 3, "novelty_filter": 5, "true_scores": 3,
+                "accuracy": 3, "choose_threshold": 2},
+        total=20, syntax_error=("novelty_filter", "accuracy"),
         imported=(("novelty_filter", "alignlib.self_align"), ("engraving_pairs", "alignlib.self_align"),
                   ("true_scores", "alignlib.multiple_choice")),
         wrong=WRONG_06),
@@ -825,7 +925,7 @@ def test_functions_imported_from_alignlib_are_not_accepted(exercise, function, m
 
 def test_a_critique_prompt_built_on_alignlibs_conversation_is_not_accepted(tmp_path):
     """05: a body that calls alignlib.cai.conversation loses the critique_prompt check, with the reason."""
-    body = ("from alignlib.cai import conversation\n"
+    body = (BLANKS + "from alignlib.cai import conversation\n"
             "return conversation(prompt, response) + f\"Critique request: {pair['critique_request']}\\n\\nCritique:\"")
     results = grade(with_solution(solution_path("05_cai"), "critique_prompt", body, tmp_path))
     lost = [r for r in results if r.points == 0]
@@ -835,6 +935,7 @@ def test_a_critique_prompt_built_on_alignlibs_conversation_is_not_accepted(tmp_p
 def test_the_right_bodies_of_the_templates_score_full_marks(tmp_path):
     """06: the templates above are only wrong where a mistake puts something in: filled in right, they pass."""
     for function, body in (("principle_prompt", PROMPT.format(rule=RULE, thought=THOUGHT_TURN)),
+                           ("query", QUERY_BODY.format(text='f"{USER} {instruction.strip()}\\n\\n{THOUGHT}"')),
                            ("engraving_pairs", ENGRAVE.format(**ENGRAVE_RIGHT)),
                            ("novelty_filter", NOVELTY.format(**NOVELTY_RIGHT)),
                            ("true_scores", TRUE.format(template="query", result="torch.sigmoid(yes - no)")),

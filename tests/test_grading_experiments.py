@@ -16,6 +16,9 @@ CASES = [
     ("01_ppo", "choose_beta", "return 0.05", "return None"),
     ("02_rrhf", "choose_alpha", "return 0.0", "return float('nan')"),
     ("03_raft", "choose_k_and_temperature", "return 8, 1.0", "return 8"),
+    ("04_soups", "choose_lambda", "return 0.5", "return [0.3]"),
+    ("05_cai", "choose_judge_setup", "return False, 0.3", "return 'both', 0.2"),
+    ("06_self_align", "choose_threshold", "return 0.9", "return None"),
 ]
 
 
@@ -37,6 +40,36 @@ def test_measurements_move_the_way_the_exercises_say():
     assert small["kl"] > large["kl"] > 0 and small["reward"] > large["reward"] > large["reference_reward"]
     assert tiny_lab.length_correlation(0.0) < -0.5 < 0.5 < tiny_lab.length_correlation(1.5)
     assert tiny_lab.best_of_k(4, 0.5) == tiny_lab.best_of_k(4, 0.5)        # fixed seeds: the grader sees this
+    one, both = tiny_lab.judge_labels(False, 0.0), tiny_lab.judge_labels(True, 0.0)
+    assert abs(both["mean_p"] - 0.5) < abs(one["mean_p"] - 0.5)              # both orders cancel the letter bias
+    assert both["accuracy"] > one["accuracy"] and one["kept"] == both["kept"] == 1.0
+    strict = tiny_lab.judge_labels(True, 0.2)
+    assert strict["kept"] < both["kept"] and strict["accuracy"] > both["accuracy"]   # fewer, cleaner labels
+    loose, tight = tiny_lab.novelty_pass_rate(1.0), tiny_lab.novelty_pass_rate(0.3)
+    assert tight["pass_rate"] < loose["pass_rate"] and tight["mean_best"] < loose["mean_best"]
+
+
+def test_a_wrong_setup_of_the_judge_loses_the_points(tmp_path):
+    """05: the most accurate setup keeps too few pairs; a lenient one with one order keeps all but is noisy: both lose
+    the experiment; a margin just below the best one's passes (within the tolerance)."""
+    (name,) = [n for n in _check_names("05_cai") if n.startswith("choose_judge_setup:")]
+    for body in ("return True, 0.3", "return False, 0.0", "return True, 0.0"):
+        assert_loses_exactly(with_solution(solution_path("05_cai"), "choose_judge_setup", body, tmp_path),
+                             "choose_judge_setup", {name})
+    assert_loses_exactly(with_solution(solution_path("05_cai"), "choose_judge_setup", "return True, 0.17", tmp_path),
+                         "choose_judge_setup", set())
+
+
+def test_a_threshold_that_keeps_too_few_or_is_too_lenient_loses_the_points(tmp_path):
+    """06: a threshold below the strictest one that meets the target keeps too few; one well above it is too lenient;
+    one just above it passes."""
+    (name,) = [n for n in _check_names("06_self_align") if n.startswith("choose_threshold:")]
+    strictest = min(t / 1000 for t in range(1001) if tiny_lab.novelty_pass_rate(t / 1000)["pass_rate"] >= 0.4)
+    for body in (f"return {strictest - 0.05}", f"return {strictest + 0.05}"):
+        assert_loses_exactly(with_solution(solution_path("06_self_align"), "choose_threshold", body, tmp_path),
+                             "choose_threshold", {name})
+    assert_loses_exactly(with_solution(solution_path("06_self_align"), "choose_threshold", f"return {strictest + 0.01}",
+                                       tmp_path), "choose_threshold", set())
 
 
 @pytest.mark.parametrize("call, message", [
@@ -45,6 +78,9 @@ def test_measurements_move_the_way_the_exercises_say():
     (lambda: tiny_lab.length_correlation("1"), "alpha"),
     (lambda: tiny_lab.best_of_k(9, 0.5), "k must be"),
     (lambda: tiny_lab.best_of_k(2, -1.0), "temperature"),
+    (lambda: tiny_lab.judge_labels(1, 0.1), "both_orders"),
+    (lambda: tiny_lab.judge_labels(True, 0.5), "margin"),
+    (lambda: tiny_lab.novelty_pass_rate(1.5), "threshold"),
 ])
 def test_bad_input_is_named(call, message):
     with pytest.raises(ValueError, match=message):

@@ -1,27 +1,44 @@
 """Checks of exercise 06 (principle-driven self-alignment: the shared prompt, the query and the engraving data; the
-novelty filter of self-instruct; multiple-choice scoring by the probability of "True" and its accuracy), 13 points.
+novelty filter of self-instruct; multiple-choice scoring by the probability of "True" and its accuracy; a novelty
+threshold chosen by experiment), 20 points.
 
-The text checks compare the student's strings with ``alignlib.self_align`` character for character on seeded random
-principles, exemplars and generated rows (stray whitespace around every field), and test what the reference
-guarantees: the engraving pairs hold no principle, title, exemplar or internal thought. ``novelty_filter`` is
-compared with the reference on random instruction lists full of near-duplicates (students may call
-``alignlib.self_align.rouge_l``, which is not graded); when several texts tie for the closest match, any of them is
-accepted. ``true_scores`` runs on the tiny random model behind a ``PrefixCache`` of the reference header and must
-agree with ``alignlib.multiple_choice`` to 1e-5; ``accuracy`` is compared on random score rows with ties. Inputs are
-copied before each call.
+Exact text is worth 2 points (the shared prompt and the query, compared with ``alignlib.self_align`` character for
+character on seeded random principles and exemplars with stray whitespace around every field); the rest is behaviour:
+an ablation's first n principles, batches and blank instructions, engraving pairs that hold no principle, title,
+exemplar, thought or repeated sentence, the novelty filter (self-instruct's rule: reject a ROUGE-L above the
+threshold; compared with this module's reference on random instruction lists full of near-duplicates, students may
+call ``alignlib.self_align.rouge_l``, which is not graded; when several texts tie for the closest match, any is
+accepted), ``true_scores`` on the tiny random model behind a ``PrefixCache`` of the reference header (within 1e-5 of
+``alignlib.multiple_choice``, one question or a batch), ``accuracy`` on random score rows with ties (the first
+choice, or split between the tied choices).
+
+Each function is asked in a form that alignlib's does not have, so pasting its code does not pass (at least one check
+each); ``ALIGNLIB_VERSIONS`` lists the implementations the grader compares the student's syntax trees with
+(``checks.similarity``). Inputs are copied before each call.
 """
 from __future__ import annotations
 
 import functools
 import math
 import random
+import re
 
 import torch
 
 from alignlib import multiple_choice as ref_mc
 from alignlib import self_align as ref
 
-from . import assert_close, assert_same_text, check, get_function, one_thread, pad
+from alignlib import tiny_lab
+
+from . import as_number, assert_close, assert_same_text, check, get_function, one_thread, pad, run_experiment
+
+ALIGNLIB_VERSIONS = {"principle_prompt": ("alignlib.self_align:principle_prompt",),
+                     "query": ("alignlib.self_align:query",),
+                     "engraving_pairs": ("alignlib.self_align:engraving_pairs",
+                                         "alignlib.checks.ex06_self_align:reference_engraving_pairs"),
+                     "novelty_filter": ("alignlib.self_align:novelty_filter",),
+                     "true_scores": ("alignlib.multiple_choice:true_scores",),
+                     "accuracy": ("alignlib.multiple_choice:accuracy",)}
 
 # rouge_l builds its scorer the first time it runs and keeps it in a module global of alignlib.self_align, which the
 # grader fingerprints before the student's cells run: build it now, or the first call would look like tampering.
@@ -87,34 +104,35 @@ def prompt_matches_reference(ns):
                          "exemplar(s)")
 
 
+def refuses(call, args: tuple, why: str, what: str) -> None:
+    """``call(*args)`` raises ValueError; otherwise an AssertionError saying why it should."""
+    try:
+        got = call(*args)
+    except ValueError:
+        return
+    raise AssertionError(f"{what} should raise ValueError ({why}), got {got!r}")
+
+
 @check(points=1, function="principle_prompt")
-def prompt_holds_rules_then_exemplars_in_order(ns):
-    ("the rules in the data's order, then each exemplar as a query, its thoughts and its answer; "
-     "ends with a blank line")
+def prompt_keeps_the_first_principles(ns):
+    """num_principles=n keeps the first n rules and every exemplar (an ablation); n outside 1..len raises ValueError"""
     student = get_function(ns, "principle_prompt")
     rng = random.Random(610)
-    for _ in range(15):
+    for _ in range(10):
         data = random_data(rng, verbose=True)
-        got = student(copy_data(data))
-        assert isinstance(got, str), f"principle_prompt should return a str, got {type(got).__name__}"
-        head = ref.INTRO + "Rules:\n"
-        assert got.startswith(head), f"the prompt should start with INTRO + 'Rules:\\n', got {got[:len(head) + 20]!r}"
-        parts = [f"{p['id']} ({p['title']}): {p['rule'].strip()}\n" for p in data.principles]
-        parts[-1] += "\n"                                       # a blank line after the last rule
-        parts += [f"{ref.query(e['instruction'])} {e['thought'].strip()}\n\n{ref.ANSWER} {e['answer'].strip()}\n\n"
-                  for e in data.exemplars]
-        at = len(head)
-        for part in parts:
-            found = got.find(part, at)
-            assert found == at, (f"after {got[max(0, at - 40):at]!r} the prompt should go on with {part!r}, got "
-                                 f"{got[at:at + len(part) + 10]!r}")
-            at += len(part)
-        assert at == len(got), f"nothing should follow the last exemplar's answer and blank line; got {got[at:]!r}"
-        for left_out in (data.verbose_prompt, data.seeds[0]["instruction"], data.question_types[0]["type"]):
-            assert left_out not in got, f"the shared prompt holds {left_out!r}, which is not a principle or exemplar"
+        full, head = ref.principle_prompt(data), ref.INTRO + "Rules:\n"
+        lines = [f"{p['id']} ({p['title']}): {p['rule'].strip()}" for p in data.principles]
+        assert full.startswith(head + "\n".join(lines) + "\n\n")       # the grader's own consistency
+        for n in range(1, len(data.principles) + 1):
+            expected = head + "\n".join(lines[:n]) + "\n\n" + full[len(head + "\n".join(lines) + "\n\n"):]
+            assert_same_text(student(copy_data(data), num_principles=n), expected,
+                             f"principle_prompt(..., num_principles={n}) of {len(data.principles)} principles")
+        for n in (0, -1, len(data.principles) + 1):
+            refuses(student, (copy_data(data), n), f"there are {len(data.principles)} principles",
+                    f"principle_prompt(..., num_principles={n})")
 
 
-# ---------------------------------------------------------------- query (1 point)
+# ---------------------------------------------------------------- query (2 points)
 
 @check(points=1, function="query")
 def query_matches_reference(ns):
@@ -126,7 +144,21 @@ def query_matches_reference(ns):
         assert_same_text(student(instruction), ref.query(instruction), f"query({instruction!r})")
 
 
-# ---------------------------------------------------------------- engraving_pairs (2 points)
+@check(points=1, function="query")
+def query_batches_and_refuses_blanks(ns):
+    """a list of instructions gives the list of their queries; a blank instruction raises ValueError"""
+    student = get_function(ns, "query")
+    rng = random.Random(625)
+    instructions = [pad(rng, random_text(rng)) for _ in range(6)]
+    got = student(list(instructions))
+    assert got == [ref.query(i) for i in instructions], \
+        f"query({instructions!r}) should be the list of each instruction's query, got {got!r}"
+    assert student([]) == [], f"query([]) should be [], got {student([])!r}"
+    for bad in ("", " \n\t", ["Name a prime.", "  "]):
+        refuses(student, (bad,), "an empty instruction has nothing to answer", f"query({bad!r})")
+
+
+# ---------------------------------------------------------------- engraving_pairs (3 points)
 
 DROP_REASONS = ("no thoughts", "no answer", "principle id", "format marker", "copies the prompt")
 
@@ -151,6 +183,21 @@ def random_rows(rng: random.Random, n: int) -> list[dict]:
     return rows
 
 
+def repeats_a_sentence(answer: str) -> bool:
+    """True if two sentences of ``answer`` (split after . ! ? and at line breaks, stripped, lower-cased, blank ones
+    ignored) are equal."""
+    sentences = [t.strip().lower() for t in re.split(r"(?<=[.!?])\s+|\n+", answer) if t.strip()]
+    return len(set(sentences)) < len(sentences)
+
+
+def reference_engraving_pairs(rows) -> tuple[list[str], list[str]]:
+    """The check's reference: the kept rows (no drop reason, no repeated sentence in the answer), stripped."""
+    kept = [r for r in rows if not r.get("dropped") and not repeats_a_sentence(r["answer"])]
+    if not kept:
+        raise ValueError("nothing to engrave")
+    return [r["instruction"].strip() for r in kept], [r["answer"].strip() for r in kept]
+
+
 def pairs(student, rows):
     got = student([dict(r) for r in rows])
     assert isinstance(got, (tuple, list)) and len(got) == 2, \
@@ -168,7 +215,7 @@ def engraving_matches_reference(ns):
     rng = random.Random(630)
     for n in (1, 2, 5, 8, 13, 20):
         rows = random_rows(rng, n)
-        got, expected = pairs(student, rows), ref.engraving_pairs(rows)
+        got, expected = pairs(student, rows), reference_engraving_pairs(rows)
         reasons = [r.get("dropped", "(no key)") for r in rows]
         assert got == expected, (f"engraving_pairs on {n} rows with dropped = {reasons}: got {got!r}, expected "
                                  f"{expected!r}")
@@ -221,7 +268,26 @@ def engraving_prunes_principles_and_thoughts(ns):
                              f"nothing to engrave), got {got!r}")
 
 
-# ---------------------------------------------------------------- novelty_filter (4 points)
+@check(points=1, function="engraving_pairs")
+def engraving_drops_repeated_sentences(ns):
+    """an answer that says one sentence twice (a degenerate loop) is left out, as Dromedary filters before engraving"""
+    student = get_function(ns, "engraving_pairs")
+    rows = [{"instruction": "Name a prime.", "thought": "t", "answer": "Seven is prime. It has two divisors.",
+             "dropped": None},
+            {"instruction": "Why is the sky blue?", "thought": "t", "dropped": None,
+             "answer": "Air scatters blue light. Air scatters blue light. Air scatters blue light."},
+            {"instruction": "Say hi.", "thought": "t", "answer": "Hi! How are you?\nhi!", "dropped": None},
+            {"instruction": "Count.", "thought": "t", "answer": "One, two. Two, one. One, two, three.", "dropped": None},
+            {"instruction": "Thanks.", "thought": "t", "answer": " You are welcome.  you are WELCOME. ", "dropped": None}]
+    got = pairs(student, rows)
+    expected = reference_engraving_pairs(rows)
+    assert got == expected, f"engraving_pairs should keep {expected[0]!r} (the others repeat a sentence), got {got!r}"
+    loops = [dict(rows[1]), dict(rows[4])]
+    refuses(student, (loops,), "every answer repeats a sentence: nothing is left to engrave",
+            "engraving_pairs on two looping answers")
+
+
+# ---------------------------------------------------------------- novelty_filter (5 points)
 
 BASES = ("write a short poem about the sea", "explain how vaccines work", "list three reasons to learn history",
          "give me a recipe for bread", "what is the capital of peru", "summarise this news story in two lines",
@@ -273,8 +339,8 @@ def random_candidates(rng: random.Random) -> tuple[list[str], list[str]]:
 
 
 def allowed_matches(candidates, pool, threshold):
-    """What the filter may return: kept texts, and per rejected text its score and every text tied for the
-    closest match (the reference breaks ties one way; any is accepted)."""
+    """What the filter may return (the check's reference, self-instruct's rule: rejected above the threshold): kept
+    texts, and per rejected text its score and every text tied for the closest match (any of them is accepted)."""
     seen, kept, rejected = list(pool), [], []
     for text in candidates:
         text = text.strip()
@@ -282,7 +348,7 @@ def allowed_matches(candidates, pool, threshold):
             continue
         scored = [(ref.rouge_l(text, other), other) for other in seen]
         best = max((s for s, _ in scored), default=0.0)
-        if best >= threshold:
+        if best > threshold:
             rejected.append((text, {o for s, o in scored if s == best}, best))
         else:
             kept.append(text)
@@ -292,9 +358,9 @@ def allowed_matches(candidates, pool, threshold):
 
 def filtered(student, candidates, pool, **kwargs):
     got = student(list(candidates), list(pool), **kwargs)
-    assert isinstance(got, (tuple, list)) and len(got) == 2, \
-        f"novelty_filter should return (kept, rejected), got {type(got).__name__} {got!r}"
-    kept, rejected = got
+    assert isinstance(got, (tuple, list)) and len(got) == 3, \
+        f"novelty_filter should return (kept, rejected, scores), got {type(got).__name__} {got!r}"
+    kept, rejected, _ = got
     assert isinstance(kept, list) and isinstance(rejected, list), \
         f"novelty_filter should return two lists, got {type(kept).__name__} and {type(rejected).__name__}"
     out = []
@@ -329,8 +395,6 @@ def novelty_matches_reference(ns):
     for threshold in (0.7, 0.55, 0.62, 0.83, 0.7, 0.45, 0.91, 0.7):
         candidates, pool = random_candidates(rng)
         kwargs = {} if threshold == 0.7 and rng.random() < 0.5 else {"threshold": threshold}
-        expected = ref.novelty_filter(candidates, pool, threshold)
-        assert allowed_matches(candidates, pool, threshold)[0] == expected[0]      # the grader's own consistency
         assert_same_filter(filtered(student, candidates, pool, **kwargs), candidates, pool, threshold,
                            f"novelty_filter(..., threshold={threshold})" if kwargs else "novelty_filter(...)")
 
@@ -358,24 +422,27 @@ def novelty_compares_with_kept_candidates(ns):
 
 
 @check(points=1, function="novelty_filter")
-def novelty_threshold_is_inclusive(ns):
-    """a score equal to the threshold rejects; at threshold 1 only duplicates (after stemming) are rejected"""
+def novelty_threshold_keeps_a_tie(ns):
+    """a score equal to the threshold keeps the candidate (rejected only above it); at threshold 1 nothing is rejected"""
     student = get_function(ns, "novelty_filter")
     for a, b in (("explain how vaccines work", "explain how tides work"),       # 3 of 4 words: F = 0.75
                  ("list three reasons", "list three good reasons today"),     # 3 of 3 and 5: F = 0.75
                  ("why do cats purr", "how do dogs bark")):                   # 1 of 4: F = 0.25
         t = ref.rouge_l(a, b)
         kept, rejected = filtered(student, [b], [a], threshold=t)
+        assert kept == [b] and rejected == [], \
+            f"ROUGE-L({b!r}, {a!r}) = {t:g} equals the threshold {t:g}: self-instruct rejects only scores above the " \
+            f"threshold, so the candidate is kept; got kept={kept!r}, rejected={rejected!r}"
+        kept, rejected = filtered(student, [b], [a], threshold=t - 1e-6)
         assert kept == [] and [r[:2] for r in rejected] == [(b, a)], \
-            f"ROUGE-L({b!r}, {a!r}) = {t:g} equals the threshold {t:g}: the candidate is not novel enough and should " \
-            f"be rejected (keep only scores below the threshold); got kept={kept!r}, rejected={rejected!r}"
+            f"ROUGE-L({b!r}, {a!r}) = {t:g} is above the threshold {t - 1e-6:g}: rejected with {a!r} as closest; " \
+            f"got kept={kept!r}, rejected={rejected!r}"
     pool = ["Explain how vaccines work."]
-    candidates = ["explain how a vaccine works", "Explain how vaccine works!", "Explain how vaccines work.",
-                  "Explain vaccines."]
+    candidates = ["explain how a vaccine works", "Explain how vaccines work.", "Explain vaccines."]
     kept, rejected = filtered(student, candidates, pool, threshold=1.0)
-    assert kept == [candidates[0], candidates[3]] and [r[0] for r in rejected] == candidates[1:3], \
-        f"novelty_filter({candidates!r}, {pool!r}, threshold=1.0) should reject only the texts equal to one already " \
-        f"seen after lower-casing and stemming ({candidates[1:3]!r}); got kept={kept!r}, rejected={rejected!r}"
+    assert kept == candidates and rejected == [], \
+        f"novelty_filter({candidates!r}, {pool!r}, threshold=1.0): no ROUGE-L is above 1, so all are kept; got " \
+        f"kept={kept!r}, rejected={rejected!r}"
 
 
 @check(points=1, function="novelty_filter")
@@ -397,7 +464,32 @@ def novelty_skips_blanks_and_refuses_bad_thresholds(ns):
                              f"[0, 1]: the threshold must be in (0, 1]), got {got!r}")
 
 
-# ---------------------------------------------------------------- true_scores (2 points)
+@check(points=1, function="novelty_filter")
+def novelty_reports_every_score(ns):
+    """also returns scores: each non-blank candidate's best ROUGE-L, in order, the number the threshold is applied to"""
+    student = get_function(ns, "novelty_filter")
+    rng = random.Random(655)
+    for threshold in (0.7, 0.5, 0.85):
+        candidates, pool = random_candidates(rng)
+        got = student(list(candidates), list(pool), threshold=threshold)
+        assert isinstance(got, (tuple, list)) and len(got) == 3, \
+            f"novelty_filter should return (kept, rejected, scores), got {type(got).__name__} {got!r}"
+        scores = [float(x) for x in got[2]]
+        seen, expected = list(pool), []
+        for text in (c.strip() for c in candidates):
+            if not text:
+                continue
+            best = max((ref.rouge_l(text, other) for other in seen), default=0.0)
+            expected.append(best)
+            if best <= threshold:
+                seen.append(text)
+        assert len(scores) == len(expected) and all(abs(x - y) <= 1e-9 for x, y in zip(scores, expected)), \
+            f"novelty_filter(..., threshold={threshold}): scores {[round(x, 3) for x in scores]}, expected " \
+            f"{[round(x, 3) for x in expected]} (one per non-blank candidate: its highest ROUGE-L with the pool and " \
+            f"the candidates kept before it; 0.0 when there is nothing to compare with)"
+
+
+# ---------------------------------------------------------------- true_scores (3 points)
 
 @functools.lru_cache(maxsize=None)
 def tiny_cache():
@@ -457,7 +549,22 @@ def true_scores_use_query_and_words(ns):
                      f"the two words)", atol=TOLERANCE, rtol=0)
 
 
-# ---------------------------------------------------------------- accuracy (2 points)
+@check(points=1, function="true_scores")
+def true_scores_of_a_batch(ns):
+    """a list of questions with one list of choices each gives one (K_i,) tensor per question"""
+    student = get_function(ns, "true_scores")
+    cache = tiny_cache()
+    questions, choices = [q for q, _ in QUESTIONS], [list(c) for _, c in QUESTIONS]
+    with one_thread():
+        got = student(cache, list(questions), [list(c) for c in choices])
+        expected = [ref_mc.true_scores(cache, q, c) for q, c in zip(questions, choices)]
+    assert isinstance(got, list) and len(got) == len(questions), \
+        f"true_scores on {len(questions)} questions should return a list of {len(questions)} tensors, got {got!r}"
+    for q, g, e in zip(questions, got, expected):
+        assert_close(g, e, f"true_scores(cache, [...], [...]) for {q!r}", atol=TOLERANCE, rtol=0)
+
+
+# ---------------------------------------------------------------- accuracy (3 points)
 
 def random_scores(rng: random.Random, n: int, stacked: bool):
     """n score rows of 2-5 choices, values on a coarse grid so that ties are common; one (n, K) tensor if stacked."""
@@ -505,3 +612,49 @@ def accuracy_refuses_bad_input(ns):
             continue
         raise AssertionError(f"accuracy({[s.tolist() for s in scores]}, {answers}) should raise ValueError ({why}), "
                              f"got {got!r}")
+
+
+@check(points=1, function="accuracy")
+def accuracy_splits_ties(ns):
+    """ties="split": a question whose answer shares the top score with m - 1 others counts 1/m"""
+    student = get_function(ns, "accuracy")
+    rows = [torch.tensor([0.5, 0.5]), torch.tensor([0.1, 0.7, 0.7, 0.7]), torch.tensor([0.9, 0.2]),
+            torch.tensor([0.3, 0.3, 0.1])]
+    got = student([r.clone() for r in rows], [1, 2, 1, 2], ties="split")
+    hits = [float(h) for h in got["hits"]] if isinstance(got, dict) and "hits" in got else got
+    assert isinstance(got, dict) and hits == [0.5, 1 / 3, 0.0, 0.0], \
+        f"accuracy(..., ties='split'): hits should be [0.5, 1/3, 0.0, 0.0] (answer tied with one other, with two others, " \
+        f"below the top, below a tie), got {hits!r}"
+    value = float(got["accuracy"])
+    assert abs(value - (0.5 + 1 / 3) / 4) <= 1e-9, f"accuracy(..., ties='split') = {value}, expected {(0.5 + 1 / 3) / 4}"
+    rng = random.Random(670)
+    scores, answers = random_scores(rng, 30, stacked=False)
+    split = student([s.clone() for s in scores], list(answers), ties="split")["accuracy"]
+    first = ref_mc.accuracy(scores, answers)["accuracy"]
+    expected = sum(float(s[a] == s.max()) / int((s == s.max()).sum()) for s, a in zip(scores, answers)) / 30
+    assert abs(float(split) - expected) <= 1e-9, \
+        f"accuracy(..., ties='split') on 30 random questions = {split}, expected {expected} (ties='first' gives {first})"
+    try:
+        got = student([r.clone() for r in rows], [1, 2, 1, 2], ties="last")
+    except ValueError:
+        return
+    raise AssertionError(f"accuracy(..., ties='last') should raise ValueError (ties is 'first' or 'split'), got {got!r}")
+
+
+# ---------------------------------------------------------------- the graded experiment (2 points)
+
+TARGET_PASS_RATE = 0.4    # keep at least this fraction of the candidates
+THRESHOLD_SLACK = 0.02    # the chosen threshold may be this much above the strictest one
+
+
+@check(points=2, function="choose_threshold")
+def threshold_for_the_target_pass_rate(ns):
+    """the chosen threshold keeps >= 40% of the candidates and is within 0.02 of the strictest that does"""
+    t = as_number(run_experiment(ns, "choose_threshold"), "choose_threshold()")
+    assert 0 <= t <= 1, f"the threshold must lie in [0, 1], got {t}"
+    rate = tiny_lab.novelty_pass_rate(t)["pass_rate"]
+    strictest = min(x / 1000 for x in range(1001) if tiny_lab.novelty_pass_rate(x / 1000)["pass_rate"] >= TARGET_PASS_RATE)
+    assert rate >= TARGET_PASS_RATE, f"threshold {t:.3f} keeps {rate:.1%} of the candidates, fewer than {TARGET_PASS_RATE:.0%}"
+    assert t <= strictest + THRESHOLD_SLACK, \
+        f"threshold {t:.3f} keeps {rate:.1%}, but a stricter filter (threshold {strictest:.3f}) keeps " \
+        f"{TARGET_PASS_RATE:.0%} too: it keeps more near-duplicates than it needs to"

@@ -567,15 +567,30 @@ def print_table(results: list[Result], file=None) -> None:
 
 # ---------------------------------------------------------------- command line
 
+def copy_warnings(notebook_path: str | Path, exercise: str | None = None) -> list[str]:
+    """One warning line per graded function whose syntax tree matches alignlib's implementation of it (see
+    ``alignlib.checks.similarity``; the versions to compare with are the check module's ``ALIGNLIB_VERSIONS``).
+    The notebook's code is parsed, never run; a warning does not change the score."""
+    from .similarity import copied_functions
+
+    path = Path(notebook_path)
+    module = importlib.import_module(f"{__package__}.ex{exercise or path.stem}")
+    versions = getattr(module, "ALIGNLIB_VERSIONS", {})
+    return [flag.message() for flag in copied_functions(graded_sources(path), versions)]
+
+
 def grade_command(path: str | Path, exercise: str | None = None, check_timeout: float = CHECK_TIMEOUT,
                   timeout: float | None = None) -> int:
-    """``python -m alignlib grade NOTEBOOK``: print the score table. 0 once graded, 2 on a usage error."""
+    """``python -m alignlib grade NOTEBOOK``: print the score table, then a warning for each graded function that
+    copies alignlib's implementation (``copy_warnings``). 0 once graded, 2 on a usage error."""
     try:
         results = grade_in_subprocess(path, exercise, check_timeout=check_timeout, timeout=timeout)
     except (FileNotFoundError, LookupError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print_table(results)
+    for line in copy_warnings(path, exercise):
+        print(line)
     return 0
 
 

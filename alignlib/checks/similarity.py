@@ -36,7 +36,7 @@ class Flag:
     similarity: float  # 1.0: the normalised trees are identical
 
     def message(self) -> str:
-        kind = "a copy" if self.similarity >= 1.0 else f"a near copy ({self.similarity:.0%} similar)"
+        kind = "a copy" if self.similarity >= 1.0 else f"a near copy ({int(self.similarity * 100)}% similar)"
         return (f"warning: `{self.function}` is {kind} of {self.reference} once names, docstrings and annotations "
                 f"are normalised; write your own (this does not change the score).")
 
