@@ -196,7 +196,8 @@ def judge_readings() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
     delta_i ~ N(0, 1) is the oracle's quality difference (first response minus second: the first is better iff
     delta_i > 0). Each reading is the judge's log-odds of the letter (A) over (B): with the first response shown as
-    (A), d_first = s delta + b + e_1; swapped (the first shown as (B)), d_swapped = -s delta + b + e_2, e ~ N(0, sigma^2).
+    (A), d_first = s delta + b + e_1; swapped (the first shown as (B)), d_swapped = -s delta + b + e_2, with
+    e ~ N(0, sigma^2).
     The letter bias b and the noise are what a small judge shows (lecture 05 measures the real one); s, b and sigma
     are set here, not measured, so this is a model of a judge, not a judge.
     """

@@ -35,7 +35,8 @@ def pasted(spec: str, function: str) -> str:
     graded = {fn for ex in EXERCISES for fn in versions(ex)}
     used = sorted({n.id for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Name)} & set(vars(module)) - graded)
     source = re.sub(rf"\bdef {name}\(", f"def {function}(", source, count=1)
-    for old, new in (("weights", "ws"), ("points", "pts"), ("outcomes", "games"), ("text", "txt"), ("rows", "data_rows")):
+    for old, new in (("weights", "ws"), ("points", "pts"), ("outcomes", "games"), ("text", "txt"),
+                     ("rows", "data_rows")):
         source = re.sub(rf"\b{old}\b", new, source)
     imports = f"from {module_name} import {', '.join(used)}\n\n" if used else ""
     return f"{imports}# my answer\n{source}"
@@ -69,7 +70,8 @@ def test_pasted_alignlib_code_is_flagged(exercise, function, spec, tmp_path):
 
 def test_a_near_copy_is_flagged_and_an_unrelated_function_is_not():
     spec = "alignlib.soups:pareto_mask"
-    source = pasted(spec, "pareto_mask").replace("return ~(ge & gt).any(0)", "keep = ~(ge & gt).any(0)\n    return keep")
+    source = pasted(spec, "pareto_mask").replace("return ~(ge & gt).any(0)",
+                                                 "keep = ~(ge & gt).any(0)\n    return keep")
     (flag,) = copied_functions({3: source}, {"pareto_mask": (spec,)})
     assert NEAR_COPY <= flag.similarity < 1.0
     own = "def pareto_mask(points):\n    return [all(any(a > b for a, b in zip(p, q)) or list(p) == list(q) " \

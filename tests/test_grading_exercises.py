@@ -391,6 +391,13 @@ PARETO_WEAK = "pareto_mask: a point tied in one reward and worse in another is d
 HV_REF = "hypervolume_2d: matches the reference on random fronts above the reference point"
 HV_DOM = "hypervolume_2d: dominated points and duplicates add nothing"
 HV_UNDER = "hypervolume_2d: points not above the reference in both rewards add nothing (and alone give 0.0)"
+HV_BATCH = "hypervolume_2d: points (S, P, 2) give a (S,) float64 tensor, one hypervolume per front"
+INTERP_INT = ("interpolate_state_dicts: integer tensors (step counters) are not averaged: equal across experts they "
+              "are returned as they are")
+LORA_RANKS = ("lora_delta: experts of different ranks: 'product' still gives sum_i lambda_i B_i A_i, 'factors' raises "
+              "ValueError")
+PARETO_MIN = ("pareto_mask: rewards listed in minimize are costs: lower is better there (the same front as negating "
+              "them)")
 EXPERIMENT = ("choose_lambda: the chosen lambda gives user mu = 0.5 a utility within 0.005 of the best soup's "
               "(experts' Hessians differ)")
 
@@ -398,55 +405,76 @@ WRONG_04 = {
     "weights applied to the experts in reverse": (
         "interpolate_state_dicts",
         CHECKED + "return {k: sum(wi * sd[k] for wi, sd in zip(reversed(w), state_dicts)) for k in state_dicts[0]}",
-        {INTERP_REF}),
+        {INTERP_REF, INTERP_INT}),
     "no check of the weights": (
         "interpolate_state_dicts",
         "return {k: sum(wi * sd[k] for wi, sd in zip(weights, state_dicts)) for k in state_dicts[0]}",
-        {INTERP_BAD}),
+        {INTERP_BAD, INTERP_INT}),
+    "integer buffers averaged with the floats (alignlib's interpolate)": (
+        "interpolate_state_dicts",
+        CHECKED + "return {k: sum(wi * sd[k] for wi, sd in zip(w, state_dicts)) for k in state_dicts[0]}",
+        {INTERP_INT}),
     "factors mode computed as the product": (
         "lora_delta",
         "return sum(w * (B @ A) for w, A, B in zip(weights, As, Bs))",
-        {LORA_FACTORS}),
+        {LORA_FACTORS, LORA_RANKS}),
     "product mode computed from averaged factors": (
         "lora_delta",
         "return sum(w * B for w, B in zip(weights, Bs)) @ sum(w * A for w, A in zip(weights, As))",
-        {LORA_PRODUCT}),
+        {LORA_PRODUCT, LORA_RANKS}),
     "square roots of the weights on each factor": (
         "lora_delta",
         "if mode == 'product':\n"
         "    return sum(w * (B @ A) for w, A, B in zip(weights, As, Bs))\n"
         "return sum(w ** 0.5 * B for w, B in zip(weights, Bs)) @ sum(w ** 0.5 * A for w, A in zip(weights, As))",
-        {LORA_FACTORS}),
+        {LORA_FACTORS, LORA_RANKS}),
     "product mode ignores the weights (plain mean)": (
         "lora_delta",
         "if mode == 'product':\n"
         "    return sum(B @ A for A, B in zip(As, Bs)) / len(As)\n"
         "return sum(w * B for w, B in zip(weights, Bs)) @ sum(w * A for w, A in zip(weights, As))",
-        {LORA_PRODUCT, LORA_VERTEX}),
+        {LORA_PRODUCT, LORA_VERTEX, LORA_RANKS}),
+    "experts of different ranks refused in both modes (alignlib's lora_soup)": (
+        "lora_delta",
+        "if len({A.shape[0] for A in As}) > 1:\n    raise ValueError('ranks differ')\n"
+        "if mode == 'product':\n"
+        "    return sum(w * (B @ A) for w, A, B in zip(weights, As, Bs))\n"
+        "return sum(w * B for w, B in zip(weights, Bs)) @ sum(w * A for w, A in zip(weights, As))",
+        {LORA_RANKS}),
     "strict dominance only (better in every reward)": (
         "pareto_mask",
         PARETO.format(op=">", strict=">") + "return ~(ge & gt).any(0)",
-        {PARETO_WEAK}),
+        {PARETO_WEAK, PARETO_MIN}),
     "duplicates dominate each other": (
         "pareto_mask",
         PARETO.format(op=">=", strict=">")
         + "ge &= ~torch.eye(len(points), dtype=torch.bool)\nreturn ~ge.any(0)",
-        {PARETO_DUP}),
+        {PARETO_DUP, PARETO_MIN}),
+    "costs ignored, every reward maximised (alignlib's pareto_mask)": (
+        "pareto_mask",
+        PARETO.format(op=">=", strict=">") + "return ~(ge & gt).any(0)",
+        {PARETO_MIN}),
     "rewards minimised": (
         "pareto_mask",
         PARETO.format(op="<=", strict="<") + "return ~(ge & gt).any(0)",
-        {PARETO_REF, PARETO_DUP, PARETO_WEAK}),
+        {PARETO_REF, PARETO_DUP, PARETO_WEAK, PARETO_MIN}),
     "points under the reference kept": (
         "hypervolume_2d",
         HV_HEAD.format(filter="")
         + "area, y_prev = 0.0, r2\nfor x, y in front.tolist():\n    if y > y_prev:\n"
           "        area += (x - r1) * (y - y_prev)\n        y_prev = y\nreturn area",
-        {HV_UNDER}),
+        {HV_UNDER, HV_BATCH}),
+    "one front only (alignlib's hypervolume)": (
+        "hypervolume_2d",
+        HV_HEAD.format(filter="[(points > reference).all(-1)]")
+        + "area, y_prev = 0.0, r2\nfor x, y in front.tolist():\n    if y > y_prev:\n"
+          "        area += (x - r1) * (y - y_prev)\n        y_prev = y\nreturn area",
+        {HV_BATCH}),
     "overlapping rectangles added up": (
         "hypervolume_2d",
         HV_HEAD.format(filter="[(points > reference).all(-1)]")
         + "return sum((x - r1) * (y - r2) for x, y in front.tolist())",
-        {HV_REF, HV_DOM}),
+        {HV_REF, HV_DOM, HV_BATCH}),
     "lambda = mu, as if Lemma 1 held": (
         "choose_lambda",
         "return mu",
@@ -624,8 +652,8 @@ QUERY_BATCH = "query: a list of instructions gives the list of their queries; a 
 ENGRAVE_REF = "engraving_pairs: the kept rows' instructions and answers, stripped, in order; dropped rows left out"
 ENGRAVE_PRUNE = ("engraving_pairs: no principle text, title, exemplar or thought left in the pairs; nothing kept "
                  "raises ValueError")
-ENGRAVE_REPEAT = ("engraving_pairs: an answer that says one sentence twice (a degenerate loop) is left out, as Dromedary "
-                  "filters before engraving")
+ENGRAVE_REPEAT = ("engraving_pairs: an answer that says one sentence twice (a degenerate loop) is left out, as "
+                  "Dromedary filters before engraving")
 NOVELTY_REF = ("novelty_filter: matches the reference on random candidates with near-duplicates of the pool and of "
                "each other")
 NOVELTY_ORDER = "novelty_filter: each candidate meets the pool and the candidates kept before it, not the rejected ones"
@@ -744,7 +772,7 @@ WRONG_06 = {
     "engraving pairs not stripped": (
         "engraving_pairs", ENGRAVE.format(**{**ENGRAVE_RIGHT, "instruction": "r['instruction']",
                                              "answer": "r['answer']"}),
-        {ENGRAVE_REF, ENGRAVE_REPEAT}),
+        {ENGRAVE_REF}),
     "repeated sentences kept (alignlib's engraving_pairs)": (
         "engraving_pairs", ENGRAVE.format(**{**ENGRAVE_RIGHT, "keep": "not r.get('dropped')"}),
         {ENGRAVE_REPEAT}),

@@ -153,7 +153,8 @@ def sft_one_pair_per_round(ns):
         for kwargs in ({}, {"every_round": True}, {"every_round": False}):
             got, expected = sft_list(student, prompt, revisions, **kwargs), reference_sft_examples(prompt, revisions,
                                                                                                      **kwargs)
-            assert got == expected, f"sft_examples({prompt!r}, {revisions!r}, {kwargs}) = {got!r}, expected {expected!r}"
+            assert got == expected, \
+                f"sft_examples({prompt!r}, {revisions!r}, {kwargs}) = {got!r}, expected {expected!r}"
 
 
 @check(points=1, function="sft_examples")
@@ -378,7 +379,8 @@ def elo_anchor_player(ns):
     expected = reference_elo(outcomes, players)
     for anchor in ("m2", "m0", "m3"):
         got = scores(student, outcomes, players, anchor=anchor)
-        assert abs(got[anchor]) < 1e-6, f"elo_scores(..., anchor={anchor!r}) should rate {anchor!r} 0, got {rounded(got)}"
+        assert abs(got[anchor]) < 1e-6, \
+            f"elo_scores(..., anchor={anchor!r}) should rate {anchor!r} 0, got {rounded(got)}"
         for p in players:
             want = expected[p] - expected[anchor]
             assert abs(got[p] - want) <= ELO_TOLERANCE, \
@@ -387,7 +389,8 @@ def elo_anchor_player(ns):
         got = student(list(outcomes), list(players), anchor="nobody")
     except ValueError:
         return
-    raise AssertionError(f"elo_scores(..., anchor='nobody') should raise ValueError (not one of {players}), got {got!r}")
+    raise AssertionError(f"elo_scores(..., anchor='nobody') should raise ValueError (not one of {players}), "
+                         f"got {got!r}")
 
 
 @check(points=1, function="elo_scores")
@@ -424,7 +427,8 @@ def judge_setup_for_the_preference_data(ns):
     best = max(r["accuracy"] for r in (tiny_lab.judge_labels(b, m / 1000) for b in (True, False) for m in range(500))
                if r["kept"] >= MIN_KEPT)
     assert got["kept"] >= MIN_KEPT, \
-        f"both_orders={both_orders}, margin={margin:.3f} keeps {got['kept']:.1%} of the pairs, fewer than {MIN_KEPT:.0%}"
+        f"both_orders={both_orders}, margin={margin:.3f} keeps {got['kept']:.1%} of the pairs, fewer than " \
+        f"{MIN_KEPT:.0%}"
     assert got["accuracy"] >= best - ACCURACY_TOLERANCE, \
         f"both_orders={both_orders}, margin={margin:.3f}: validated accuracy {got['accuracy']:.3f}; the best setup " \
         f"that keeps {MIN_KEPT:.0%} of the pairs reaches {best:.3f}"

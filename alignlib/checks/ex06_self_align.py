@@ -277,8 +277,10 @@ def engraving_drops_repeated_sentences(ns):
             {"instruction": "Why is the sky blue?", "thought": "t", "dropped": None,
              "answer": "Air scatters blue light. Air scatters blue light. Air scatters blue light."},
             {"instruction": "Say hi.", "thought": "t", "answer": "Hi! How are you?\nhi!", "dropped": None},
-            {"instruction": "Count.", "thought": "t", "answer": "One, two. Two, one. One, two, three.", "dropped": None},
-            {"instruction": "Thanks.", "thought": "t", "answer": " You are welcome.  you are WELCOME. ", "dropped": None}]
+            {"instruction": "Count.", "thought": "t", "answer": "One, two. Two, one. One, two, three.",
+             "dropped": None},
+            {"instruction": "Thanks.", "thought": "t", "answer": " You are welcome.  you are WELCOME. ",
+             "dropped": None}]
     got = pairs(student, rows)
     expected = reference_engraving_pairs(rows)
     assert got == expected, f"engraving_pairs should keep {expected[0]!r} (the others repeat a sentence), got {got!r}"
@@ -423,7 +425,7 @@ def novelty_compares_with_kept_candidates(ns):
 
 @check(points=1, function="novelty_filter")
 def novelty_threshold_keeps_a_tie(ns):
-    """a score equal to the threshold keeps the candidate (rejected only above it); at threshold 1 nothing is rejected"""
+    """a score equal to the threshold keeps the candidate (rejected only above it); at threshold 1 nothing is rejected"""  # noqa: E501
     student = get_function(ns, "novelty_filter")
     for a, b in (("explain how vaccines work", "explain how tides work"),       # 3 of 4 words: F = 0.75
                  ("list three reasons", "list three good reasons today"),     # 3 of 3 and 5: F = 0.75
@@ -623,22 +625,26 @@ def accuracy_splits_ties(ns):
     got = student([r.clone() for r in rows], [1, 2, 1, 2], ties="split")
     hits = [float(h) for h in got["hits"]] if isinstance(got, dict) and "hits" in got else got
     assert isinstance(got, dict) and hits == [0.5, 1 / 3, 0.0, 0.0], \
-        f"accuracy(..., ties='split'): hits should be [0.5, 1/3, 0.0, 0.0] (answer tied with one other, with two others, " \
+        f"accuracy(..., ties='split'): hits should be [0.5, 1/3, 0.0, 0.0] (answer tied with one other, with two " \
+        f"others, " \
         f"below the top, below a tie), got {hits!r}"
     value = float(got["accuracy"])
-    assert abs(value - (0.5 + 1 / 3) / 4) <= 1e-9, f"accuracy(..., ties='split') = {value}, expected {(0.5 + 1 / 3) / 4}"
+    assert abs(value - (0.5 + 1 / 3) / 4) <= 1e-9, \
+        f"accuracy(..., ties='split') = {value}, expected {(0.5 + 1 / 3) / 4}"
     rng = random.Random(670)
     scores, answers = random_scores(rng, 30, stacked=False)
     split = student([s.clone() for s in scores], list(answers), ties="split")["accuracy"]
     first = ref_mc.accuracy(scores, answers)["accuracy"]
     expected = sum(float(s[a] == s.max()) / int((s == s.max()).sum()) for s, a in zip(scores, answers)) / 30
     assert abs(float(split) - expected) <= 1e-9, \
-        f"accuracy(..., ties='split') on 30 random questions = {split}, expected {expected} (ties='first' gives {first})"
+        f"accuracy(..., ties='split') on 30 random questions = {split}, expected {expected} " \
+        f"(ties='first' gives {first})"
     try:
         got = student([r.clone() for r in rows], [1, 2, 1, 2], ties="last")
     except ValueError:
         return
-    raise AssertionError(f"accuracy(..., ties='last') should raise ValueError (ties is 'first' or 'split'), got {got!r}")
+    raise AssertionError(f"accuracy(..., ties='last') should raise ValueError (ties is 'first' or 'split'), "
+                         f"got {got!r}")
 
 
 # ---------------------------------------------------------------- the graded experiment (2 points)
@@ -653,8 +659,10 @@ def threshold_for_the_target_pass_rate(ns):
     t = as_number(run_experiment(ns, "choose_threshold"), "choose_threshold()")
     assert 0 <= t <= 1, f"the threshold must lie in [0, 1], got {t}"
     rate = tiny_lab.novelty_pass_rate(t)["pass_rate"]
-    strictest = min(x / 1000 for x in range(1001) if tiny_lab.novelty_pass_rate(x / 1000)["pass_rate"] >= TARGET_PASS_RATE)
-    assert rate >= TARGET_PASS_RATE, f"threshold {t:.3f} keeps {rate:.1%} of the candidates, fewer than {TARGET_PASS_RATE:.0%}"
+    strictest = min(x / 1000 for x in range(1001)
+                    if tiny_lab.novelty_pass_rate(x / 1000)["pass_rate"] >= TARGET_PASS_RATE)
+    assert rate >= TARGET_PASS_RATE, \
+        f"threshold {t:.3f} keeps {rate:.1%} of the candidates, fewer than {TARGET_PASS_RATE:.0%}"
     assert t <= strictest + THRESHOLD_SLACK, \
         f"threshold {t:.3f} keeps {rate:.1%}, but a stricter filter (threshold {strictest:.3f}) keeps " \
         f"{TARGET_PASS_RATE:.0%} too: it keeps more near-duplicates than it needs to"
