@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from alignlib import tiny_lab
-from alignlib.checks import load_checks
+from alignlib.checks import Namespace, load_checks
 from grading_helpers import assert_loses_exactly, solution_path, with_solution
 
 pytestmark = pytest.mark.unit
@@ -49,27 +49,33 @@ def test_measurements_move_the_way_the_exercises_say():
     assert tight["pass_rate"] < loose["pass_rate"] and tight["mean_best"] < loose["mean_best"]
 
 
-def test_a_wrong_setup_of_the_judge_loses_the_points(tmp_path):
-    """05: the most accurate setup keeps too few pairs; a lenient one with one order keeps all but is noisy: both lose
-    the experiment; a margin just below the best one's passes (within the tolerance)."""
-    (name,) = [n for n in _check_names("05_cai") if n.startswith("choose_judge_setup:")]
-    for body in ("return True, 0.3", "return False, 0.0", "return True, 0.0"):
-        assert_loses_exactly(with_solution(solution_path("05_cai"), "choose_judge_setup", body, tmp_path),
-                             "choose_judge_setup", {name})
-    assert_loses_exactly(with_solution(solution_path("05_cai"), "choose_judge_setup", "return True, 0.17", tmp_path),
-                         "choose_judge_setup", set())
+def _experiment_passes(exercise: str, function: str, body: str) -> bool:
+    """Run only ``function``'s experiment check on a function returning ``body`` (compiled as a graded cell)."""
+    (chk,) = [c for c in load_checks(exercise) if c.function == function]
+    scope = {"__name__": "__graded__"}
+    exec(compile(f"def {function}():\n    {body}\n", "<graded cell 0>", "exec"), scope)
+    try:
+        chk.run(Namespace(scope))
+    except AssertionError:
+        return False
+    return True
 
 
-def test_a_threshold_that_keeps_too_few_or_is_too_lenient_loses_the_points(tmp_path):
-    """06: a threshold below the strictest one that meets the target keeps too few; one well above it is too lenient;
-    one just above it passes."""
-    (name,) = [n for n in _check_names("06_self_align") if n.startswith("choose_threshold:")]
+def test_a_wrong_setup_of_the_judge_loses_the_points():
+    """05: the most accurate setup keeps too few pairs; one order, or no margin, keeps enough but is noisier: all lose
+    the experiment; a margin a little below the best one's passes (within the tolerance)."""
+    for body in ("return True, 0.3", "return False, 0.0", "return True, 0.0", "return False, 0.3"):
+        assert not _experiment_passes("05_cai", "choose_judge_setup", body), body
+    assert _experiment_passes("05_cai", "choose_judge_setup", "return True, 0.17")
+
+
+def test_a_threshold_that_keeps_too_few_or_is_too_lenient_loses_the_points():
+    """06: a threshold below the strictest one that meets the target keeps too few; one well above it is too lenient
+    (self-instruct's 0.7 happens to keep too few here); one just above the strictest passes."""
     strictest = min(t / 1000 for t in range(1001) if tiny_lab.novelty_pass_rate(t / 1000)["pass_rate"] >= 0.4)
-    for body in (f"return {strictest - 0.05}", f"return {strictest + 0.05}"):
-        assert_loses_exactly(with_solution(solution_path("06_self_align"), "choose_threshold", body, tmp_path),
-                             "choose_threshold", {name})
-    assert_loses_exactly(with_solution(solution_path("06_self_align"), "choose_threshold", f"return {strictest + 0.01}",
-                                       tmp_path), "choose_threshold", set())
+    for body in (f"return {strictest - 0.05}", f"return {strictest + 0.05}", "return 0.7", "return 1.0"):
+        assert not _experiment_passes("06_self_align", "choose_threshold", body), body
+    assert _experiment_passes("06_self_align", "choose_threshold", f"return {strictest + 0.01}")
 
 
 @pytest.mark.parametrize("call, message", [

@@ -413,6 +413,13 @@ MIN_KEPT = 0.5           # the setup must keep at least half of the AI-labelled 
 ACCURACY_TOLERANCE = 0.01
 
 
+@functools.lru_cache(maxsize=1)
+def best_judge_accuracy() -> float:
+    """The best validated accuracy over setups (both orders or one, margins 0 to 0.499 by 0.001) that keep enough."""
+    return max(r["accuracy"] for r in (tiny_lab.judge_labels(b, m / 1000) for b in (True, False) for m in range(500))
+               if r["kept"] >= MIN_KEPT)
+
+
 @check(points=2, function="choose_judge_setup")
 def judge_setup_for_the_preference_data(ns):
     """the (both_orders, margin) chosen keeps >= half of the pairs with an accuracy within 0.01 of the best setup's"""
@@ -423,9 +430,7 @@ def judge_setup_for_the_preference_data(ns):
     assert isinstance(both_orders, bool), f"both_orders should be True or False, got {both_orders!r}"
     margin = as_number(margin, "the margin")
     assert 0 <= margin < 0.5, f"the margin must lie in [0, 0.5), got {margin}"
-    got = tiny_lab.judge_labels(both_orders, margin)
-    best = max(r["accuracy"] for r in (tiny_lab.judge_labels(b, m / 1000) for b in (True, False) for m in range(500))
-               if r["kept"] >= MIN_KEPT)
+    got, best = tiny_lab.judge_labels(both_orders, margin), best_judge_accuracy()
     assert got["kept"] >= MIN_KEPT, \
         f"both_orders={both_orders}, margin={margin:.3f} keeps {got['kept']:.1%} of the pairs, fewer than " \
         f"{MIN_KEPT:.0%}"
