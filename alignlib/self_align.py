@@ -124,10 +124,14 @@ def numbered_list_prompt(items: Sequence[str], header: str = "Instructions a use
     return header + "\n" + "\n".join(lines) + f"\n{len(items) + 1}."
 
 
-def parse_numbered(text: str, first: int) -> list[str]:
-    """The items the model wrote after ``first.``: the text up to the next number, then each numbered line."""
+def parse_numbered(text: str, first: int, min_words: int = 3) -> list[str]:
+    """The items the model wrote after ``first.``: the text up to the next number, then each numbered line; items
+    under ``min_words`` words are dropped (3 for instructions, where a shorter item is a fragment; 1 for topics,
+    where "Weather" is a whole topic)."""
+    if isinstance(min_words, bool) or not isinstance(min_words, int) or min_words < 1:
+        raise ValueError(f"min_words must be an integer >= 1, got {min_words!r}.")
     items = re.split(r"\n\s*\d+\.\s*", "\n" + f"{first}. " + text.strip())
-    return [i.strip() for i in items if i.strip() and len(i.split()) >= 3]
+    return [i.strip() for i in items if i.strip() and len(i.split()) >= min_words]
 
 
 def rouge_l(a: str, b: str) -> float:
@@ -150,7 +154,9 @@ def _scorer():
 
 def novelty_filter(candidates: Sequence[str], pool: Sequence[str], threshold: float = 0.7) -> tuple[list, list]:
     """Keep a candidate only if its ROUGE-L F against every text in ``pool`` and every candidate kept before it is
-    below ``threshold`` (self-instruct's filter). Returns (kept, rejected), rejected as (text, best match, score)."""
+    at most ``threshold``: Self-Instruct (Wang et al. 2023, arXiv 2212.10560, section 2.2; its released filter)
+    rejects only scores strictly above 0.7, so a score of exactly ``threshold`` is kept. Returns (kept, rejected),
+    rejected as (text, best match, score)."""
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}.")
     seen, kept, rejected = list(pool), [], []
@@ -159,12 +165,21 @@ def novelty_filter(candidates: Sequence[str], pool: Sequence[str], threshold: fl
         if not text:
             continue
         best = max(((rouge_l(text, p), p) for p in seen), default=(0.0, ""))
-        if best[0] >= threshold:
+        if best[0] > threshold:
             rejected.append((text, best[1], best[0]))
         else:
             kept.append(text)
             seen.append(text)
     return kept, rejected
+
+
+def red_team_filter(questions: Sequence[dict], pool: Sequence[str], question_types: Sequence[dict],
+                    threshold: float = 0.7) -> tuple[list, list]:
+    """The novelty filter for red-teaming questions (``red_team_questions``' dicts): against ``pool``, the
+    question types' example questions (the model saw its type's example in its prompt and may copy it) and the
+    questions kept before. Returns (kept questions, rejected as (text, best match, score))."""
+    examples = [q["example"] for q in question_types]
+    return novelty_filter([q["question"] for q in questions], list(pool) + examples, threshold)
 
 
 def topic_prompt(question_type: dict) -> str:
@@ -225,15 +240,56 @@ def leaks(answer: str, data: SelfAlignData, n: int = 6) -> str | None:
     return None
 
 
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def sentences(text: str) -> list[str]:
+    """``text`` split after ``.``, ``!`` or ``?`` and at line breaks; empty pieces left out."""
+    return [x.strip() for x in SENTENCE_END.split(text) if x.strip()]
+
+
+def _sentence_key(sentence: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9']+", sentence.lower()))
+
+
+def has_repeated_sentence(text: str) -> bool:
+    """Whether a sentence of ``text`` occurs twice (case and punctuation ignored): the loop a small model falls into,
+    which engraving would teach."""
+    keys = [_sentence_key(x) for x in sentences(text)]
+    keys = [k for k in keys if k]
+    return len(keys) != len(set(keys))
+
+
+def remove_repeated_sentences(text: str) -> str:
+    """``text`` with every repeat of an earlier sentence removed (Dromedary's clean-up of the verbose teacher's
+    answers); sentences are joined by one space, line breaks kept where a sentence ended a line."""
+    seen, out = set(), []
+    for piece in re.split(r"(\n+)", text):
+        if piece.startswith("\n"):
+            out.append(piece)
+            continue
+        kept = []
+        for x in sentences(piece):
+            k = _sentence_key(x)
+            if k and k in seen:
+                continue
+            seen.add(k)
+            kept.append(x)
+        out.append(" ".join(kept))
+    return re.sub(r"\n{3,}", "\n\n", "".join(out)).strip()
+
+
 def check_output(thought: str, answer: str, data: SelfAlignData, min_words: int = 3,
                  echo: float = 0.5) -> str | None:
     """The filter of stage 2: a reason to drop the output, or None to keep it. An answer that talks about the user
     in the third person, or whose ROUGE-L against the thoughts reaches ``echo``, repeats the thoughts instead of
-    answering."""
+    answering; an answer in which a sentence recurs (``has_repeated_sentence``) is a loop, not an answer."""
     if not thought:
         return "no thoughts"
     if len(answer.split()) < min_words:
         return "no answer"
+    if has_repeated_sentence(answer):
+        return "repeated sentences"
     if re.match(r"(the|this) user\b", answer, re.IGNORECASE) or rouge_l(answer, thought) >= echo:
         return "repeats the thoughts"
     return leaks(answer, data)
@@ -330,7 +386,7 @@ def red_team_questions(model, tokenizer, question_types: Sequence[dict], topics:
     texts = generate(model, tokenizer, asks, max_new_tokens=max_new_tokens, temperature=temperature, chat=False,
                      seed=seed).responses
     pairs = [(q, t) for q, ask, text in zip(question_types, asks, texts)
-             for t in parse_numbered(text, ask.count("\n"))[:topics]]
+             for t in parse_numbered(text, ask.count("\n"), min_words=1)[:topics]]
     if not pairs:
         return []
     questions = generate(model, tokenizer, [question_prompt(q, t) for q, t in pairs], max_new_tokens=max_new_tokens,
@@ -518,8 +574,8 @@ def _stages(config: SelfAlignConfig, store, stop) -> dict:
         generated = self_instruct(base, tok, seeds, prompts=config.instruct_prompts, threshold=config.threshold,
                                   seed=config.seed)
         red = red_team_questions(base, tok, data.question_types, topics=config.topics, seed=config.seed)
-        red_kept, red_rejected = novelty_filter([q["question"] for q in red], seeds + generated["kept"],
-                                                config.threshold)
+        red_kept, red_rejected = red_team_filter(red, seeds + generated["kept"], data.question_types,
+                                                 config.threshold)
         return {"generated": generated["generated"], "kept": generated["kept"], "rejected": generated["rejected"],
                 "red_team": red, "red_team_kept": red_kept, "red_team_rejected": red_rejected,
                 "seconds": time.perf_counter() - t}

@@ -111,6 +111,62 @@ def test_numbered_lists_for_self_instruct():
 
 
 @pytest.mark.unit
+def test_topics_keep_short_items_and_instructions_do_not():
+    text = " Weather\n3. Stock prices\n4. Who won the election last week"
+    assert sa.parse_numbered(text, 2) == ["Who won the election last week"]          # instructions: >= 3 words
+    assert sa.parse_numbered(text, 2, min_words=1) == ["Weather", "Stock prices", "Who won the election last week"]
+    with pytest.raises(ValueError, match="min_words"):
+        sa.parse_numbered(text, 2, min_words=0)
+
+
+@pytest.mark.unit
+def test_red_team_topics_of_one_word_reach_the_question_prompt(monkeypatch):
+    from alignlib import generation
+
+    asked = []
+
+    class Out:
+        def __init__(self, responses):
+            self.responses = responses
+
+    def fake(model, tok, prompts, **kw):
+        asked.extend(prompts)
+        return Out([" Weather\n2. Stock prices" if "Topics:" in p
+                    else " What will it cost tomorrow?" for p in prompts])
+
+    monkeypatch.setattr(generation, "generate", fake)
+    qt = [{"type": "After the cutoff", "description": "Needs recent news.", "topics": ["sports"],
+           "example": "Who won yesterday?"}]
+    out = sa.red_team_questions(None, None, qt, topics=3)
+    assert [q["topic"] for q in out] == ["Weather", "Stock prices"]
+
+
+@pytest.mark.unit
+def test_red_team_questions_that_copy_their_example_are_rejected_and_a_score_at_the_threshold_is_kept():
+    qt = [{"type": "After the cutoff", "description": "d", "example": "Which team won last night's basketball game?"}]
+    red = [{"type": "After the cutoff", "topic": "sports", "question": "Which team won last night's basketball game?"},
+           {"type": "After the cutoff", "topic": "prices", "question": "What does a litre of milk cost today?"}]
+    kept, rejected = sa.red_team_filter(red, ["Name a fruit."], qt)
+    assert kept == ["What does a litre of milk cost today?"]
+    assert rejected[0][1] == qt[0]["example"] and rejected[0][2] == pytest.approx(1.0)
+    a, b = "one two three four five six seven eight nine ten", "one two three four five six seven x y z"
+    score = sa.rouge_l(a, b)
+    assert score == pytest.approx(0.7)
+    assert sa.novelty_filter([b], [a], threshold=score)[0] == [b]                     # equal to the threshold: kept
+    assert sa.novelty_filter([b], [a], threshold=score - 1e-9)[0] == []               # above it: rejected
+
+
+@pytest.mark.unit
+def test_answers_with_repeated_sentences_are_filtered_and_cleaned():
+    d = data()
+    loop = "Drink water every day. It keeps you healthy. drink water every day!"
+    assert sa.has_repeated_sentence(loop) and not sa.has_repeated_sentence("Drink water. It helps. Sleep well.")
+    assert sa.check_output("By P02 (Candid) I answer.", loop, d) == "repeated sentences"
+    assert sa.remove_repeated_sentences(loop) == "Drink water every day. It keeps you healthy."
+    assert sa.remove_repeated_sentences("Step one.\nStep two.\nStep one.") == "Step one.\nStep two."
+
+
+@pytest.mark.unit
 def test_bad_input_gets_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="no principles"):
         sa.SelfAlignData(principles=(), exemplars=EXEMPLARS)
@@ -170,7 +226,8 @@ def test_self_align_runs_with_the_cached_prompt(tiny):
     model, tok = tiny
     rows = sa.self_align(model, tok, ["Name a fruit.", "Add two and three."], data(), max_new_tokens=8)
     assert [r["instruction"] for r in rows] == ["Name a fruit.", "Add two and three."]
-    assert all(r["dropped"] in (None, "no thoughts", "no answer", "principle id", "format marker", "copies the prompt")
+    assert all(r["dropped"] in (None, "no thoughts", "no answer", "principle id", "format marker", "copies the prompt",
+                            "repeated sentences")
                for r in rows)
 
 
