@@ -167,6 +167,52 @@ def test_answers_with_repeated_sentences_are_filtered_and_cleaned():
 
 
 @pytest.mark.unit
+def test_verbose_cloning_samples_without_repeats_and_trains_a_fresh_adapter(tiny, fresh_tiny):
+    model, tok = tiny
+    prompts = ["Tell me about rain.", "Describe a cat."]
+    greedy = sa.verbose_answers(model, tok, prompts, "Answer at length.", max_new_tokens=32)
+    cleaned = sa.verbose_answers(model, tok, prompts, "Answer at length.", max_new_tokens=32, temperature=0.7,
+                                 top_p=0.95, no_repeat_ngram_size=2, dedupe=True)
+    assert len(cleaned) == 2 and cleaned != greedy and not any(sa.has_repeated_sentence(a) for a in cleaned)
+    with pytest.raises(ValueError, match="temperature"):
+        sa.verbose_answers(model, tok, prompts, "x", temperature=-1)
+    cfg = sa.SelfAlignConfig()
+    assert not cfg.verbose_shortcut and cfg.verbose_temperature > 0 and cfg.verbose_no_repeat_ngram > 0
+    base, _ = fresh_tiny()
+    engraved, _ = fresh_tiny(lora=sa.ENGRAVING_LORA)
+    with torch.no_grad():
+        for name, p in engraved.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.5)                                     # "trained": B is no longer zero
+    fresh = sa.verbose_student(base, engraved)
+    b = [p for n, p in fresh.named_parameters() if "lora_B" in n]
+    assert b and all(float(p.abs().max()) == 0 for p in b)      # a new adapter: the base model's behaviour
+    copied = sa.verbose_student(base, engraved, shortcut=True)
+    assert all(float(p.abs().min()) == 0.5 for n, p in copied.named_parameters() if "lora_B" in n)
+
+
+@pytest.mark.unit
+def test_the_control_principle_its_checker_and_the_ablation_prompt():
+    ok = sa.summary_first
+    assert ok("In short: about nine minutes.") and ok("  **In short:** Ottawa.") and ok("in short, yes.")
+    assert not ok("About nine minutes. In short: nine.") and not ok("Shortly: yes.") and not ok("")
+    with pytest.raises(ValueError, match="reply must be a string"):
+        ok(None)
+    control = sa.load_control()
+    assert len(control.principles) == 1 and all(ok(e["answer"]) for e in control.exemplars)
+    assert all("P01 (Summary First)" in e["thought"] for e in control.exemplars)
+    assert sa.relevance("How long should I boil eggs?", "Boil eggs for nine minutes.") == 0.5       # 2 of 4 words
+    assert sa.relevance("How long should I boil eggs?", "Paris is in France.") == 0.0
+    course = sa.load_self_align()
+    one, four = sa.principle_prompt(course, 1), sa.principle_prompt(course, 4)
+    assert "P01 (" in one and "P02 (" not in one.split("\n\n")[1] and "P04 (" in four and "P05 (" not in four
+    assert sa.principle_prompt(course, 16) == sa.principle_prompt(course)
+    assert all(e["answer"] in one for e in course.exemplars)                     # the same exemplars throughout
+    with pytest.raises(ValueError, match="principles must be an integer from 1 to 16"):
+        sa.principle_prompt(course, 17)
+
+
+@pytest.mark.unit
 def test_bad_input_gets_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="no principles"):
         sa.SelfAlignData(principles=(), exemplars=EXEMPLARS)
