@@ -758,7 +758,8 @@ class ControlConfig(PresetMixin):
     ablation: tuple = (1, 4, 16)
     """Numbers of course principles in stage 2's prompt for the ablation (empty: no ablation)."""
     ablation_prompts: int = 16
-    """The ablation's instructions: the first n adherence prompts of the train split."""
+    """The ablation's instructions: n adherence prompts of the train split, evenly spaced (the split is ordered by
+    expected behaviour, so decline, answer and state uncertainty all appear)."""
     data_dir: str | None = None
     """The control's principle and exemplars (None: ``data/self_align/control``)."""
     seed: int = 0
@@ -858,6 +859,8 @@ def _control_stages(config: ControlConfig, store, stop) -> dict:
                 "seconds": time.perf_counter() - t}
 
     evaluated = store.run(CONTROL_STAGES[2], evaluation, stop)
+    for m in evaluated["models"].values():          # derived from the stored replies: loops the engraving taught
+        m["repeated_sentences"] = sum(has_repeated_sentence(r) for r in m["replies"]) / len(m["replies"])
     ablation = store.run(CONTROL_STAGES[3], lambda: principles_ablation(base, tok, config), stop)
     return {"config": {k: getattr(config, k) for k in config.__dataclass_fields__},
             "principle": data.principles[0], "checker": "summary_first: " + SUMMARY_FIRST.pattern,
@@ -878,7 +881,8 @@ def principles_ablation(model, tokenizer, config: ControlConfig) -> dict:
     if not config.ablation:
         return {}
     data = load_self_align(None)
-    rows = load_rows("adherence", "train")[:config.ablation_prompts]
+    rows = load_rows("adherence", "train")            # ordered by behaviour: spread the picks over all three
+    rows = rows[::max(1, len(rows) // config.ablation_prompts)][:config.ablation_prompts]
     out = {}
     for k in config.ablation:
         done = self_align(model, tokenizer, [r["prompt"] for r in rows], data, config.answer_tokens, principles=k)

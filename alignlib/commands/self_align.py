@@ -10,6 +10,7 @@ running stage (exit status 128 + the signal; a second signal stops at once), and
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from .args import add_config_arguments, add_shared, config_overrides
@@ -43,8 +44,12 @@ def run_control(args) -> dict:
     check_json_path(args.json)
     identity = {"method": "self-align-control", "preset": args.preset, **json.loads(json.dumps(vars(config)))}
     run_dir = prepare_output(args.output, resume=args.resume, overwrite=args.overwrite, identity=identity)
+    start = time.perf_counter()
     with staged_run("self-align --control", run_dir, CONTROL_STAGES) as stop:
         result = run_self_align_control(config, out=run_dir, stop=stop)
+    result["reproduce"] = "python -m alignlib self-align --control --threads 1" + (
+        f" --seed {args.seed}" if args.seed else "") + (f" --model {config.model}" if "model" in overrides else "")
+    result["wall_s"] = time.perf_counter() - start     # of this invocation (a --resume reads stored stages back)
     text = json.dumps(result, indent=1)
     atomic_write(run_dir / "self_align_control.json", text)
     Path(args.json).write_text(text)
@@ -52,7 +57,8 @@ def run_control(args) -> dict:
     print(f"stage 2 filter: {result['stage2']['filter']}")
     for name, m in ev["models"].items():
         print(f"{name:10s} summary-first {m['pass_rate']:.2f} [{m['interval'][0]:.2f}, {m['interval'][1]:.2f}]; "
-              f"distinct {m['distinct']:.2f}; relevance {m['relevance']:.2f}; {m['answers']['words']:.0f} words")
+              f"non-empty {m['non_empty']:.2f}; distinct {m['distinct']:.2f}; relevance {m['relevance']:.2f}; "
+              f"repeated sentences {m['repeated_sentences']:.2f}; {m['answers']['words']:.0f} words")
     d = ev["engraved_minus_base"]
     print(f"engraved - base: {d['mean']:+.3f} [{d['interval'][0]:+.3f}, {d['interval'][1]:+.3f}]")
     for k, a in result["ablation"].get("results", {}).items():
