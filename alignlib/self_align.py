@@ -422,8 +422,8 @@ def red_team_questions(model, tokenizer, question_types: Sequence[dict], topics:
     asks = [topic_prompt(q) for q in question_types]
     texts = generate(model, tokenizer, asks, max_new_tokens=max_new_tokens, temperature=temperature, chat=False,
                      seed=seed).responses
-    pairs = [(q, t) for q, ask, text in zip(question_types, asks, texts)
-             for t in parse_numbered(text, ask.count("\n"), min_words=1)[:topics]]
+    pairs = [(q, t.splitlines()[0].strip()) for q, ask, text in zip(question_types, asks, texts)    # a topic is
+             for t in parse_numbered(text, ask.count("\n"), min_words=1)[:topics]]              # one line
     if not pairs:
         return []
     questions = generate(model, tokenizer, [question_prompt(q, t) for q, t in pairs], max_new_tokens=max_new_tokens,

@@ -131,7 +131,7 @@ def test_red_team_topics_of_one_word_reach_the_question_prompt(monkeypatch):
 
     def fake(model, tok, prompts, **kw):
         asked.extend(prompts)
-        return Out([" Weather\n2. Stock prices" if "Topics:" in p
+        return Out([" Weather\n\nShould the answer be yes?\n2. Stock prices" if "Topics:" in p
                     else " What will it cost tomorrow?" for p in prompts])
 
     monkeypatch.setattr(generation, "generate", fake)
