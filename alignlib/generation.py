@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, NoRepeatNGramLogitsProcessor
 
 from .engine.decode import _causal_lm, _linears, fast_decode, fast_decode_supported, sample_next_token
 from .engine.packed_linear import PackedLinears
@@ -172,7 +172,8 @@ def row_stream(seed: int, sample: int, device) -> torch.Generator:
 def generate(model, tokenizer, prompts, max_new_tokens: int = 48, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, do_sample: bool = True, num_return_sequences: int = 1, chat: bool = True,
              system: str | None = None, seed: int | None = None, batch_size: int | None = None,
-             progress: bool = False, fast: bool = True, row_seeds: Sequence[int] | None = None) -> Rollout:
+             progress: bool = False, fast: bool = True, row_seeds: Sequence[int] | None = None,
+             no_repeat_ngram_size: int = 0) -> Rollout:
     """Sample (or greedily decode) responses to ``prompts``.
 
     Args:
@@ -188,6 +189,9 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 48, temperature: f
         row_seeds: one seed per prompt; sample j of prompt i then comes from its own random stream
             (``row_stream``), the same whichever prompts share its batch or process. Distributed PPO, RRHF and
             RAFT use it so that two processes sample what one process would.
+        no_repeat_ngram_size: n > 0 forbids any token that would repeat an n-gram already in the prompt or the
+            response (transformers' ``NoRepeatNGramLogitsProcessor``; the n-gram repetition control Dromedary's
+            verbose cloning decodes with). It decodes with ``model.generate`` (``fast`` does not apply); 0 is off.
     """
     prompts = check_prompts(prompts)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -199,6 +203,9 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 48, temperature: f
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     check_top(top_k, top_p)
+    if isinstance(no_repeat_ngram_size, bool) or not isinstance(no_repeat_ngram_size, int) or no_repeat_ngram_size < 0:
+        raise ValueError(f"no_repeat_ngram_size must be an integer >= 0 (0 is off), got {no_repeat_ngram_size!r}.")
+    fast = fast and not no_repeat_ngram_size
     if row_seeds is not None and len(row_seeds) != len(prompts):
         raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {len(prompts)} prompts; give one per prompt.")
     if seed is not None:
@@ -207,7 +214,7 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 48, temperature: f
     eos = eos_ids(model, tokenizer)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=do_sample, num_return_sequences=num_return_sequences,
-        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, no_repeat_ngram_size=no_repeat_ngram_size or None,
         # top_k=0 switches top-k off; None would mean transformers' default of 50
         **({"temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample else {}),
     )
@@ -230,13 +237,15 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 48, temperature: f
             resp = fast_decode(model, ids, mask, max_new_tokens, eos, tokenizer.pad_token_id, num_return_sequences,
                                do_sample, temperature, top_k, top_p, streams, packed)  # (b*k, R)
         elif streams is not None:   # model.generate draws from one stream: choose each token ourselves
-            draw = RowStreamSampler(streams, temperature, top_k, top_p)
+            draw = [RowStreamSampler(streams, temperature, top_k, top_p)]
+            if no_repeat_ngram_size:                                     # the ban first, then each row's draw
+                draw.insert(0, NoRepeatNGramLogitsProcessor(no_repeat_ngram_size))
             resp = model.generate(input_ids=ids.repeat_interleave(num_return_sequences, 0),
                                   attention_mask=mask.repeat_interleave(num_return_sequences, 0),
                                   generation_config=GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
                                                                      eos_token_id=eos,
                                                                      pad_token_id=tokenizer.pad_token_id),
-                                  logits_processor=LogitsProcessorList([draw]))[:, ids.shape[1]:]
+                                  logits_processor=LogitsProcessorList(draw))[:, ids.shape[1]:]
         else:
             resp = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1]:]
         ids = ids.repeat_interleave(num_return_sequences, 0)

@@ -12,8 +12,21 @@ Alignment with a few hundred lines of human writing instead of tens of thousands
    that leak the prompt (the exemplars' wording, principle ids) are dropped.
 3. **Principle engraving.** The base model is fine-tuned (LoRA) on instruction -> answer alone: principles,
    exemplars and thoughts are pruned away, so the behaviour they produced moves into the weights.
-4. **Verbose cloning.** The engraved model answers under a prompt asking for thorough answers; a copy is fine-tuned
-   on those answers without that prompt (context distillation), so it answers at length unprompted.
+4. **Verbose cloning.** The engraved model answers under a prompt asking for thorough answers, sampled with n-gram
+   repetition control, repeated sentences removed; a fresh LoRA adapter on the base model is fine-tuned on those
+   answers without that prompt (context distillation), so it answers at length unprompted
+   (``SelfAlignConfig.verbose_shortcut``: the course's earlier greedy teacher and a copy of the engraved adapter).
+
+Deviations from the paper that remain (``SelfAlignConfig``'s cpu preset):
+
+- the start is SmolLM2-135M-Instruct, an instruct model already tuned to answer (the paper starts from the base
+  LLaMA-65B, which has never been taught to follow an instruction); the principles then shape a model that already
+  answers, and a behaviour it already shows (answering benign prompts) cannot be credited to SELF-ALIGN;
+- every stage has at most a few hundred examples (the paper's are far larger);
+- the course writes its own 16 principles, 8 exemplars, 24 seeds and 12 question types (the paper: 16 principles,
+  5 exemplars, 175 seed prompts and 20 topic-specific prompts), and the verbose prompt is one short system
+  message;
+- stages 3 and 4 fine-tune LoRA adapters of rank 16 on CPU for a few epochs (the paper: LoRA on a 65B model).
 
 The long shared prompt is encoded once (``PrefixCache``) and its keys and values reused by every instruction.
 
@@ -124,10 +137,14 @@ def numbered_list_prompt(items: Sequence[str], header: str = "Instructions a use
     return header + "\n" + "\n".join(lines) + f"\n{len(items) + 1}."
 
 
-def parse_numbered(text: str, first: int) -> list[str]:
-    """The items the model wrote after ``first.``: the text up to the next number, then each numbered line."""
+def parse_numbered(text: str, first: int, min_words: int = 3) -> list[str]:
+    """The items the model wrote after ``first.``: the text up to the next number, then each numbered line; items
+    under ``min_words`` words are dropped (3 for instructions, where a shorter item is a fragment; 1 for topics,
+    where "Weather" is a whole topic)."""
+    if isinstance(min_words, bool) or not isinstance(min_words, int) or min_words < 1:
+        raise ValueError(f"min_words must be an integer >= 1, got {min_words!r}.")
     items = re.split(r"\n\s*\d+\.\s*", "\n" + f"{first}. " + text.strip())
-    return [i.strip() for i in items if i.strip() and len(i.split()) >= 3]
+    return [i.strip() for i in items if i.strip() and len(i.split()) >= min_words]
 
 
 def rouge_l(a: str, b: str) -> float:
@@ -150,7 +167,9 @@ def _scorer():
 
 def novelty_filter(candidates: Sequence[str], pool: Sequence[str], threshold: float = 0.7) -> tuple[list, list]:
     """Keep a candidate only if its ROUGE-L F against every text in ``pool`` and every candidate kept before it is
-    below ``threshold`` (self-instruct's filter). Returns (kept, rejected), rejected as (text, best match, score)."""
+    at most ``threshold``: Self-Instruct (Wang et al. 2023, arXiv 2212.10560, section 2.2; its released filter)
+    rejects only scores strictly above 0.7, so a score of exactly ``threshold`` is kept. Returns (kept, rejected),
+    rejected as (text, best match, score)."""
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}.")
     seen, kept, rejected = list(pool), [], []
@@ -159,12 +178,21 @@ def novelty_filter(candidates: Sequence[str], pool: Sequence[str], threshold: fl
         if not text:
             continue
         best = max(((rouge_l(text, p), p) for p in seen), default=(0.0, ""))
-        if best[0] >= threshold:
+        if best[0] > threshold:
             rejected.append((text, best[1], best[0]))
         else:
             kept.append(text)
             seen.append(text)
     return kept, rejected
+
+
+def red_team_filter(questions: Sequence[dict], pool: Sequence[str], question_types: Sequence[dict],
+                    threshold: float = 0.7) -> tuple[list, list]:
+    """The novelty filter for red-teaming questions (``red_team_questions``' dicts): against ``pool``, the
+    question types' example questions (the model saw its type's example in its prompt and may copy it) and the
+    questions kept before. Returns (kept questions, rejected as (text, best match, score))."""
+    examples = [q["example"] for q in question_types]
+    return novelty_filter([q["question"] for q in questions], list(pool) + examples, threshold)
 
 
 def topic_prompt(question_type: dict) -> str:
@@ -186,9 +214,13 @@ INTRO = ("The assistant below follows these rules. Before each answer it writes 
 USER, THOUGHT, ANSWER = "User:", "Assistant (internal thoughts):", "Assistant:"
 
 
-def principle_prompt(data: SelfAlignData) -> str:
-    """The long shared prompt: the principles as a numbered rule list, then every exemplar with its thoughts."""
-    rules = "\n".join(f"{p['id']} ({p['title']}): {p['rule'].strip()}" for p in data.principles)
+def principle_prompt(data: SelfAlignData, principles: int | None = None) -> str:
+    """The long shared prompt: the principles as a numbered rule list, then every exemplar with its thoughts.
+    ``principles``: list only the first n rules (the ablation of 1, 4 and 16 rules); the exemplars stay whole."""
+    if principles is not None and not (isinstance(principles, int) and 1 <= principles <= len(data.principles)):
+        raise ValueError(f"principles must be an integer from 1 to {len(data.principles)} (or None for all), got "
+                         f"{principles!r}.")
+    rules = "\n".join(f"{p['id']} ({p['title']}): {p['rule'].strip()}" for p in data.principles[:principles])
     shots = "".join(f"{USER} {e['instruction'].strip()}\n\n{THOUGHT} {e['thought'].strip()}\n\n"
                     f"{ANSWER} {e['answer'].strip()}\n\n" for e in data.exemplars)
     return INTRO + "Rules:\n" + rules + "\n\n" + shots
@@ -225,29 +257,71 @@ def leaks(answer: str, data: SelfAlignData, n: int = 6) -> str | None:
     return None
 
 
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def sentences(text: str) -> list[str]:
+    """``text`` split after ``.``, ``!`` or ``?`` and at line breaks; empty pieces left out."""
+    return [x.strip() for x in SENTENCE_END.split(text) if x.strip()]
+
+
+def _sentence_key(sentence: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9']+", sentence.lower()))
+
+
+def has_repeated_sentence(text: str) -> bool:
+    """Whether a sentence of ``text`` occurs twice (case and punctuation ignored): the loop a small model falls into,
+    which engraving would teach."""
+    keys = [_sentence_key(x) for x in sentences(text)]
+    keys = [k for k in keys if k]
+    return len(keys) != len(set(keys))
+
+
+def remove_repeated_sentences(text: str) -> str:
+    """``text`` with every repeat of an earlier sentence removed (Dromedary's clean-up of the verbose teacher's
+    answers); sentences are joined by one space, line breaks kept where a sentence ended a line."""
+    seen, out = set(), []
+    for piece in re.split(r"(\n+)", text):
+        if piece.startswith("\n"):
+            out.append(piece)
+            continue
+        kept = []
+        for x in sentences(piece):
+            k = _sentence_key(x)
+            if k and k in seen:
+                continue
+            seen.add(k)
+            kept.append(x)
+        out.append(" ".join(kept))
+    return re.sub(r"\n{3,}", "\n\n", "".join(out)).strip()
+
+
 def check_output(thought: str, answer: str, data: SelfAlignData, min_words: int = 3,
                  echo: float = 0.5) -> str | None:
     """The filter of stage 2: a reason to drop the output, or None to keep it. An answer that talks about the user
     in the third person, or whose ROUGE-L against the thoughts reaches ``echo``, repeats the thoughts instead of
-    answering."""
+    answering; an answer in which a sentence recurs (``has_repeated_sentence``) is a loop, not an answer."""
     if not thought:
         return "no thoughts"
     if len(answer.split()) < min_words:
         return "no answer"
+    if has_repeated_sentence(answer):
+        return "repeated sentences"
     if re.match(r"(the|this) user\b", answer, re.IGNORECASE) or rouge_l(answer, thought) >= echo:
         return "repeats the thoughts"
     return leaks(answer, data)
 
 
 def self_align(model, tokenizer, instructions: Sequence[str], data: SelfAlignData, max_new_tokens: int = 96,
-               batch_size: int = 16) -> list[dict]:
-    """Stage 2 on ``instructions``: greedy thoughts and answers after the shared prompt (encoded once), split and
-    filtered. One dict per instruction: ``instruction``, ``thought``, ``answer``, ``dropped`` (a reason or None)."""
+               batch_size: int = 16, principles: int | None = None) -> list[dict]:
+    """Stage 2 on ``instructions``: greedy thoughts and answers after the shared prompt (encoded once; its first
+    ``principles`` rules, all by default), split and filtered. One dict per instruction: ``instruction``,
+    ``thought``, ``answer``, ``dropped`` (a reason or None)."""
     from .prefix_cache import PrefixCache
 
     if isinstance(instructions, str) or not instructions:
         raise ValueError("instructions must be a non-empty list of strings.")
-    cache = PrefixCache(model, tokenizer, principle_prompt(data))
+    cache = PrefixCache(model, tokenizer, principle_prompt(data, principles))
     rows = []
     for i in range(0, len(instructions), batch_size):
         part = list(instructions[i:i + batch_size])
@@ -281,12 +355,31 @@ def distil(student, tokenizer, prompts: Sequence[str], targets: Sequence[str], e
 
 
 def verbose_answers(model, tokenizer, instructions: Sequence[str], verbose_prompt: str, max_new_tokens: int = 128,
-                    seed: int = 0) -> list[str]:
-    """The teacher side of verbose cloning: answers under the verbose prompt as the system message."""
+                    seed: int = 0, temperature: float = 0.0, top_p: float = 1.0, no_repeat_ngram_size: int = 0,
+                    dedupe: bool = False) -> list[str]:
+    """The teacher side of verbose cloning: answers under the verbose prompt as the system message. As Dromedary
+    (Sun et al. 2023, verbose cloning): sampled (``temperature`` > 0, nucleus ``top_p``) with n-gram repetition control
+    (``no_repeat_ngram_size``), repeated sentences removed (``dedupe``, ``remove_repeated_sentences``);
+    ``temperature=0`` decodes greedily."""
     from .generation import generate
 
-    return generate(model, tokenizer, list(instructions), system=verbose_prompt, max_new_tokens=max_new_tokens,
-                    do_sample=False, seed=seed).responses
+    if not (isinstance(temperature, (int, float)) and temperature >= 0):
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature!r}.")
+    sample = {"temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    answers = generate(model, tokenizer, list(instructions), system=verbose_prompt, max_new_tokens=max_new_tokens,
+                       seed=seed, no_repeat_ngram_size=no_repeat_ngram_size, **sample).responses
+    return [remove_repeated_sentences(a) for a in answers] if dedupe else answers
+
+
+def verbose_student(base, engraved, shortcut: bool = False):
+    """The model verbose cloning trains: a fresh LoRA adapter (``ENGRAVING_LORA``) on a copy of the base model, as
+    Dromedary trains the base model again; ``shortcut``: a copy of the engraved model, adapter and all (the course's
+    earlier shortcut, which starts from the engraved behaviour)."""
+    import copy
+
+    from .models import with_lora
+
+    return copy.deepcopy(engraved) if shortcut else with_lora(copy.deepcopy(base), ENGRAVING_LORA)
 
 
 def answer_stats(answers: Sequence[str]) -> dict:
@@ -329,8 +422,8 @@ def red_team_questions(model, tokenizer, question_types: Sequence[dict], topics:
     asks = [topic_prompt(q) for q in question_types]
     texts = generate(model, tokenizer, asks, max_new_tokens=max_new_tokens, temperature=temperature, chat=False,
                      seed=seed).responses
-    pairs = [(q, t) for q, ask, text in zip(question_types, asks, texts)
-             for t in parse_numbered(text, ask.count("\n"))[:topics]]
+    pairs = [(q, t.splitlines()[0].strip()) for q, ask, text in zip(question_types, asks, texts)    # a topic is
+             for t in parse_numbered(text, ask.count("\n"), min_words=1)[:topics]]              # one line
     if not pairs:
         return []
     questions = generate(model, tokenizer, [question_prompt(q, t) for q, t in pairs], max_new_tokens=max_new_tokens,
@@ -447,6 +540,16 @@ class SelfAlignConfig(PresetMixin):
     """Learning rate of both fine-tunings (AdamW, LoRA)."""
     verbose_tokens: int = 96
     """Stage 4: answer length of the verbose teacher."""
+    verbose_temperature: float = 0.7
+    """Stage 4: the verbose teacher samples at this temperature (Dromedary samples; 0 decodes greedily)."""
+    verbose_top_p: float = 0.95
+    """Stage 4: the verbose teacher's nucleus (top-p)."""
+    verbose_no_repeat_ngram: int = 3
+    """Stage 4: the verbose teacher never repeats an n-gram of this size (n-gram repetition control; 0 is off)."""
+    verbose_shortcut: bool = False
+    """Stage 4 as the course first ran it, instead of Dromedary's recipe: a greedy teacher without repetition control
+    or removal of repeated sentences, and the student a copy of the engraved adapter rather than a fresh LoRA
+    adapter on the base model (the sampling fields above are then ignored)."""
     eval_split: str = "test"
     """The truthfulness and adherence rows that evaluate every stage."""
     data_dir: str | None = None
@@ -518,8 +621,8 @@ def _stages(config: SelfAlignConfig, store, stop) -> dict:
         generated = self_instruct(base, tok, seeds, prompts=config.instruct_prompts, threshold=config.threshold,
                                   seed=config.seed)
         red = red_team_questions(base, tok, data.question_types, topics=config.topics, seed=config.seed)
-        red_kept, red_rejected = novelty_filter([q["question"] for q in red], seeds + generated["kept"],
-                                                config.threshold)
+        red_kept, red_rejected = red_team_filter(red, seeds + generated["kept"], data.question_types,
+                                                 config.threshold)
         return {"generated": generated["generated"], "kept": generated["kept"], "rejected": generated["rejected"],
                 "red_team": red, "red_team_kept": red_kept, "red_team_rejected": red_rejected,
                 "seconds": time.perf_counter() - t}
@@ -555,8 +658,14 @@ def _stages(config: SelfAlignConfig, store, stop) -> dict:
         engraved = engraved if engraved is not None else stored_model(STAGES[2])
         t = time.perf_counter()
         with store.stage(STAGES[3], result_of=lambda: fourth, stop=stop) as folder:
-            teacher = verbose_answers(engraved, tok, prompts, data.verbose_prompt, config.verbose_tokens, config.seed)
-            verbose = copy.deepcopy(engraved)
+            if config.verbose_shortcut:        # greedy, no clean-up
+                teacher = verbose_answers(engraved, tok, prompts, data.verbose_prompt, config.verbose_tokens,
+                                          config.seed)
+            else:                              # Dromedary: sampled with n-gram control, repeated sentences removed
+                teacher = verbose_answers(engraved, tok, prompts, data.verbose_prompt, config.verbose_tokens,
+                                          config.seed, config.verbose_temperature, config.verbose_top_p,
+                                          config.verbose_no_repeat_ngram, dedupe=True)
+            verbose = verbose_student(base, engraved, config.verbose_shortcut)
             fourth = {"teacher": teacher, "verbose_history": distil(verbose, tok, prompts, teacher,
                                                                     config.verbose_epochs, config.lr, seed=config.seed),
                       "seconds": time.perf_counter() - t}
@@ -596,3 +705,192 @@ def _stages(config: SelfAlignConfig, store, stop) -> dict:
             "teacher": fourth["teacher"], "evaluation": evaluated["evaluation"],
             "timings": {"stage1_s": first["seconds"], "stage2_s": second["seconds"], "stage3_s": third["seconds"],
                         "stage4_s": fourth["seconds"], "evaluation_s": evaluated["seconds"]}}
+
+
+# ---------------------------------------------------------------- a positive control: one checkable principle
+
+CONTROL_DIR = DATA_DIR / "self_align" / "control"
+SUMMARY_FIRST = re.compile(r"^\W{0,3}in short\s*[:,-]", re.IGNORECASE)
+
+
+def summary_first(reply: str) -> bool:
+    """The control's checker: whether ``reply`` begins with "In short:" (the control principle, ``data/self_align/
+    control/principles.jsonl``). A regular expression, so the pipeline's own model never grades itself."""
+    if not isinstance(reply, str):
+        raise ValueError(f"reply must be a string, got {type(reply).__name__}.")
+    return bool(SUMMARY_FIRST.match(reply.strip()))
+
+
+def load_control(data_dir: str | Path | None = None) -> SelfAlignData:
+    """The control's principle and exemplars (``data/self_align/control``): one rule a checker can verify."""
+    root = Path(data_dir) if data_dir is not None else CONTROL_DIR
+    return SelfAlignData(tuple(read_jsonl(root / "principles.jsonl", FILES["principles"][1])),
+                         tuple(read_jsonl(root / "exemplars.jsonl", FILES["exemplars"][1])))
+
+
+def relevance(prompt: str, reply: str) -> float:
+    """The fraction of the prompt's content words (4+ letters) that the reply uses: a crude check that a reply
+    answers its prompt rather than saying the same thing to every prompt."""
+    words = set(re.findall(r"[a-z]{4,}", prompt.lower()))
+    return len(words & set(re.findall(r"[a-z]{4,}", reply.lower()))) / len(words) if words else 0.0
+
+
+@dataclass
+class ControlConfig(PresetMixin):
+    """The SELF-ALIGN positive control: stage 2 with one checkable principle (``summary_first``), its outputs
+    filtered by stage 2's filter and the checker, engraved (LoRA) without the principle, evaluated on held-out
+    benign prompts against the base model; then the ablation of 1, 4 and 16 course principles in stage 2."""
+
+    model: str = DEFAULT_MODEL
+    """The base model (also the teacher under the principle, as in ``run``)."""
+    train_prompts: int = 96
+    """Stage 2's instructions: the first n prompts of the helpful_prompts train split."""
+    eval_prompts: int = 40
+    """Held-out prompts: the first n of the helpful_prompts test split (40 there)."""
+    answer_tokens: int = 64
+    """Stage 2: tokens of thoughts and answer (the checker reads the answer's start)."""
+    eval_tokens: int = 48
+    """Reply length in the evaluation (greedy)."""
+    epochs: int = 3
+    """Epochs of engraving."""
+    lr: float = 2e-4
+    """Learning rate of engraving (AdamW, LoRA)."""
+    ablation: tuple = (1, 4, 16)
+    """Numbers of course principles in stage 2's prompt for the ablation (empty: no ablation)."""
+    ablation_prompts: int = 16
+    """The ablation's instructions: n adherence prompts of the train split, evenly spaced (the split is ordered by
+    expected behaviour, so decline, answer and state uncertainty all appear)."""
+    data_dir: str | None = None
+    """The control's principle and exemplars (None: ``data/self_align/control``)."""
+    seed: int = 0
+    """Seeds the LoRA initialisation and engraving."""
+
+    PRESETS = {"cpu": {}}
+
+
+CONTROL_STAGES = ("control-stage2", "control-engraving", "control-evaluation", "principles-ablation")
+"""The stages ``run_control`` stores in ``<output>/stages/``, in order."""
+
+
+def run_control(config: ControlConfig | None = None, out: str | Path | None = None, stop=None) -> dict:
+    """The positive control, resumable like ``run`` (``out``: a claimed run directory; ``stop``: ``graceful_stop``).
+    Returns stage 2's rows and filter counts, the evaluation (checker pass rate of the base model, the base model
+    with the principle in context and the engraved model without it; the engraved-minus-base difference with its
+    paired bootstrap 95% interval; non-empty, distinct and relevant replies, words) and the ablation. JSON-ready."""
+    import tempfile
+
+    from .training.checkpoint import StageStore
+
+    config = config or ControlConfig()
+    if out is not None:
+        return _control_stages(config, StageStore(out), stop)
+    with tempfile.TemporaryDirectory(prefix="alignlib-self-align-control-") as scratch:
+        return _control_stages(config, StageStore(scratch), stop)
+
+
+def _control_stages(config: ControlConfig, store, stop) -> dict:
+    import copy
+    import time
+
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from .data import load_prompts
+    from .evaluation import bootstrap_mean, paired_difference
+    from .generation import generate
+    from .models import load_model, with_lora
+
+    data = load_control(config.data_dir)
+    base, tok = load_model(config.model, seed=config.seed)
+    train = load_prompts("helpful_prompts", "train", config.train_prompts)
+
+    def stage2():
+        t = time.perf_counter()
+        rows = self_align(base, tok, train, data, config.answer_tokens)
+        for r in rows:
+            if r["dropped"] is None and not summary_first(r["answer"]):
+                r["dropped"] = "breaks the principle"
+        drops = {}
+        for r in rows:
+            drops[r["dropped"] or "kept"] = drops.get(r["dropped"] or "kept", 0) + 1
+        return {"rows": rows, "filter": drops, "seconds": time.perf_counter() - t}
+
+    second = store.run(CONTROL_STAGES[0], stage2, stop)
+    prompts, answers = engraving_pairs(second["rows"])
+    engraved = None
+    if store.done(CONTROL_STAGES[1]):
+        third = store.load(CONTROL_STAGES[1])
+        with torch.random.fork_rng(devices=[]):
+            engraved = with_lora(copy.deepcopy(base), ENGRAVING_LORA)
+        set_peft_model_state_dict(engraved, load_file(str(store.path(CONTROL_STAGES[1]) / "adapter" /
+                                                          "adapter_model.safetensors")))
+    else:
+        t = time.perf_counter()
+        with store.stage(CONTROL_STAGES[1], result_of=lambda: third, stop=stop) as folder:
+            engraved = with_lora(copy.deepcopy(base), ENGRAVING_LORA)
+            third = {"history": distil(engraved, tok, prompts, answers, config.epochs, config.lr, seed=config.seed),
+                     "pairs": len(prompts), "seconds": time.perf_counter() - t}
+            engraved.save_pretrained(folder / "adapter")
+
+    def evaluation():
+        t = time.perf_counter()
+        held = load_prompts("helpful_prompts", "test", config.eval_prompts)
+        replies = {"base": generate(base, tok, held, max_new_tokens=config.eval_tokens, do_sample=False).responses,
+                   "principled": [r["answer"] for r in self_align(base, tok, held, data, config.answer_tokens)],
+                   "engraved": generate(engraved.eval(), tok, held, max_new_tokens=config.eval_tokens,
+                                        do_sample=False).responses}
+        models = {}
+        for name, rs in replies.items():
+            hits = [float(summary_first(r)) for r in rs]
+            ci = bootstrap_mean(hits)
+            models[name] = {"pass_rate": ci.mean, "interval": [ci.low, ci.high], "hits": hits,
+                            "non_empty": sum(bool(r.strip()) for r in rs) / len(rs),
+                            "distinct": len({r.strip() for r in rs}) / len(rs),
+                            "relevance": sum(relevance(p, r) for p, r in zip(held, rs)) / len(rs),
+                            "answers": answer_stats([r or " " for r in rs]), "replies": rs}
+        diff = paired_difference(models["engraved"]["hits"], models["base"]["hits"])
+        rel = paired_difference([relevance(p, r) for p, r in zip(held, replies["engraved"])],
+                                [relevance(p, r) for p, r in zip(held, replies["base"])])
+        return {"prompts": held, "models": models,
+                "engraved_minus_base": {"mean": diff.mean, "interval": [diff.low, diff.high],
+                                        "excludes_zero": diff.excludes_zero},
+                "relevance_engraved_minus_base": {"mean": rel.mean, "interval": [rel.low, rel.high]},
+                "seconds": time.perf_counter() - t}
+
+    evaluated = store.run(CONTROL_STAGES[2], evaluation, stop)
+    for m in evaluated["models"].values():          # derived from the stored replies: loops the engraving taught
+        m["repeated_sentences"] = sum(has_repeated_sentence(r) for r in m["replies"]) / len(m["replies"])
+    ablation = store.run(CONTROL_STAGES[3], lambda: principles_ablation(base, tok, config), stop)
+    return {"config": {k: getattr(config, k) for k in config.__dataclass_fields__},
+            "principle": data.principles[0], "checker": "summary_first: " + SUMMARY_FIRST.pattern,
+            "stage2": {"rows": second["rows"], "filter": second["filter"]}, "engraving": third,
+            "evaluation": evaluated, "ablation": ablation,
+            "timings": {"stage2_s": second["seconds"], "engraving_s": third["seconds"],
+                        "evaluation_s": evaluated["seconds"], "ablation_s": ablation.get("seconds", 0.0)}}
+
+
+def principles_ablation(model, tokenizer, config: ControlConfig) -> dict:
+    """Stage 2 on the same instructions (adherence prompts of the train split) with the first 1, 4 and 16 course
+    principles listed (``config.ablation``) and the same eight exemplars, whose thoughts may then cite rules that are
+    not listed: the filter pass rate and the adherence of the answers (``adherence``, scored on every row, a dropped
+    row's empty answer counting as it is scored)."""
+    import time
+
+    t = time.perf_counter()
+    if not config.ablation:
+        return {}
+    data = load_self_align(None)
+    rows = load_rows("adherence", "train")            # ordered by behaviour: spread the picks over all three
+    rows = rows[::max(1, len(rows) // config.ablation_prompts)][:config.ablation_prompts]
+    out = {}
+    for k in config.ablation:
+        done = self_align(model, tokenizer, [r["prompt"] for r in rows], data, config.answer_tokens, principles=k)
+        kept = [float(d["dropped"] is None) for d in done]
+        adh = adherence([d["answer"] for d in done], [r["expected"] for r in rows])
+        out[str(k)] = {"pass_rate": sum(kept) / len(kept), "adherence": adh["rate"], "interval": adh["interval"],
+                       "rates": adh["rates"], "filter": {d["dropped"] or "kept": sum((x["dropped"] or "kept") ==
+                                                                                    (d["dropped"] or "kept")
+                                                                                    for x in done) for d in done},
+                       "answers": [d["answer"] for d in done]}
+    return {"prompts": len(rows), "results": out, "seconds": time.perf_counter() - t}

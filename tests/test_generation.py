@@ -117,3 +117,25 @@ def test_a_prompt_longer_than_the_context_raises_instead_of_decoding(tiny):
     model, tok = tiny
     with pytest.raises(ValueError, match="shorten the prompt"):
         generate(model, tok, ["x" * 1100], max_new_tokens=4, chat=False)
+
+
+def _repeats(out, i, n):
+    """Whether a response n-gram of row i repeats an n-gram earlier in its prompt or response."""
+    ids = out.input_ids[i][out.attention_mask[i].bool()].tolist()
+    start = len(ids) - int(out.response_lengths[i])
+    grams = [tuple(ids[j - n + 1:j + 1]) for j in range(n - 1, len(ids))]      # gram k ends at token k + n - 1
+    return any(grams[k] in grams[:k] for k in range(max(0, start - n + 1), len(grams)))
+
+
+@pytest.mark.unit
+def test_no_repeat_ngram_size_bans_repeated_ngrams(tiny):
+    model, tok = tiny
+    prompts = ["Tell me a story.", "Count to ten."]
+    loose = generate(model, tok, prompts, max_new_tokens=40, do_sample=False)
+    assert any(_repeats(loose, i, 2) for i in range(2))                    # the random model loops when left alone
+    for kwargs in ({"do_sample": False}, {"temperature": 0.7, "seed": 0}, {"temperature": 0.7, "row_seeds": [1, 2]}):
+        out = generate(model, tok, prompts, max_new_tokens=40, no_repeat_ngram_size=2, **kwargs)
+        for i in range(2):
+            assert not _repeats(out, i, 2), kwargs
+    with pytest.raises(ValueError, match="no_repeat_ngram_size"):
+        generate(model, tok, prompts, no_repeat_ngram_size=-1)

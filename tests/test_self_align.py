@@ -111,6 +111,108 @@ def test_numbered_lists_for_self_instruct():
 
 
 @pytest.mark.unit
+def test_topics_keep_short_items_and_instructions_do_not():
+    text = " Weather\n3. Stock prices\n4. Who won the election last week"
+    assert sa.parse_numbered(text, 2) == ["Who won the election last week"]          # instructions: >= 3 words
+    assert sa.parse_numbered(text, 2, min_words=1) == ["Weather", "Stock prices", "Who won the election last week"]
+    with pytest.raises(ValueError, match="min_words"):
+        sa.parse_numbered(text, 2, min_words=0)
+
+
+@pytest.mark.unit
+def test_red_team_topics_of_one_word_reach_the_question_prompt(monkeypatch):
+    from alignlib import generation
+
+    asked = []
+
+    class Out:
+        def __init__(self, responses):
+            self.responses = responses
+
+    def fake(model, tok, prompts, **kw):
+        asked.extend(prompts)
+        return Out([" Weather\n\nShould the answer be yes?\n2. Stock prices" if "Topics:" in p
+                    else " What will it cost tomorrow?" for p in prompts])
+
+    monkeypatch.setattr(generation, "generate", fake)
+    qt = [{"type": "After the cutoff", "description": "Needs recent news.", "topics": ["sports"],
+           "example": "Who won yesterday?"}]
+    out = sa.red_team_questions(None, None, qt, topics=3)
+    assert [q["topic"] for q in out] == ["Weather", "Stock prices"]
+
+
+@pytest.mark.unit
+def test_red_team_questions_that_copy_their_example_are_rejected_and_a_score_at_the_threshold_is_kept():
+    qt = [{"type": "After the cutoff", "description": "d", "example": "Which team won last night's basketball game?"}]
+    red = [{"type": "After the cutoff", "topic": "sports", "question": "Which team won last night's basketball game?"},
+           {"type": "After the cutoff", "topic": "prices", "question": "What does a litre of milk cost today?"}]
+    kept, rejected = sa.red_team_filter(red, ["Name a fruit."], qt)
+    assert kept == ["What does a litre of milk cost today?"]
+    assert rejected[0][1] == qt[0]["example"] and rejected[0][2] == pytest.approx(1.0)
+    a, b = "one two three four five six seven eight nine ten", "one two three four five six seven x y z"
+    score = sa.rouge_l(a, b)
+    assert score == pytest.approx(0.7)
+    assert sa.novelty_filter([b], [a], threshold=score)[0] == [b]                     # equal to the threshold: kept
+    assert sa.novelty_filter([b], [a], threshold=score - 1e-9)[0] == []               # above it: rejected
+
+
+@pytest.mark.unit
+def test_answers_with_repeated_sentences_are_filtered_and_cleaned():
+    d = data()
+    loop = "Drink water every day. It keeps you healthy. drink water every day!"
+    assert sa.has_repeated_sentence(loop) and not sa.has_repeated_sentence("Drink water. It helps. Sleep well.")
+    assert sa.check_output("By P02 (Candid) I answer.", loop, d) == "repeated sentences"
+    assert sa.remove_repeated_sentences(loop) == "Drink water every day. It keeps you healthy."
+    assert sa.remove_repeated_sentences("Step one.\nStep two.\nStep one.") == "Step one.\nStep two."
+
+
+@pytest.mark.unit
+def test_verbose_cloning_samples_without_repeats_and_trains_a_fresh_adapter(tiny, fresh_tiny):
+    model, tok = tiny
+    prompts = ["Tell me about rain.", "Describe a cat."]
+    greedy = sa.verbose_answers(model, tok, prompts, "Answer at length.", max_new_tokens=32)
+    cleaned = sa.verbose_answers(model, tok, prompts, "Answer at length.", max_new_tokens=32, temperature=0.7,
+                                 top_p=0.95, no_repeat_ngram_size=2, dedupe=True)
+    assert len(cleaned) == 2 and cleaned != greedy and not any(sa.has_repeated_sentence(a) for a in cleaned)
+    with pytest.raises(ValueError, match="temperature"):
+        sa.verbose_answers(model, tok, prompts, "x", temperature=-1)
+    cfg = sa.SelfAlignConfig()
+    assert not cfg.verbose_shortcut and cfg.verbose_temperature > 0 and cfg.verbose_no_repeat_ngram > 0
+    base, _ = fresh_tiny()
+    engraved, _ = fresh_tiny(lora=sa.ENGRAVING_LORA)
+    with torch.no_grad():
+        for name, p in engraved.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.5)                                     # "trained": B is no longer zero
+    fresh = sa.verbose_student(base, engraved)
+    b = [p for n, p in fresh.named_parameters() if "lora_B" in n]
+    assert b and all(float(p.abs().max()) == 0 for p in b)      # a new adapter: the base model's behaviour
+    copied = sa.verbose_student(base, engraved, shortcut=True)
+    assert all(float(p.abs().min()) == 0.5 for n, p in copied.named_parameters() if "lora_B" in n)
+
+
+@pytest.mark.unit
+def test_the_control_principle_its_checker_and_the_ablation_prompt():
+    ok = sa.summary_first
+    assert ok("In short: about nine minutes.") and ok("  **In short:** Ottawa.") and ok("in short, yes.")
+    assert not ok("About nine minutes. In short: nine.") and not ok("Shortly: yes.") and not ok("")
+    with pytest.raises(ValueError, match="reply must be a string"):
+        ok(None)
+    control = sa.load_control()
+    assert len(control.principles) == 1 and all(ok(e["answer"]) for e in control.exemplars)
+    assert all("P01 (Summary First)" in e["thought"] for e in control.exemplars)
+    assert sa.relevance("How long should I boil eggs?", "Boil eggs for nine minutes.") == 0.5       # 2 of 4 words
+    assert sa.relevance("How long should I boil eggs?", "Paris is in France.") == 0.0
+    course = sa.load_self_align()
+    one, four = sa.principle_prompt(course, 1), sa.principle_prompt(course, 4)
+    assert "P01 (" in one and "P02 (" not in one.split("\n\n")[1] and "P04 (" in four and "P05 (" not in four
+    assert sa.principle_prompt(course, 16) == sa.principle_prompt(course)
+    assert all(e["answer"] in one for e in course.exemplars)                     # the same exemplars throughout
+    with pytest.raises(ValueError, match="principles must be an integer from 1 to 16"):
+        sa.principle_prompt(course, 17)
+
+
+@pytest.mark.unit
 def test_bad_input_gets_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="no principles"):
         sa.SelfAlignData(principles=(), exemplars=EXEMPLARS)
@@ -170,7 +272,8 @@ def test_self_align_runs_with_the_cached_prompt(tiny):
     model, tok = tiny
     rows = sa.self_align(model, tok, ["Name a fruit.", "Add two and three."], data(), max_new_tokens=8)
     assert [r["instruction"] for r in rows] == ["Name a fruit.", "Add two and three."]
-    assert all(r["dropped"] in (None, "no thoughts", "no answer", "principle id", "format marker", "copies the prompt")
+    assert all(r["dropped"] in (None, "no thoughts", "no answer", "principle id", "format marker", "copies the prompt",
+                            "repeated sentences")
                for r in rows)
 
 
