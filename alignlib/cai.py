@@ -883,3 +883,274 @@ def _rl_stages(config: CAIConfig, store, sl_dir, progress: bool, stop) -> dict:
 
 
 # ---------------------------------------------------------------- command line
+
+
+# ---------------------------------------------------------------- the positive control and the oracle-label control
+# RL-CAI's chain (pairs of the policy's own samples -> labels -> soft-label preference model -> PPO) on a property the
+# course-scale judge can read, measured by an oracle that nothing in the chain saw; and the same chain with the
+# oracle's labels in place of the judge's, which tells a broken judge from a broken preference model or PPO.
+
+CONTROL_TASKS = ("concision", "harmlessness")
+CONTROL_LABELS = ("ai", "oracle")
+
+
+def word_count(text: str) -> int:
+    """The concision oracle: whitespace-separated words of an answer (fewer is more concise)."""
+    return len(text.split())
+
+
+def oracle_soft_label(score_first: float, score_second: float, scale: float) -> float:
+    """p(first better) from an oracle's scores (higher better): 1/2 + (s1 - s2) / (2 * scale), clipped to [0, 1].
+    ``scale`` is the score gap that counts as certain (1 for probabilities, e.g. 20 words for lengths)."""
+    if scale <= 0:
+        raise ValueError(f"scale must be > 0, got {scale}.")
+    return min(1.0, max(0.0, 0.5 + (score_first - score_second) / (2 * scale)))
+
+
+@dataclass
+class CAIControlConfig(PresetMixin):
+    """The CAI controls (``python -m alignlib cai-control``). ``task="concision", labels="ai"`` is the positive
+    control: the 135M judge's (A)/(B) reading of concision principles (``data/constitution/control_principles.jsonl``)
+    labels pairs of the policy's own answers to prompts that invite long answers
+    (``data/constitution/control_prompts.jsonl``), and the word count of held-out answers, which the pipeline never
+    sees, measures the result. ``task="harmlessness", labels="oracle"`` is the oracle-label control: lecture 05's
+    harmlessness RL stage with the independent scorer's labels in place of the judge's.
+
+    Deviations from RL-CAI as the paper runs it: the chain starts from the instruct model (no SL-CAI stage before it),
+    the preference model learns from this one kind of label (no human helpfulness pairs mixed in), and the judge is
+    the initial policy itself."""
+
+    task: str = "concision"
+    """``concision`` (oracle: word count of the answer; principles from control_principles.jsonl) or
+    ``harmlessness`` (oracle: 1 - the independent scorer's P(harmful); red-team prompts and the constitution's
+    comparison principles)."""
+    labels: str = "ai"
+    """Who labels the pairs: ``ai`` (the judge, both orders, under a drawn principle of the training split) or
+    ``oracle`` (the task's oracle, soft label from its score gap: ``oracle_soft_label``)."""
+    model: str = DEFAULT_MODEL
+    """The policy (LoRA-tuned by PPO) and, with ``labels="ai"``, the judge."""
+    pairs: int = 63
+    """Training prompts (train split); the policy samples two answers to each, and PPO trains on them."""
+    eval_prompts: int = 48
+    """Held-out prompts (test split) on which the oracle compares the initial and the PPO policy."""
+    eval_samples: int = 2
+    """Answers per held-out prompt and policy; the prompt's score is their mean (the unit of the bootstrap)."""
+    max_new_tokens: int = 48
+    """Answer length (pairs, PPO, evaluation)."""
+    temperature: float = 0.7
+    """Sampling temperature of the pairs and of the evaluation answers."""
+    length_scale: float = 20.0
+    """Concision's oracle labels: a word-count gap of this size or more counts as certain."""
+    pm_preset: str = "cpu"
+    """The preference model's ``RewardModelConfig`` preset (``cpu``: MiniLM)."""
+    pm_epochs: int = 3
+    """Epochs of the preference model's soft Bradley-Terry training."""
+    ppo_steps: int = 10
+    """PPO steps against the preference model."""
+    ppo_preset: str = "cpu"
+    """The ``PPOConfig`` preset of the PPO stage."""
+    n_boot: int = 2000
+    """Bootstrap resamples of the effect's interval (over held-out prompts)."""
+    seed: int = 0
+    """Seeds sampling, the LoRA initialisation and every training."""
+
+    PRESETS = {"cpu": {}, "lab-gpu": dict(pm_preset="lab-gpu", ppo_preset="lab-gpu", ppo_steps=100, max_new_tokens=128)}
+
+    def __post_init__(self):
+        if self.task not in CONTROL_TASKS:
+            raise ValueError(f"task must be one of {CONTROL_TASKS}, got {self.task!r}.")
+        if self.labels not in CONTROL_LABELS:
+            raise ValueError(f"labels must be one of {CONTROL_LABELS}, got {self.labels!r}.")
+        for name in ("pairs", "eval_prompts", "eval_samples", "ppo_steps", "max_new_tokens"):
+            check_count(getattr(self, name), name, 1, allow_none=False)
+
+
+CONTROL_STAGES = ("ctl-pairs", "ctl-feedback", "ctl-preference-model", "ctl-ppo", "ctl-evaluation")
+"""The stages ``cai-control`` stores in ``<output>/stages/``, in order."""
+
+
+def control_prompts(task: str, split: str, n: int, data_dir: str | Path | None = None) -> list[str]:
+    """The first ``n`` prompts of a control task's split: control_prompts.jsonl (concision) or the red-team prompts
+    (harmlessness)."""
+    if task == "harmlessness":
+        return _prompts("course:red_team_prompts", split, n)
+    rows = [r["prompt"] for r in read_jsonl((Path(data_dir) if data_dir else DATA_DIR) / "constitution" /
+                                             "control_prompts.jsonl", ("id", "prompt", "split")) if r["split"] == split]
+    if n > len(rows):
+        raise ValueError(f"control_prompts.jsonl has {len(rows)} {split} prompts; asked for {n}. Lower the count.")
+    return rows[:n]
+
+
+def control_principles(task: str, split: str = "train", data_dir: str | Path | None = None) -> list[str]:
+    """The comparison principles the judge reads for a control task (one split)."""
+    if task == "harmlessness":
+        return [p["principle"] for p in load_constitution(split, data_dir).principles]
+    rows = read_jsonl((Path(data_dir) if data_dir else DATA_DIR) / "constitution" / "control_principles.jsonl",
+                      ("id", "principle", "split"))
+    return [r["principle"] for r in rows if r["split"] == split]
+
+
+class ControlOracle:
+    """A control task's oracle, higher is better: minus the word count (concision) or 1 - P(harmful) from the
+    independent scorer fitted on the hand-labelled train rows (harmlessness)."""
+
+    def __init__(self, task: str):
+        self.task = task
+        self.scorer = Scorer().fit(eval_rows("train")) if task == "harmlessness" else None
+
+    def __call__(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
+        if self.scorer is None:
+            return [-float(word_count(a)) for a in answers]
+        harmful = self.scorer.predict(list(prompts), [a.strip() or "(no answer)" for a in answers])["harmful"]
+        return [1 - p for p in harmful]
+
+
+def run_control(config: CAIControlConfig | None = None, out: str | Path | None = None, progress: bool = True,
+                stop=None) -> dict:
+    """A CAI control, end to end: pairs of the policy's own answers, labels (the judge's or the oracle's), a
+    soft-label preference model, PPO, and the oracle's score of the initial and the PPO policy on held-out prompts,
+    with the paired effect and its bootstrap interval. Returns a JSON-ready dict (``out/control.json`` with
+    ``out``); resumable stage by stage (``CONTROL_STAGES``) as ``run_rl`` is."""
+    config = config or CAIControlConfig()
+    with _stage_store(out) as store:
+        result = _control_stages(config, store, progress, stop)
+    if out is not None:
+        from .training.checkpoint import atomic_write
+
+        atomic_write(Path(out) / "control.json", json.dumps(result, indent=1))
+    return result
+
+
+def _agreement(p: Sequence[float], s_first: Sequence[float], s_second: Sequence[float]) -> dict:
+    """How often a soft label picks the answer the oracle scores higher (pairs the oracle ties are left out)."""
+    keep = [i for i in range(len(p)) if s_first[i] != s_second[i]]
+    hits = sum((p[i] > 0.5) == (s_first[i] > s_second[i]) for i in keep)
+    return {"accuracy": hits / len(keep) if keep else None, "pairs": len(keep)}
+
+
+def _control_stages(config: CAIControlConfig, store, progress: bool, stop) -> dict:
+    from safetensors.torch import load_model as load_weights
+    from safetensors.torch import save_model as save_weights
+
+    from .evaluation import bootstrap_mean, paired_difference
+    from .feedback import MultipleChoiceJudge
+    from .models import load_model, reference_mode, with_lora
+    from .reward_backbones import load_reward_model
+    from .reward_model import RewardModelConfig, as_reward_function, pairwise_accuracy, train_reward_model
+    from .training.registry import make_trainer
+
+    t = time.perf_counter()
+    model, tok = load_model(config.model)
+    train = control_prompts(config.task, "train", config.pairs)
+    held = control_prompts(config.task, "test", config.eval_prompts)
+    oracle = ControlOracle(config.task)
+    gen = dict(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
+
+    def sample_pairs():
+        pairs = generate(model, tok, train, num_return_sequences=2, seed=config.seed + 3, **gen).responses
+        return {"first": pairs[0::2], "second": pairs[1::2], "seconds": time.perf_counter() - t}
+
+    sampled = store.run("ctl-pairs", sample_pairs, stop)
+    first, second = sampled["first"], sampled["second"]
+
+    def feedback():
+        t = time.perf_counter()
+        s1, s2 = oracle(train, first), oracle(train, second)
+        rng = random.Random(config.seed)
+        if config.labels == "ai":
+            principles = [rng.choice(control_principles(config.task, "train")) for _ in train]
+            out = MultipleChoiceJudge(model, tok).prefer_first(train, first, second, principles)
+            p = [float(x) for x in out["p"]]
+            readings = {"first_order": _agreement([float(x) for x in out["p_first_order"]], s1, s2),
+                        "swapped": _agreement([float(x) for x in out["p_swapped"]], s1, s2)}
+        else:
+            scale = config.length_scale if config.task == "concision" else 1.0
+            principles = [None] * len(train)
+            p, readings = [oracle_soft_label(a, b, scale) for a, b in zip(s1, s2)], {}
+        longer = [word_count(a) > word_count(b) for a, b in zip(first, second)]
+        differ = [i for i in range(len(p)) if word_count(first[i]) != word_count(second[i])]
+        rows = [{"prompt": q, "chosen": a, "rejected": b, "p": x, "principle": pr, "oracle": [o1, o2]}
+                for q, a, b, x, pr, o1, o2 in zip(train, first, second, p, principles, s1, s2)]
+        return {"pairs": rows, "label_vs_oracle": {"debiased": _agreement(p, s1, s2), **readings},
+                "prefers_longer": (sum((p[i] > 0.5) == longer[i] for i in differ) / len(differ)) if differ else None,
+                "seconds": time.perf_counter() - t}
+
+    fed = store.run("ctl-feedback", feedback, stop)
+
+    pm_config = RewardModelConfig.preset(config.pm_preset, epochs=config.pm_epochs, seed=config.seed)
+    pm = None
+    if store.done("ctl-preference-model"):
+        fitted = store.load("ctl-preference-model")
+    else:
+        t = time.perf_counter()
+        with store.stage("ctl-preference-model", result_of=lambda: fitted, stop=stop) as folder:
+            pm, pm_tok = load_reward_model(pm_config.model, seed=config.seed)
+            history = train_reward_model(pm, pm_tok, [{k: r[k] for k in ("prompt", "chosen", "rejected", "p")}
+                                                      for r in fed["pairs"]], pm_config, progress=progress)
+            hand = None
+            if config.task == "harmlessness":
+                hand = pairwise_accuracy(pm, pm_tok, [p for p in labelled_pairs(eval_rows("test"))
+                                                      if p["kind"] == "red_team"])["accuracy"]
+            fitted = {"pm_history": history, "pm_accuracy_on_hand_labels": hand, "seconds": time.perf_counter() - t}
+            save_weights(pm, str(folder / "preference_model.safetensors"))
+    if pm is None:
+        pm, pm_tok = load_reward_model(pm_config.model, seed=config.seed)
+        load_weights(pm, str(store.path("ctl-preference-model") / "preference_model.safetensors"),
+                     device=str(next(pm.parameters()).device))
+    pm.eval()
+
+    if store.done("ctl-ppo"):
+        tuned = store.load("ctl-ppo")
+        with torch.random.fork_rng(devices=[]):
+            policy = with_lora(model)
+        _load_adapter(policy, store.path("ctl-ppo") / "adapter")
+    else:
+        t = time.perf_counter()
+        with store.stage("ctl-ppo", result_of=lambda: tuned, stop=stop) as folder:
+            policy = with_lora(model)                    # the reference (adapter off) is the initial model
+            trainer = make_trainer("ppo", policy, tok, as_reward_function(pm, pm_tok), train, config.ppo_preset,
+                                   config.ppo_steps, max_new_tokens=config.max_new_tokens, seed=config.seed)
+            tuned = {"ppo_history": trainer.train(progress=progress), "seconds": time.perf_counter() - t}
+            policy.save_pretrained(folder / "adapter")
+
+    def evaluation():
+        t = time.perf_counter()
+        k = config.eval_samples
+        policy.eval()
+        with reference_mode(policy):
+            before = generate(policy, tok, held, num_return_sequences=k, seed=config.seed + 1, **gen).responses
+        after = generate(policy, tok, held, num_return_sequences=k, seed=config.seed + 1, **gen).responses
+        rep = [q for q in held for _ in range(k)]
+        per_prompt = lambda s: [sum(s[i * k:(i + 1) * k]) / k for i in range(len(held))]   # noqa: E731
+        o_before, o_after = per_prompt(oracle(rep, before)), per_prompt(oracle(rep, after))
+        r_before = per_prompt(as_reward_function(pm, pm_tok)(rep, before).tolist())
+        r_after = per_prompt(as_reward_function(pm, pm_tok)(rep, after).tolist())
+        # the preference model against the oracle on held-out pairs: the initial policy's two answers per prompt
+        scores = oracle(rep, before)
+        pairs = [{"prompt": held[i], "chosen": before[i * k + (scores[i * k] < scores[i * k + 1])],
+                  "rejected": before[i * k + (scores[i * k] >= scores[i * k + 1])]}
+                 for i in range(len(held)) if k >= 2 and scores[i * k] != scores[i * k + 1]]
+        pm_oracle = pairwise_accuracy(pm, pm_tok, pairs)["accuracy"] if pairs else None
+        ci = lambda x: dataclasses.asdict(bootstrap_mean(x, n_boot=config.n_boot, seed=config.seed))  # noqa: E731
+        return {"oracle": {"initial": ci(o_before), "ppo": ci(o_after),
+                           "effect": dataclasses.asdict(paired_difference(o_after, o_before, n_boot=config.n_boot,
+                                                                          seed=config.seed))},
+                "preference_model": {"initial": ci(r_before), "ppo": ci(r_after)},
+                "words": {"initial": sum(map(word_count, before)) / len(before),
+                          "ppo": sum(map(word_count, after)) / len(after)},
+                "pm_accuracy_vs_oracle_held_out": {"accuracy": pm_oracle, "pairs": len(pairs)},
+                "answers": {"prompts": held, "initial": before, "ppo": after}, "seconds": time.perf_counter() - t}
+
+    evaluated = store.run("ctl-evaluation", evaluation)
+    effect = evaluated["oracle"]["effect"]
+    return {"task": config.task, "labels": config.labels,
+            "oracle": "minus the word count" if config.task == "concision" else "1 - scorer P(harmful)",
+            "effect": effect, "effect_excludes_zero": effect["low"] > 0 or effect["high"] < 0,
+            "label_vs_oracle": fed["label_vs_oracle"], "labels_prefer_longer": fed["prefers_longer"],
+            "pm_accuracy_on_hand_labels": fitted["pm_accuracy_on_hand_labels"],
+            "evaluation": evaluated, "pairs": fed["pairs"], "pm_history": fitted["pm_history"],
+            "ppo_history": tuned["ppo_history"],
+            "config": {k: getattr(config, k) for k in config.__dataclass_fields__},
+            "timings": {"pairs_s": sampled["seconds"], "feedback_s": fed["seconds"],
+                        "preference_model_s": fitted["seconds"], "ppo_s": tuned["seconds"],
+                        "evaluation_s": evaluated["seconds"]}}

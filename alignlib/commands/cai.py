@@ -125,3 +125,43 @@ def run(args, stage: str) -> dict:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1))
     return result
+
+
+def add_control_arguments(parser) -> None:
+    """``cai-control``'s flags: the shared ones and one per ``CAIControlConfig`` field."""
+    add_shared(parser, "preset", "seed", "threads", "output", "resume", "overwrite", "json", "config",
+               output="runs/cai-control")
+    add_config_arguments(parser, "alignlib.cai", "CAIControlConfig")
+
+
+def run_control(args) -> dict:
+    """``python -m alignlib cai-control``: a CAI control (``cai.run_control``) in its own run directory, under the
+    run protocol (claimed before any model loads, stages stored, ``--resume``); print the effect."""
+    from ..cai import CONTROL_STAGES, CAIControlConfig
+    from ..cai import run_control as run_stages
+    from ..training.checkpoint import check_json_path, prepare_output
+    from ..training.loop import staged_run
+    from ..utils import set_threads
+
+    if args.threads:
+        set_threads(args.threads)
+    config = CAIControlConfig.preset(args.preset, **{"seed": args.seed, **config_overrides(args)})
+    if args.json:
+        check_json_path(args.json)
+    identity = {"method": "cai-control", "preset": args.preset,
+                **json.loads(json.dumps(vars(config), default=str))}
+    out = prepare_output(args.output, resume=args.resume, overwrite=args.overwrite, identity=identity)
+    with staged_run("cai-control", out, CONTROL_STAGES) as stop:
+        result = run_stages(config, out=out, stop=stop)
+    ev, effect = result["evaluation"], result["effect"]
+    print(f"{config.task} with {config.labels} labels: labels agree with the oracle on "
+          f"{result['label_vs_oracle']['debiased']['accuracy']:.2f} of {result['label_vs_oracle']['debiased']['pairs']}"
+          f" training pairs; PM vs oracle on held-out pairs {ev['pm_accuracy_vs_oracle_held_out']['accuracy']}")
+    print(f"oracle ({result['oracle']}) initial {ev['oracle']['initial']['mean']:+.3f}, "
+          f"PPO {ev['oracle']['ppo']['mean']:+.3f}"
+          f"; effect {effect['mean']:+.3f} [{effect['low']:+.3f}, {effect['high']:+.3f}]; words "
+          f"{ev['words']['initial']:.1f} -> {ev['words']['ppo']:.1f}; wrote {out / 'control.json'}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return result
