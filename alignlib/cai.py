@@ -5,7 +5,8 @@ examples. Two stages:
 
 **SL-CAI.** A helpful model answers red-team prompts. A critic reads each answer and writes a critique under a
 critique request drawn from the constitution, then a revision under the paired revision request; rounds can repeat
-with fresh draws, and *direct revision* skips the critique. The policy is fine-tuned on (prompt, final revision),
+with fresh draws, and *direct revision* skips the critique. The policy is fine-tuned on (prompt, revision) pairs, one
+per round as in the paper (``sft_examples``; ``CAIConfig.sl_all_rounds=False``: the final revision only),
 mixed with (prompt, answer) pairs on helpful prompts so it stays helpful. Loss falls on the response tokens only, and
 nothing of the critique enters the target (``sft_example``).
 
@@ -24,6 +25,16 @@ context alone (lecture 05 measures it), so the course adds two adaptations besid
   prompt and one under a careless one, labelled by construction (as in RLCD, Yang et al. 2023).
 
 The few-shot prefix is encoded once (``PrefixCache``) and its keys and values reused by every request.
+
+The constitution's held-out split (``load_constitution("test")``: every fourth critique request and principle)
+serves the evaluations, as lecture 05 says: the revision study critiques under the held-out critique requests, and
+the judge's accuracy on hand-labelled pairs is read under the held-out principles; every training step (critiques
+for SL-CAI's data, format tuning, AI labels) uses the training split.
+
+Other deviations from the paper that remain: the policy starts from an instruct model (SmolLM2-135M-Instruct), not a
+pre-trained helpful-only RLHF model; the critic is the base model format-tuned on the worked examples (above), not the
+policy prompted with them; the preference model is a MiniLM encoder, not a pre-trained language model; and
+RL-CAI's default labels mix judge readings with contrastive pairs (``feedback="both"``).
 
 ``cai-sl`` and ``cai-rl`` share one run directory (``--output``), checked and locked before any model loads. Every
 stage (``SL_STAGES``, ``RL_STAGES``) is kept as it finishes, with its adapters and weights
@@ -164,6 +175,17 @@ def sft_example(prompt: str, revisions: Sequence[str]) -> dict:
     if not revisions:
         raise ValueError("revisions is empty: critique_and_revise gives at least one per prompt.")
     return {"prompt": prompt.strip(), "response": revisions[-1].strip()}
+
+
+def sft_examples(row: dict, all_rounds: bool = True) -> list[dict]:
+    """SL-CAI's training pairs from one row of ``critique_and_revise``. The paper's recipe (``all_rounds``): one
+    pair per (prompt, revision of round k), for every round whose revision is not empty; a row without any revision
+    gives one pair with the text it ends with (its initial answer). ``all_rounds=False``: the final revision only
+    (``sft_example``), the shortcut the course used before."""
+    if not all_rounds:
+        return [sft_example(row["prompt"], [x["text"] for x in row["rounds"]] or [row["final"]])]
+    revisions = [x["revision"] for x in row["rounds"] if x["revision"] and x["revision"].strip()]
+    return [sft_example(row["prompt"], [r]) for r in revisions] or [sft_example(row["prompt"], [row["final"]])]
 
 
 # ---------------------------------------------------------------- the critic
@@ -434,6 +456,9 @@ class CAIConfig(PresetMixin):
     """Helpful prompts (train split) whose answers are mixed into SL-CAI's data (0: revisions only)."""
     rounds: int = 1
     """Critique-revision rounds, each with a fresh draw from the constitution."""
+    sl_all_rounds: bool = True
+    """SL-CAI's data: one SFT pair per (prompt, revision of each round), the paper's recipe (True); False keeps the
+    final revision only (one pair per prompt). The same with ``rounds=1``."""
     direct: bool = False
     """Direct revision: revise without a critique (the slides' Fig. 12 compares both)."""
     sl_epochs: int = 2
@@ -449,6 +474,10 @@ class CAIConfig(PresetMixin):
     feedback_cot_tokens: int = 0
     """Chain of thought before the feedback model's answer letter (0: none); its readings are clamped to
     [0.4, 0.6] as in the paper."""
+    feedback_few_shot: bool = True
+    """AI feedback with labelled few-shot comparisons before the question, as in the paper: the template of
+    ``feedback.few_shot_template(feedback.load_feedback_examples())`` where this alignlib has it (the result
+    records which template ran); False: the zero-shot (A)/(B) question (``feedback.COMPARISON``)."""
     feedback: str = "both"
     """RL-CAI's harmlessness labels: ``multiple-choice`` (the slides'), ``contrastive`` (labelled by construction)
     or ``both``."""
@@ -492,6 +521,16 @@ class CAIConfig(PresetMixin):
         # counts, checked here so that a negative one never reaches a slice (-1: all but the last prompt)
         for name, minimum in COUNT_FIELDS.items():
             check_count(getattr(self, name), name, minimum, allow_none=False)
+
+
+def feedback_template(few_shot: bool) -> tuple[str, str]:
+    """The judge's question template and its name: labelled few-shot comparisons before the question (the paper's
+    recipe) when ``few_shot`` and ``feedback.few_shot_template`` exists, else the zero-shot ``COMPARISON``."""
+    from . import feedback
+
+    if few_shot and hasattr(feedback, "few_shot_template") and hasattr(feedback, "load_feedback_examples"):
+        return feedback.few_shot_template(feedback.load_feedback_examples()), "few-shot"
+    return feedback.COMPARISON, "zero-shot" + (" (feedback.few_shot_template not available)" if few_shot else "")
 
 
 def _prompts(spec: str, split: str, n: int) -> list[str]:
@@ -631,7 +670,7 @@ def _sl_stages(config: CAIConfig, store, progress: bool, stop) -> dict:
     from .models import load_model, reference_mode
     from .sft import SFTConfig, train_sft
 
-    constitution = load_constitution("train")
+    constitution, held_out = load_constitution("train"), load_constitution("test")
     t0 = time.perf_counter()
     store.run("sl-start", dict)               # on resume: the RNG states from which the LoRA adapter below is drawn
     policy, tok = load_model(config.model, lora=True, seed=config.seed)
@@ -674,8 +713,8 @@ def _sl_stages(config: CAIConfig, store, progress: bool, stop) -> dict:
         with reference_mode(policy):
             held_answers = generate(policy, tok, held, **gen).responses
         scorer = Scorer().fit(eval_rows("train"))
-        curves = revision_study(Critic(critic, critic_tok, prefix), held, held_answers, constitution, scorer,
-                                config.study_rounds, config.seed)
+        curves = revision_study(Critic(critic, critic_tok, prefix), held, held_answers, held_out, scorer,
+                                config.study_rounds, config.seed)    # unseen prompts and critique requests
         return {"revision_study": curves, "seconds": time.perf_counter() - t}
 
     studied = store.run("sl-study", study, stop) if config.study_prompts else None
@@ -685,7 +724,7 @@ def _sl_stages(config: CAIConfig, store, progress: bool, stop) -> dict:
         trained = store.load("sl-sft")
         _load_adapter(policy, store.path("sl-sft") / "adapter")
     else:
-        data = [sft_example(r["prompt"], [x["text"] for x in r["rounds"]]) for r in revisions["revised"]]
+        data = [ex for r in revisions["revised"] for ex in sft_examples(r, config.sl_all_rounds)]
         data += [{"prompt": p, "response": a} for p, a in zip(helpful, helpful_answers)]
         t = time.perf_counter()
         with store.stage("sl-sft", result_of=lambda: trained) as folder:
@@ -790,7 +829,7 @@ def _rl_stages(config: CAIConfig, store, sl_dir, progress: bool, stop) -> dict:
     from .reward_model import RewardModelConfig, as_reward_function, pairwise_accuracy, train_reward_model
     from .training.registry import make_trainer
 
-    constitution = load_constitution("train")
+    constitution, held_out = load_constitution("train"), load_constitution("test")
     t = time.perf_counter()
     sl_model, tok = load_sl_policy(config, sl_dir)
     red = _prompts(config.red_team_prompts, "train", config.red_team)
@@ -809,9 +848,11 @@ def _rl_stages(config: CAIConfig, store, sl_dir, progress: bool, stop) -> dict:
             judge_model, judge_tok = load_model(config.feedback_model)
         else:
             judge_model, judge_tok = sl_model, tok
-        judge = MultipleChoiceJudge(judge_model, judge_tok, cot_tokens=config.feedback_cot_tokens,
+        template, template_name = feedback_template(config.feedback_few_shot)
+        judge = MultipleChoiceJudge(judge_model, judge_tok, template=template, cot_tokens=config.feedback_cot_tokens,
                                     clamp=(0.4, 0.6) if config.feedback_cot_tokens else None)
-        accuracy = judge_accuracy(judge, [p for p in human_test if p["kind"] == "red_team"], constitution, config.seed)
+        accuracy = judge_accuracy(judge, [p for p in human_test if p["kind"] == "red_team"], held_out, config.seed)
+        accuracy["template"] = template_name                  # measured under the held-out principles
         ai_pairs = []
         if config.feedback in ("multiple-choice", "both"):
             ai_pairs += ai_labelled_pairs(judge, red, sampled["first"], sampled["second"], constitution, config.seed)

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from .args import add_config_arguments, add_shared, config_overrides, count, module_literal
 
-RL_IDENTITY = ("human_pairs", "feedback_model", "feedback_cot_tokens", "feedback", "human_helpful_pairs", "pm_preset",
-               "pm_epochs", "ppo_steps", "ppo_preset", "eval_red_team", "eval_helpful")
+RL_IDENTITY = ("human_pairs", "feedback_model", "feedback_cot_tokens", "feedback_few_shot", "feedback",
+               "human_helpful_pairs", "pm_preset", "pm_epochs", "ppo_steps", "ppo_preset", "eval_red_team",
+               "eval_helpful")
 """The settings cai-rl adds to a CAI run's identity; every other ``CAIConfig`` field (with the preset) is cai-sl's."""
 
 
