@@ -931,8 +931,61 @@ def _rl_stages(config: CAIConfig, store, sl_dir, progress: bool, stop) -> dict:
 # course-scale judge can read, measured by an oracle that nothing in the chain saw; and the same chain with the
 # oracle's labels in place of the judge's, which tells a broken judge from a broken preference model or PPO.
 
-CONTROL_TASKS = ("concision", "harmlessness")
+CONTROL_TASKS = ("positivity", "concision", "harmlessness")
 CONTROL_LABELS = ("ai", "oracle")
+CONTROL_JUDGES = ("likelihood", "multiple-choice")
+
+
+class LikelihoodJudge:
+    """AI feedback read from likelihoods instead of an answer letter: how much more likely the feedback model finds
+    each response when the principle is its instruction (system prompt) than without it,
+
+        s(x, y) = 1/|y| sum_t [ log p(y_t | principle, x, y_<t) - log p(y_t | x, y_<t) ]
+        p(first better) = sigmoid( (s(x, y1) - s(x, y2)) / scale )
+
+    (a pointwise mutual information between the principle and the response, per token, so length cancels to first
+    order; the same contrast as RLCD's two system prompts, read as a score). Symmetric: swapping the responses
+    gives 1 - p, so there is no position bias to average out. Same ``prefer_first`` interface as
+    ``feedback.MultipleChoiceJudge``; ``principles`` are instructions ("Answer in a warm, cheerful way.")."""
+
+    def __init__(self, model, tokenizer, scale: float = 0.1, batch_size: int = 16):
+        if scale <= 0:
+            raise ValueError(f"scale must be > 0, got {scale}.")
+        self.model, self.tokenizer, self.scale, self.batch_size = model, tokenizer, scale, batch_size
+
+    @torch.no_grad()
+    def pmi(self, questions: Sequence[str], responses: Sequence[str], principles: Sequence[str]) -> torch.Tensor:
+        """s(x, y) above for each (question, response, principle): (B,)."""
+        from .logprobs import score_responses
+        from .sft import encode_sft
+
+        out = []
+        for system in (list(principles), None):
+            rows = []
+            for i in range(0, len(questions), self.batch_size):
+                sl = slice(i, i + self.batch_size)
+                kw = {} if system is None else {"system": None}
+                batches = [encode_sft(self.tokenizer, [q], [y], chat=True, add_eos=False,
+                                      **({"system": sys} if system is not None else kw))
+                           for q, y, sys in zip(questions[sl], responses[sl], (system or [None] * len(questions))[sl])]
+                for b in batches:
+                    rows.append(score_responses(self.model, b.input_ids, b.attention_mask,
+                                                b.response_mask)["normalized"])
+            out.append(torch.cat(rows))
+        return out[0] - out[1]
+
+    def prefer_first(self, questions: Sequence[str], first: Sequence[str], second: Sequence[str],
+                     principles: Sequence[str] | str) -> dict:
+        n = len(questions)
+        if not n or len(first) != n or len(second) != n:
+            raise ValueError(f"questions ({n}), first ({len(first)}) and second ({len(second)}) must be non-empty "
+                             "and of the same length.")
+        principles = [principles] * n if isinstance(principles, str) else list(principles)
+        if len(principles) != n:
+            raise ValueError(f"{len(principles)} principles for {n} questions: give one, or one per question.")
+        s = self.pmi(list(questions) * 2, list(first) + list(second), principles * 2)
+        p = torch.sigmoid((s[:n] - s[n:]) / self.scale)
+        return {"p": p, "p_first_order": p, "p_swapped": p, "pmi_first": s[:n], "pmi_second": s[n:]}
 
 
 def word_count(text: str) -> int:
@@ -961,10 +1014,17 @@ class CAIControlConfig(PresetMixin):
     the preference model learns from this one kind of label (no human helpfulness pairs mixed in), and the judge is
     the initial policy itself."""
 
-    task: str = "concision"
-    """``concision`` (oracle: word count of the answer; principles from control_principles.jsonl) or
-    ``harmlessness`` (oracle: 1 - the independent scorer's P(harmful); red-team prompts and the constitution's
-    comparison principles)."""
+    task: str = "positivity"
+    """``positivity`` (oracle: VADER's compound score of the answer), ``concision`` (oracle: minus its word count),
+    both on control_prompts.jsonl with their principles from control_principles.jsonl; or ``harmlessness``
+    (oracle: 1 - the independent scorer's P(harmful); red-team prompts and the constitution's comparison
+    principles)."""
+    judge: str = "likelihood"
+    """With ``labels="ai"``: ``likelihood`` (``LikelihoodJudge``: the principle's instruction as a system prompt, the
+    per-token log-likelihood gain of each answer) or ``multiple-choice`` (``feedback.MultipleChoiceJudge``, both
+    orders, the principle's question)."""
+    judge_scale: float = 0.1
+    """``LikelihoodJudge``'s scale: the per-token log-likelihood gap that makes p = sigmoid(1) ~ 0.73."""
     labels: str = "ai"
     """Who labels the pairs: ``ai`` (the judge, both orders, under a drawn principle of the training split) or
     ``oracle`` (the task's oracle, soft label from its score gap: ``oracle_soft_label``)."""
@@ -1000,6 +1060,8 @@ class CAIControlConfig(PresetMixin):
     def __post_init__(self):
         if self.task not in CONTROL_TASKS:
             raise ValueError(f"task must be one of {CONTROL_TASKS}, got {self.task!r}.")
+        if self.judge not in CONTROL_JUDGES:
+            raise ValueError(f"judge must be one of {CONTROL_JUDGES}, got {self.judge!r}.")
         if self.labels not in CONTROL_LABELS:
             raise ValueError(f"labels must be one of {CONTROL_LABELS}, got {self.labels!r}.")
         for name in ("pairs", "eval_prompts", "eval_samples", "ppo_steps", "max_new_tokens"):
@@ -1022,24 +1084,33 @@ def control_prompts(task: str, split: str, n: int, data_dir: str | Path | None =
     return rows[:n]
 
 
-def control_principles(task: str, split: str = "train", data_dir: str | Path | None = None) -> list[str]:
-    """The comparison principles the judge reads for a control task (one split)."""
+def control_principles(task: str, split: str = "train", data_dir: str | Path | None = None,
+                       field: str = "principle") -> list[str]:
+    """The principles the judge reads for a control task (one split): ``field="principle"`` the comparison question
+    (multiple choice), ``"instruction"`` the same principle as an instruction (``LikelihoodJudge``)."""
     if task == "harmlessness":
         return [p["principle"] for p in load_constitution(split, data_dir).principles]
     rows = read_jsonl((Path(data_dir) if data_dir else DATA_DIR) / "constitution" / "control_principles.jsonl",
-                      ("id", "principle", "split"))
-    return [r["principle"] for r in rows if r["split"] == split]
+                      ("id", "task", "principle", "instruction", "split"))
+    return [r[field] for r in rows if r["split"] == split and r["task"] == task]
 
 
 class ControlOracle:
-    """A control task's oracle, higher is better: minus the word count (concision) or 1 - P(harmful) from the
-    independent scorer fitted on the hand-labelled train rows (harmlessness)."""
+    """A control task's oracle, higher is better: VADER's compound score (positivity), minus the word count
+    (concision) or 1 - P(harmful) from the independent scorer fitted on the hand-labelled train rows
+    (harmlessness)."""
 
     def __init__(self, task: str):
         self.task = task
         self.scorer = Scorer().fit(eval_rows("train")) if task == "harmlessness" else None
+        if task == "positivity":
+            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+            self.vader = SentimentIntensityAnalyzer()
 
     def __call__(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
+        if self.task == "positivity":
+            return [self.vader.polarity_scores(a)["compound"] for a in answers]
         if self.scorer is None:
             return [-float(word_count(a)) for a in answers]
         harmful = self.scorer.predict(list(prompts), [a.strip() or "(no answer)" for a in answers])["harmful"]
@@ -1099,13 +1170,16 @@ def _control_stages(config: CAIControlConfig, store, progress: bool, stop) -> di
         s1, s2 = oracle(train, first), oracle(train, second)
         rng = random.Random(config.seed)
         if config.labels == "ai":
-            principles = [rng.choice(control_principles(config.task, "train")) for _ in train]
-            out = MultipleChoiceJudge(model, tok).prefer_first(train, first, second, principles)
+            likelihood = config.judge == "likelihood" and config.task != "harmlessness"
+            pool = control_principles(config.task, "train", field="instruction" if likelihood else "principle")
+            principles = [rng.choice(pool) for _ in train]
+            judge = (LikelihoodJudge(model, tok, config.judge_scale) if likelihood else MultipleChoiceJudge(model, tok))
+            out = judge.prefer_first(train, first, second, principles)
             p = [float(x) for x in out["p"]]
             readings = {"first_order": _agreement([float(x) for x in out["p_first_order"]], s1, s2),
                         "swapped": _agreement([float(x) for x in out["p_swapped"]], s1, s2)}
         else:
-            scale = config.length_scale if config.task == "concision" else 1.0
+            scale = config.length_scale if config.task == "concision" else 1.0     # VADER and P: in [-1, 1]
             principles = [None] * len(train)
             p, readings = [oracle_soft_label(a, b, scale) for a, b in zip(s1, s2)], {}
         longer = [word_count(a) > word_count(b) for a, b in zip(first, second)]
@@ -1185,7 +1259,8 @@ def _control_stages(config: CAIControlConfig, store, progress: bool, stop) -> di
     evaluated = store.run("ctl-evaluation", evaluation)
     effect = evaluated["oracle"]["effect"]
     return {"task": config.task, "labels": config.labels,
-            "oracle": "minus the word count" if config.task == "concision" else "1 - scorer P(harmful)",
+            "oracle": {"positivity": "VADER compound", "concision": "minus the word count",
+                       "harmlessness": "1 - scorer P(harmful)"}[config.task],
             "effect": effect, "effect_excludes_zero": effect["low"] > 0 or effect["high"] < 0,
             "label_vs_oracle": fed["label_vs_oracle"], "labels_prefer_longer": fed["prefers_longer"],
             "pm_accuracy_on_hand_labels": fitted["pm_accuracy_on_hand_labels"],

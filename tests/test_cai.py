@@ -278,13 +278,18 @@ def test_control_config_data_and_oracle_labels():
         cai.CAIControlConfig(task="tone")
     with pytest.raises(ValueError, match="labels"):
         cai.CAIControlConfig(labels="human")
+    with pytest.raises(ValueError, match="judge"):
+        cai.CAIControlConfig(judge="vibes")
     with pytest.raises(ValueError, match="eval_prompts"):
         cai.CAIControlConfig(eval_prompts=0)
     train, test = cai.control_prompts("concision", "train", 63), cai.control_prompts("concision", "test", 48)
     assert not set(train) & set(test)                                      # held-out prompts are unseen
     with pytest.raises(ValueError, match="test prompts"):
         cai.control_prompts("concision", "test", 49)
-    assert cai.control_principles("concision", "train") and cai.control_principles("concision", "test")
+    for task in ("positivity", "concision"):
+        assert cai.control_principles(task, "train") and cai.control_principles(task, "test")
+        assert len(cai.control_principles(task, "train", field="instruction")) == len(cai.control_principles(task))
+    assert cai.ControlOracle("positivity")(["q", "q"], ["What a lovely, happy day!", "This is awful."])[0] > 0.5
     assert cai.oracle_soft_label(-10, -30, 20) == 1.0 and cai.oracle_soft_label(-30, -10, 20) == 0.0
     assert cai.oracle_soft_label(0.7, 0.6, 1.0) == pytest.approx(0.55)
     assert cai.ControlOracle("concision")(["q", "q"], ["one two three", "one"]) == [-3.0, -1.0]
@@ -307,3 +312,16 @@ def test_cai_control_end_to_end_and_resumed_on_the_tiny_model(tmp_path, capsys):
     main(args + ["--resume"])                                                # every stage read back: same result
     again = json.loads((tmp_path / "control.json").read_text())
     assert again["evaluation"]["oracle"] == ev["oracle"] and again["pairs"] == out["pairs"]
+
+
+@pytest.mark.unit
+def test_likelihood_judge_is_symmetric_in_the_order(tiny):
+    model, tok = tiny
+    judge = cai.LikelihoodJudge(model, tok, scale=0.1)
+    q, a, b = ["Describe rain."] * 2, ["It is lovely.", "Grey and sad."], ["Grey and sad.", "It is lovely."]
+    out = judge.prefer_first(q, a, b, "Answer cheerfully.")
+    assert torch.allclose(out["p"][0], 1 - out["p"][1], atol=1e-5)          # swapping the pair gives 1 - p
+    same = judge.prefer_first(q[:1], a[:1], a[:1], "Answer cheerfully.")
+    assert same["p"].item() == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="principles"):
+        judge.prefer_first(q, a, b, ["one"])
