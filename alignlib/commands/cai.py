@@ -155,9 +155,10 @@ def run_control(args) -> dict:
     with staged_run("cai-control", out, CONTROL_STAGES) as stop:
         result = run_stages(config, out=out, stop=stop)
     ev, effect = result["evaluation"], result["effect"]
-    print(f"{config.task} with {config.labels} labels: labels agree with the oracle on "
-          f"{result['label_vs_oracle']['debiased']['accuracy']:.2f} of {result['label_vs_oracle']['debiased']['pairs']}"
-          f" training pairs; PM vs oracle on held-out pairs {ev['pm_accuracy_vs_oracle_held_out']['accuracy']}")
+    agree = result["label_vs_oracle"]["debiased"]
+    print(f"{config.task} with {config.labels} labels: labels agree with the oracle on {agree['accuracy']} of "
+          f"{agree['pairs']} training pairs (ties left out); PM vs oracle on held-out pairs "
+          f"{ev['pm_accuracy_vs_oracle_held_out']}")
     print(f"oracle ({result['oracle']}) initial {ev['oracle']['initial']['mean']:+.3f}, "
           f"PPO {ev['oracle']['ppo']['mean']:+.3f}"
           f"; effect {effect['mean']:+.3f} [{effect['low']:+.3f}, {effect['high']:+.3f}]; words "
