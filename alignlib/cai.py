@@ -1003,12 +1003,17 @@ def oracle_soft_label(score_first: float, score_second: float, scale: float) -> 
 
 @dataclass
 class CAIControlConfig(PresetMixin):
-    """The CAI controls (``python -m alignlib cai-control``). ``task="concision", labels="ai"`` is the positive
-    control: the 135M judge's (A)/(B) reading of concision principles (``data/constitution/control_principles.jsonl``)
-    labels pairs of the policy's own answers to prompts that invite long answers
-    (``data/constitution/control_prompts.jsonl``), and the word count of held-out answers, which the pipeline never
-    sees, measures the result. ``task="harmlessness", labels="oracle"`` is the oracle-label control: lecture 05's
-    harmlessness RL stage with the independent scorer's labels in place of the judge's.
+    """The CAI controls (``python -m alignlib cai-control``): RL-CAI's chain on the policy's own answer pairs, scored
+    on held-out prompts by an oracle that the chain never sees. ``labels="ai"`` with ``task="positivity"`` or
+    ``"concision"`` is meant as the positive control (a principle the judge can read, prompts that invite the
+    property: ``data/constitution/control_prompts.jsonl``, ``control_principles.jsonl``); ``labels="oracle"`` puts
+    the oracle's own labels in the judge's place (on ``harmlessness``: lecture 05's RL stage with the independent
+    scorer's labels), which tells a broken judge from a broken preference model or PPO.
+
+    Measured on 2026-12-07 (63 training pairs of SmolLM2-135M-Instruct's answers): no judge read its principle
+    above chance: the (A)/(B) judge on concision 0.55 of 56 pairs, the likelihood judge on positivity 0.52 of 60
+    pairs, so ``labels="ai"`` is not yet a positive control at 135M; ``labels="oracle"`` shows the chain after the
+    judge. The defaults are the positivity task and the likelihood judge.
 
     Deviations from RL-CAI as the paper runs it: the chain starts from the instruct model (no SL-CAI stage before it),
     the preference model learns from this one kind of label (no human helpfulness pairs mixed in), and the judge is
@@ -1022,7 +1027,7 @@ class CAIControlConfig(PresetMixin):
     judge: str = "likelihood"
     """With ``labels="ai"``: ``likelihood`` (``LikelihoodJudge``: the principle's instruction as a system prompt, the
     per-token log-likelihood gain of each answer) or ``multiple-choice`` (``feedback.MultipleChoiceJudge``, both
-    orders, the principle's question)."""
+    orders, the principle's question). ``harmlessness`` always uses the multiple-choice judge, as lecture 05 does."""
     judge_scale: float = 0.1
     """``LikelihoodJudge``'s scale: the per-token log-likelihood gap that makes p = sigmoid(1) ~ 0.73."""
     labels: str = "ai"

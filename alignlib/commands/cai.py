@@ -6,6 +6,9 @@ cai-sl refuses an earlier run unless ``--resume`` continues it or ``--overwrite`
 finished cai-sl run with its settings. Every stage is stored as it finishes (``cai.SL_STAGES``, ``cai.RL_STAGES``);
 SIGINT/SIGTERM stops the command after the running stage (exit status 128 + the signal; a second signal stops at
 once), and the same command with ``--resume`` continues it to the result an uninterrupted run gives.
+
+``python -m alignlib cai-control`` runs a CAI control (``cai.run_control``: AI or oracle labels on the policy's
+own pairs, preference model, PPO, oracle effect on held-out prompts) in its own run directory, the same way.
 """
 from __future__ import annotations
 
