@@ -5,7 +5,8 @@ examples. Two stages:
 
 **SL-CAI.** A helpful model answers red-team prompts. A critic reads each answer and writes a critique under a
 critique request drawn from the constitution, then a revision under the paired revision request; rounds can repeat
-with fresh draws, and *direct revision* skips the critique. The policy is fine-tuned on (prompt, final revision),
+with fresh draws, and *direct revision* skips the critique. The policy is fine-tuned on (prompt, revision) pairs, one
+per round as in the paper (``sft_examples``; ``CAIConfig.sl_all_rounds=False``: the final revision only),
 mixed with (prompt, answer) pairs on helpful prompts so it stays helpful. Loss falls on the response tokens only, and
 nothing of the critique enters the target (``sft_example``).
 
@@ -24,6 +25,16 @@ context alone (lecture 05 measures it), so the course adds two adaptations besid
   prompt and one under a careless one, labelled by construction (as in RLCD, Yang et al. 2023).
 
 The few-shot prefix is encoded once (``PrefixCache``) and its keys and values reused by every request.
+
+The constitution's held-out split (``load_constitution("test")``: every fourth critique request and principle)
+serves the evaluations, as lecture 05 says: the revision study critiques under the held-out critique requests, and
+the judge's accuracy on hand-labelled pairs is read under the held-out principles; every training step (critiques
+for SL-CAI's data, format tuning, AI labels) uses the training split.
+
+Other deviations from the paper that remain: the policy starts from an instruct model (SmolLM2-135M-Instruct), not a
+pre-trained helpful-only RLHF model; the critic is the base model format-tuned on the worked examples (above), not the
+policy prompted with them; the preference model is a MiniLM encoder, not a pre-trained language model; and
+RL-CAI's default labels mix judge readings with contrastive pairs (``feedback="both"``).
 
 ``cai-sl`` and ``cai-rl`` share one run directory (``--output``), checked and locked before any model loads. Every
 stage (``SL_STAGES``, ``RL_STAGES``) is kept as it finishes, with its adapters and weights
@@ -164,6 +175,17 @@ def sft_example(prompt: str, revisions: Sequence[str]) -> dict:
     if not revisions:
         raise ValueError("revisions is empty: critique_and_revise gives at least one per prompt.")
     return {"prompt": prompt.strip(), "response": revisions[-1].strip()}
+
+
+def sft_examples(row: dict, all_rounds: bool = True) -> list[dict]:
+    """SL-CAI's training pairs from one row of ``critique_and_revise``. The paper's recipe (``all_rounds``): one
+    pair per (prompt, revision of round k), for every round whose revision is not empty; a row without any revision
+    gives one pair with the text it ends with (its initial answer). ``all_rounds=False``: the final revision only
+    (``sft_example``), the shortcut the course used before."""
+    if not all_rounds:
+        return [sft_example(row["prompt"], [x["text"] for x in row["rounds"]] or [row["final"]])]
+    revisions = [x["revision"] for x in row["rounds"] if x["revision"] and x["revision"].strip()]
+    return [sft_example(row["prompt"], [r]) for r in revisions] or [sft_example(row["prompt"], [row["final"]])]
 
 
 # ---------------------------------------------------------------- the critic
@@ -434,6 +456,9 @@ class CAIConfig(PresetMixin):
     """Helpful prompts (train split) whose answers are mixed into SL-CAI's data (0: revisions only)."""
     rounds: int = 1
     """Critique-revision rounds, each with a fresh draw from the constitution."""
+    sl_all_rounds: bool = True
+    """SL-CAI's data: one SFT pair per (prompt, revision of each round), the paper's recipe (True); False keeps the
+    final revision only (one pair per prompt). The same with ``rounds=1``."""
     direct: bool = False
     """Direct revision: revise without a critique (the slides' Fig. 12 compares both)."""
     sl_epochs: int = 2
@@ -449,6 +474,10 @@ class CAIConfig(PresetMixin):
     feedback_cot_tokens: int = 0
     """Chain of thought before the feedback model's answer letter (0: none); its readings are clamped to
     [0.4, 0.6] as in the paper."""
+    feedback_few_shot: bool = True
+    """AI feedback with labelled few-shot comparisons before the question, as in the paper: the template of
+    ``feedback.few_shot_template(feedback.load_feedback_examples())`` where this alignlib has it (the result
+    records which template ran); False: the zero-shot (A)/(B) question (``feedback.COMPARISON``)."""
     feedback: str = "both"
     """RL-CAI's harmlessness labels: ``multiple-choice`` (the slides'), ``contrastive`` (labelled by construction)
     or ``both``."""
@@ -492,6 +521,16 @@ class CAIConfig(PresetMixin):
         # counts, checked here so that a negative one never reaches a slice (-1: all but the last prompt)
         for name, minimum in COUNT_FIELDS.items():
             check_count(getattr(self, name), name, minimum, allow_none=False)
+
+
+def feedback_template(few_shot: bool) -> tuple[str, str]:
+    """The judge's question template and its name: labelled few-shot comparisons before the question (the paper's
+    recipe) when ``few_shot`` and ``feedback.few_shot_template`` exists, else the zero-shot ``COMPARISON``."""
+    from . import feedback
+
+    if few_shot and hasattr(feedback, "few_shot_template") and hasattr(feedback, "load_feedback_examples"):
+        return feedback.few_shot_template(feedback.load_feedback_examples()), "few-shot"
+    return feedback.COMPARISON, "zero-shot" + (" (feedback.few_shot_template not available)" if few_shot else "")
 
 
 def _prompts(spec: str, split: str, n: int) -> list[str]:
@@ -631,7 +670,7 @@ def _sl_stages(config: CAIConfig, store, progress: bool, stop) -> dict:
     from .models import load_model, reference_mode
     from .sft import SFTConfig, train_sft
 
-    constitution = load_constitution("train")
+    constitution, held_out = load_constitution("train"), load_constitution("test")
     t0 = time.perf_counter()
     store.run("sl-start", dict)               # on resume: the RNG states from which the LoRA adapter below is drawn
     policy, tok = load_model(config.model, lora=True, seed=config.seed)
@@ -674,8 +713,8 @@ def _sl_stages(config: CAIConfig, store, progress: bool, stop) -> dict:
         with reference_mode(policy):
             held_answers = generate(policy, tok, held, **gen).responses
         scorer = Scorer().fit(eval_rows("train"))
-        curves = revision_study(Critic(critic, critic_tok, prefix), held, held_answers, constitution, scorer,
-                                config.study_rounds, config.seed)
+        curves = revision_study(Critic(critic, critic_tok, prefix), held, held_answers, held_out, scorer,
+                                config.study_rounds, config.seed)    # unseen prompts and critique requests
         return {"revision_study": curves, "seconds": time.perf_counter() - t}
 
     studied = store.run("sl-study", study, stop) if config.study_prompts else None
@@ -685,7 +724,7 @@ def _sl_stages(config: CAIConfig, store, progress: bool, stop) -> dict:
         trained = store.load("sl-sft")
         _load_adapter(policy, store.path("sl-sft") / "adapter")
     else:
-        data = [sft_example(r["prompt"], [x["text"] for x in r["rounds"]]) for r in revisions["revised"]]
+        data = [ex for r in revisions["revised"] for ex in sft_examples(r, config.sl_all_rounds)]
         data += [{"prompt": p, "response": a} for p, a in zip(helpful, helpful_answers)]
         t = time.perf_counter()
         with store.stage("sl-sft", result_of=lambda: trained) as folder:
@@ -790,7 +829,7 @@ def _rl_stages(config: CAIConfig, store, sl_dir, progress: bool, stop) -> dict:
     from .reward_model import RewardModelConfig, as_reward_function, pairwise_accuracy, train_reward_model
     from .training.registry import make_trainer
 
-    constitution = load_constitution("train")
+    constitution, held_out = load_constitution("train"), load_constitution("test")
     t = time.perf_counter()
     sl_model, tok = load_sl_policy(config, sl_dir)
     red = _prompts(config.red_team_prompts, "train", config.red_team)
@@ -809,9 +848,11 @@ def _rl_stages(config: CAIConfig, store, sl_dir, progress: bool, stop) -> dict:
             judge_model, judge_tok = load_model(config.feedback_model)
         else:
             judge_model, judge_tok = sl_model, tok
-        judge = MultipleChoiceJudge(judge_model, judge_tok, cot_tokens=config.feedback_cot_tokens,
+        template, template_name = feedback_template(config.feedback_few_shot)
+        judge = MultipleChoiceJudge(judge_model, judge_tok, template=template, cot_tokens=config.feedback_cot_tokens,
                                     clamp=(0.4, 0.6) if config.feedback_cot_tokens else None)
-        accuracy = judge_accuracy(judge, [p for p in human_test if p["kind"] == "red_team"], constitution, config.seed)
+        accuracy = judge_accuracy(judge, [p for p in human_test if p["kind"] == "red_team"], held_out, config.seed)
+        accuracy["template"] = template_name                  # measured under the held-out principles
         ai_pairs = []
         if config.feedback in ("multiple-choice", "both"):
             ai_pairs += ai_labelled_pairs(judge, red, sampled["first"], sampled["second"], constitution, config.seed)
@@ -883,3 +924,354 @@ def _rl_stages(config: CAIConfig, store, sl_dir, progress: bool, stop) -> dict:
 
 
 # ---------------------------------------------------------------- command line
+
+
+# ---------------------------------------------------------------- the positive control and the oracle-label control
+# RL-CAI's chain (pairs of the policy's own samples -> labels -> soft-label preference model -> PPO) on a property the
+# course-scale judge can read, measured by an oracle that nothing in the chain saw; and the same chain with the
+# oracle's labels in place of the judge's, which tells a broken judge from a broken preference model or PPO.
+
+CONTROL_TASKS = ("positivity", "concision", "harmlessness")
+CONTROL_LABELS = ("ai", "oracle")
+CONTROL_JUDGES = ("likelihood", "multiple-choice")
+
+
+class LikelihoodJudge:
+    """AI feedback read from likelihoods instead of an answer letter: how much more likely the feedback model finds
+    each response when the principle is its instruction (system prompt) than without it,
+
+        s(x, y) = 1/|y| sum_t [ log p(y_t | principle, x, y_<t) - log p(y_t | x, y_<t) ]
+        p(first better) = sigmoid( (s(x, y1) - s(x, y2)) / scale )
+
+    (a pointwise mutual information between the principle and the response, per token, so length cancels to first
+    order; the same contrast as RLCD's two system prompts, read as a score). Symmetric: swapping the responses
+    gives 1 - p, so there is no position bias to average out. Same ``prefer_first`` interface as
+    ``feedback.MultipleChoiceJudge``; ``principles`` are instructions ("Answer in a warm, cheerful way.")."""
+
+    def __init__(self, model, tokenizer, scale: float = 0.1, batch_size: int = 16):
+        if scale <= 0:
+            raise ValueError(f"scale must be > 0, got {scale}.")
+        self.model, self.tokenizer, self.scale, self.batch_size = model, tokenizer, scale, batch_size
+
+    @torch.no_grad()
+    def pmi(self, questions: Sequence[str], responses: Sequence[str], principles: Sequence[str]) -> torch.Tensor:
+        """s(x, y) above for each (question, response, principle): (B,)."""
+        from .logprobs import score_responses
+        from .sft import encode_sft
+
+        out = []
+        for system in (list(principles), None):
+            rows = []
+            for i in range(0, len(questions), self.batch_size):
+                sl = slice(i, i + self.batch_size)
+                kw = {} if system is None else {"system": None}
+                batches = [encode_sft(self.tokenizer, [q], [y], chat=True, add_eos=False,
+                                      **({"system": sys} if system is not None else kw))
+                           for q, y, sys in zip(questions[sl], responses[sl], (system or [None] * len(questions))[sl])]
+                for b in batches:
+                    rows.append(score_responses(self.model, b.input_ids, b.attention_mask,
+                                                b.response_mask)["normalized"])
+            out.append(torch.cat(rows))
+        return out[0] - out[1]
+
+    def prefer_first(self, questions: Sequence[str], first: Sequence[str], second: Sequence[str],
+                     principles: Sequence[str] | str) -> dict:
+        n = len(questions)
+        if not n or len(first) != n or len(second) != n:
+            raise ValueError(f"questions ({n}), first ({len(first)}) and second ({len(second)}) must be non-empty "
+                             "and of the same length.")
+        principles = [principles] * n if isinstance(principles, str) else list(principles)
+        if len(principles) != n:
+            raise ValueError(f"{len(principles)} principles for {n} questions: give one, or one per question.")
+        s = self.pmi(list(questions) * 2, list(first) + list(second), principles * 2)
+        p = torch.sigmoid((s[:n] - s[n:]) / self.scale)
+        return {"p": p, "p_first_order": p, "p_swapped": p, "pmi_first": s[:n], "pmi_second": s[n:]}
+
+
+def word_count(text: str) -> int:
+    """The concision oracle: whitespace-separated words of an answer (fewer is more concise)."""
+    return len(text.split())
+
+
+def oracle_soft_label(score_first: float, score_second: float, scale: float) -> float:
+    """p(first better) from an oracle's scores (higher better): 1/2 + (s1 - s2) / (2 * scale), clipped to [0, 1].
+    ``scale`` is the score gap that counts as certain (1 for probabilities, e.g. 20 words for lengths)."""
+    if scale <= 0:
+        raise ValueError(f"scale must be > 0, got {scale}.")
+    return min(1.0, max(0.0, 0.5 + (score_first - score_second) / (2 * scale)))
+
+
+@dataclass
+class CAIControlConfig(PresetMixin):
+    """The CAI controls (``python -m alignlib cai-control``): RL-CAI's chain on the policy's own answer pairs, scored
+    on held-out prompts by an oracle that the chain never sees. ``labels="ai"`` with ``task="positivity"`` or
+    ``"concision"`` is meant as the positive control (a principle the judge can read, prompts that invite the
+    property: ``data/constitution/control_prompts.jsonl``, ``control_principles.jsonl``); ``labels="oracle"`` puts
+    the oracle's own labels in the judge's place (on ``harmlessness``: lecture 05's RL stage with the independent
+    scorer's labels), which tells a broken judge from a broken preference model or PPO.
+
+    Measured on 2026-12-07 (63 training pairs of SmolLM2-135M-Instruct's answers): no judge read its principle
+    above chance: the (A)/(B) judge on concision 0.55 of 56 pairs, the likelihood judge on positivity 0.52 of 60
+    pairs, so ``labels="ai"`` is not yet a positive control at 135M; ``labels="oracle"`` shows the chain after the
+    judge. The defaults are the positivity task and the likelihood judge.
+
+    Deviations from RL-CAI as the paper runs it: the chain starts from the instruct model (no SL-CAI stage before it),
+    the preference model learns from this one kind of label (no human helpfulness pairs mixed in), and the judge is
+    the initial policy itself."""
+
+    task: str = "positivity"
+    """``positivity`` (oracle: VADER's compound score of the answer), ``concision`` (oracle: minus its word count),
+    both on control_prompts.jsonl with their principles from control_principles.jsonl; or ``harmlessness``
+    (oracle: 1 - the independent scorer's P(harmful); red-team prompts and the constitution's comparison
+    principles)."""
+    judge: str = "likelihood"
+    """With ``labels="ai"``: ``likelihood`` (``LikelihoodJudge``: the principle's instruction as a system prompt, the
+    per-token log-likelihood gain of each answer) or ``multiple-choice`` (``feedback.MultipleChoiceJudge``, both
+    orders, the principle's question). ``harmlessness`` always uses the multiple-choice judge, as lecture 05 does."""
+    judge_scale: float = 0.1
+    """``LikelihoodJudge``'s scale: the per-token log-likelihood gap that makes p = sigmoid(1) ~ 0.73."""
+    labels: str = "ai"
+    """Who labels the pairs: ``ai`` (the judge, both orders, under a drawn principle of the training split) or
+    ``oracle`` (the task's oracle, soft label from its score gap: ``oracle_soft_label``)."""
+    model: str = DEFAULT_MODEL
+    """The policy (LoRA-tuned by PPO) and, with ``labels="ai"``, the judge."""
+    pairs: int = 63
+    """Training prompts (train split); the policy samples two answers to each, and PPO trains on them."""
+    eval_prompts: int = 48
+    """Held-out prompts (test split) on which the oracle compares the initial and the PPO policy."""
+    eval_samples: int = 2
+    """Answers per held-out prompt and policy; the prompt's score is their mean (the unit of the bootstrap)."""
+    max_new_tokens: int = 48
+    """Answer length (pairs, PPO, evaluation)."""
+    temperature: float = 0.7
+    """Sampling temperature of the pairs and of the evaluation answers."""
+    length_scale: float = 20.0
+    """Concision's oracle labels: a word-count gap of this size or more counts as certain."""
+    pm_preset: str = "cpu"
+    """The preference model's ``RewardModelConfig`` preset (``cpu``: MiniLM)."""
+    pm_epochs: int = 3
+    """Epochs of the preference model's soft Bradley-Terry training."""
+    ppo_steps: int = 10
+    """PPO steps against the preference model."""
+    ppo_preset: str = "cpu"
+    """The ``PPOConfig`` preset of the PPO stage."""
+    n_boot: int = 2000
+    """Bootstrap resamples of the effect's interval (over held-out prompts)."""
+    seed: int = 0
+    """Seeds sampling, the LoRA initialisation and every training."""
+
+    PRESETS = {"cpu": {}, "lab-gpu": dict(pm_preset="lab-gpu", ppo_preset="lab-gpu", ppo_steps=100, max_new_tokens=128)}
+
+    def __post_init__(self):
+        if self.task not in CONTROL_TASKS:
+            raise ValueError(f"task must be one of {CONTROL_TASKS}, got {self.task!r}.")
+        if self.judge not in CONTROL_JUDGES:
+            raise ValueError(f"judge must be one of {CONTROL_JUDGES}, got {self.judge!r}.")
+        if self.labels not in CONTROL_LABELS:
+            raise ValueError(f"labels must be one of {CONTROL_LABELS}, got {self.labels!r}.")
+        for name in ("pairs", "eval_prompts", "eval_samples", "ppo_steps", "max_new_tokens"):
+            check_count(getattr(self, name), name, 1, allow_none=False)
+
+
+CONTROL_STAGES = ("ctl-pairs", "ctl-feedback", "ctl-preference-model", "ctl-ppo", "ctl-evaluation")
+"""The stages ``cai-control`` stores in ``<output>/stages/``, in order."""
+
+
+def control_prompts(task: str, split: str, n: int, data_dir: str | Path | None = None) -> list[str]:
+    """The first ``n`` prompts of a control task's split: control_prompts.jsonl (concision) or the red-team prompts
+    (harmlessness)."""
+    if task == "harmlessness":
+        return _prompts("course:red_team_prompts", split, n)
+    rows = [r["prompt"] for r in read_jsonl((Path(data_dir) if data_dir else DATA_DIR) / "constitution" /
+                                             "control_prompts.jsonl", ("id", "prompt", "split")) if r["split"] == split]
+    if n > len(rows):
+        raise ValueError(f"control_prompts.jsonl has {len(rows)} {split} prompts; asked for {n}. Lower the count.")
+    return rows[:n]
+
+
+def control_principles(task: str, split: str = "train", data_dir: str | Path | None = None,
+                       field: str = "principle") -> list[str]:
+    """The principles the judge reads for a control task (one split): ``field="principle"`` the comparison question
+    (multiple choice), ``"instruction"`` the same principle as an instruction (``LikelihoodJudge``)."""
+    if task == "harmlessness":
+        return [p["principle"] for p in load_constitution(split, data_dir).principles]
+    rows = read_jsonl((Path(data_dir) if data_dir else DATA_DIR) / "constitution" / "control_principles.jsonl",
+                      ("id", "task", "principle", "instruction", "split"))
+    return [r[field] for r in rows if r["split"] == split and r["task"] == task]
+
+
+class ControlOracle:
+    """A control task's oracle, higher is better: VADER's compound score (positivity), minus the word count
+    (concision) or 1 - P(harmful) from the independent scorer fitted on the hand-labelled train rows
+    (harmlessness)."""
+
+    def __init__(self, task: str):
+        self.task = task
+        self.scorer = Scorer().fit(eval_rows("train")) if task == "harmlessness" else None
+        if task == "positivity":
+            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+            self.vader = SentimentIntensityAnalyzer()
+
+    def __call__(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
+        if self.task == "positivity":
+            return [self.vader.polarity_scores(a)["compound"] for a in answers]
+        if self.scorer is None:
+            return [-float(word_count(a)) for a in answers]
+        harmful = self.scorer.predict(list(prompts), [a.strip() or "(no answer)" for a in answers])["harmful"]
+        return [1 - p for p in harmful]
+
+
+def run_control(config: CAIControlConfig | None = None, out: str | Path | None = None, progress: bool = True,
+                stop=None) -> dict:
+    """A CAI control, end to end: pairs of the policy's own answers, labels (the judge's or the oracle's), a
+    soft-label preference model, PPO, and the oracle's score of the initial and the PPO policy on held-out prompts,
+    with the paired effect and its bootstrap interval. Returns a JSON-ready dict (``out/control.json`` with
+    ``out``); resumable stage by stage (``CONTROL_STAGES``) as ``run_rl`` is."""
+    config = config or CAIControlConfig()
+    with _stage_store(out) as store:
+        result = _control_stages(config, store, progress, stop)
+    if out is not None:
+        from .training.checkpoint import atomic_write
+
+        atomic_write(Path(out) / "control.json", json.dumps(result, indent=1))
+    return result
+
+
+def _agreement(p: Sequence[float], s_first: Sequence[float], s_second: Sequence[float]) -> dict:
+    """How often a soft label picks the answer the oracle scores higher (pairs the oracle ties are left out)."""
+    keep = [i for i in range(len(p)) if s_first[i] != s_second[i]]
+    hits = sum((p[i] > 0.5) == (s_first[i] > s_second[i]) for i in keep)
+    return {"accuracy": hits / len(keep) if keep else None, "pairs": len(keep)}
+
+
+def _control_stages(config: CAIControlConfig, store, progress: bool, stop) -> dict:
+    from safetensors.torch import load_model as load_weights
+    from safetensors.torch import save_model as save_weights
+
+    from .evaluation import bootstrap_mean, paired_difference
+    from .feedback import MultipleChoiceJudge
+    from .models import load_model, reference_mode, with_lora
+    from .reward_backbones import load_reward_model
+    from .reward_model import RewardModelConfig, as_reward_function, pairwise_accuracy, train_reward_model
+    from .training.registry import make_trainer
+
+    t = time.perf_counter()
+    model, tok = load_model(config.model)
+    train = control_prompts(config.task, "train", config.pairs)
+    held = control_prompts(config.task, "test", config.eval_prompts)
+    oracle = ControlOracle(config.task)
+    gen = dict(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
+
+    def sample_pairs():
+        pairs = generate(model, tok, train, num_return_sequences=2, seed=config.seed + 3, **gen).responses
+        return {"first": pairs[0::2], "second": pairs[1::2], "seconds": time.perf_counter() - t}
+
+    sampled = store.run("ctl-pairs", sample_pairs, stop)
+    first, second = sampled["first"], sampled["second"]
+
+    def feedback():
+        t = time.perf_counter()
+        s1, s2 = oracle(train, first), oracle(train, second)
+        rng = random.Random(config.seed)
+        if config.labels == "ai":
+            likelihood = config.judge == "likelihood" and config.task != "harmlessness"
+            pool = control_principles(config.task, "train", field="instruction" if likelihood else "principle")
+            principles = [rng.choice(pool) for _ in train]
+            judge = (LikelihoodJudge(model, tok, config.judge_scale) if likelihood else MultipleChoiceJudge(model, tok))
+            out = judge.prefer_first(train, first, second, principles)
+            p = [float(x) for x in out["p"]]
+            readings = {"first_order": _agreement([float(x) for x in out["p_first_order"]], s1, s2),
+                        "swapped": _agreement([float(x) for x in out["p_swapped"]], s1, s2)}
+        else:
+            scale = config.length_scale if config.task == "concision" else 1.0     # VADER and P: in [-1, 1]
+            principles = [None] * len(train)
+            p, readings = [oracle_soft_label(a, b, scale) for a, b in zip(s1, s2)], {}
+        longer = [word_count(a) > word_count(b) for a, b in zip(first, second)]
+        differ = [i for i in range(len(p)) if word_count(first[i]) != word_count(second[i])]
+        rows = [{"prompt": q, "chosen": a, "rejected": b, "p": x, "principle": pr, "oracle": [o1, o2]}
+                for q, a, b, x, pr, o1, o2 in zip(train, first, second, p, principles, s1, s2)]
+        return {"pairs": rows, "label_vs_oracle": {"debiased": _agreement(p, s1, s2), **readings},
+                "prefers_longer": (sum((p[i] > 0.5) == longer[i] for i in differ) / len(differ)) if differ else None,
+                "seconds": time.perf_counter() - t}
+
+    fed = store.run("ctl-feedback", feedback, stop)
+
+    pm_config = RewardModelConfig.preset(config.pm_preset, epochs=config.pm_epochs, seed=config.seed)
+    pm = None
+    if store.done("ctl-preference-model"):
+        fitted = store.load("ctl-preference-model")
+    else:
+        t = time.perf_counter()
+        with store.stage("ctl-preference-model", result_of=lambda: fitted, stop=stop) as folder:
+            pm, pm_tok = load_reward_model(pm_config.model, seed=config.seed)
+            history = train_reward_model(pm, pm_tok, [{k: r[k] for k in ("prompt", "chosen", "rejected", "p")}
+                                                      for r in fed["pairs"]], pm_config, progress=progress)
+            hand = None
+            if config.task == "harmlessness":
+                hand = pairwise_accuracy(pm, pm_tok, [p for p in labelled_pairs(eval_rows("test"))
+                                                      if p["kind"] == "red_team"])["accuracy"]
+            fitted = {"pm_history": history, "pm_accuracy_on_hand_labels": hand, "seconds": time.perf_counter() - t}
+            save_weights(pm, str(folder / "preference_model.safetensors"))
+    if pm is None:
+        pm, pm_tok = load_reward_model(pm_config.model, seed=config.seed)
+        load_weights(pm, str(store.path("ctl-preference-model") / "preference_model.safetensors"),
+                     device=str(next(pm.parameters()).device))
+    pm.eval()
+
+    if store.done("ctl-ppo"):
+        tuned = store.load("ctl-ppo")
+        with torch.random.fork_rng(devices=[]):
+            policy = with_lora(model)
+        _load_adapter(policy, store.path("ctl-ppo") / "adapter")
+    else:
+        t = time.perf_counter()
+        with store.stage("ctl-ppo", result_of=lambda: tuned, stop=stop) as folder:
+            policy = with_lora(model)                    # the reference (adapter off) is the initial model
+            trainer = make_trainer("ppo", policy, tok, as_reward_function(pm, pm_tok), train, config.ppo_preset,
+                                   config.ppo_steps, max_new_tokens=config.max_new_tokens, seed=config.seed)
+            tuned = {"ppo_history": trainer.train(progress=progress), "seconds": time.perf_counter() - t}
+            policy.save_pretrained(folder / "adapter")
+
+    def evaluation():
+        t = time.perf_counter()
+        k = config.eval_samples
+        policy.eval()
+        with reference_mode(policy):
+            before = generate(policy, tok, held, num_return_sequences=k, seed=config.seed + 1, **gen).responses
+        after = generate(policy, tok, held, num_return_sequences=k, seed=config.seed + 1, **gen).responses
+        rep = [q for q in held for _ in range(k)]
+        per_prompt = lambda s: [sum(s[i * k:(i + 1) * k]) / k for i in range(len(held))]   # noqa: E731
+        o_before, o_after = per_prompt(oracle(rep, before)), per_prompt(oracle(rep, after))
+        r_before = per_prompt(as_reward_function(pm, pm_tok)(rep, before).tolist())
+        r_after = per_prompt(as_reward_function(pm, pm_tok)(rep, after).tolist())
+        # the preference model against the oracle on held-out pairs: the initial policy's two answers per prompt
+        scores = oracle(rep, before)
+        pairs = [{"prompt": held[i], "chosen": before[i * k + (scores[i * k] < scores[i * k + 1])],
+                  "rejected": before[i * k + (scores[i * k] >= scores[i * k + 1])]}
+                 for i in range(len(held)) if k >= 2 and scores[i * k] != scores[i * k + 1]]
+        pm_oracle = pairwise_accuracy(pm, pm_tok, pairs)["accuracy"] if pairs else None
+        ci = lambda x: dataclasses.asdict(bootstrap_mean(x, n_boot=config.n_boot, seed=config.seed))  # noqa: E731
+        return {"oracle": {"initial": ci(o_before), "ppo": ci(o_after),
+                           "effect": dataclasses.asdict(paired_difference(o_after, o_before, n_boot=config.n_boot,
+                                                                          seed=config.seed))},
+                "preference_model": {"initial": ci(r_before), "ppo": ci(r_after)},
+                "words": {"initial": sum(map(word_count, before)) / len(before),
+                          "ppo": sum(map(word_count, after)) / len(after)},
+                "pm_accuracy_vs_oracle_held_out": {"accuracy": pm_oracle, "pairs": len(pairs)},
+                "answers": {"prompts": held, "initial": before, "ppo": after}, "seconds": time.perf_counter() - t}
+
+    evaluated = store.run("ctl-evaluation", evaluation)
+    effect = evaluated["oracle"]["effect"]
+    return {"task": config.task, "labels": config.labels,
+            "oracle": {"positivity": "VADER compound", "concision": "minus the word count",
+                       "harmlessness": "1 - scorer P(harmful)"}[config.task],
+            "effect": effect, "effect_excludes_zero": effect["low"] > 0 or effect["high"] < 0,
+            "label_vs_oracle": fed["label_vs_oracle"], "labels_prefer_longer": fed["prefers_longer"],
+            "pm_accuracy_on_hand_labels": fitted["pm_accuracy_on_hand_labels"],
+            "evaluation": evaluated, "pairs": fed["pairs"], "pm_history": fitted["pm_history"],
+            "ppo_history": tuned["ppo_history"],
+            "config": {k: getattr(config, k) for k in config.__dataclass_fields__},
+            "timings": {"pairs_s": sampled["seconds"], "feedback_s": fed["seconds"],
+                        "preference_model_s": fitted["seconds"], "ppo_s": tuned["seconds"],
+                        "evaluation_s": evaluated["seconds"]}}

@@ -242,3 +242,86 @@ def test_both_stages_end_to_end_on_the_tiny_model(tmp_path, capsys):
 def test_cai_rl_needs_the_sl_stage_first(tmp_path):
     with pytest.raises(FileNotFoundError, match="cai-sl"):
         main(["cai-rl", "--model", "tiny-random", "--output", str(tmp_path)])
+
+
+# ---------------------------------------------------------------- the paper's recipes as defaults; the controls
+
+@pytest.mark.unit
+def test_sl_data_has_one_pair_per_round_by_default_and_the_final_revision_as_an_option():
+    rows = cai.critique_and_revise(FakeCritic(), ["q1", "empty"], ["bad", "bad"], constitution(), rounds=2, seed=0)
+    assert cai.CAIConfig().sl_all_rounds is True                           # the paper's recipe is the default
+    every = cai.sft_examples(rows[0])
+    assert [e["response"] for e in every] == ["fixed bad", "fixed fixed bad"] and {e["prompt"] for e in every} == {"q1"}
+    assert cai.sft_examples(rows[0], all_rounds=False) == [{"prompt": "q1", "response": "fixed fixed bad"}]
+    # a prompt whose every revision came out empty gives one pair with the text it ends with, in both modes
+    assert cai.sft_examples(rows[1]) == cai.sft_examples(rows[1], all_rounds=False) == [{"prompt": "empty",
+                                                                                         "response": "bad"}]
+    assert "CRITIQUE" not in json.dumps(every)
+
+
+@pytest.mark.unit
+def test_feedback_template_is_few_shot_where_the_judge_module_has_it(monkeypatch):
+    from alignlib import feedback
+
+    assert cai.feedback_template(False) == (feedback.COMPARISON, "zero-shot")
+    monkeypatch.setattr(feedback, "load_feedback_examples", lambda: ["ex"], raising=False)
+    monkeypatch.setattr(feedback, "few_shot_template", lambda ex: "SHOTS " + feedback.COMPARISON, raising=False)
+    assert cai.feedback_template(True) == ("SHOTS " + feedback.COMPARISON, "few-shot")
+    monkeypatch.delattr(feedback, "few_shot_template")
+    template, name = cai.feedback_template(True)
+    assert template == feedback.COMPARISON and "not available" in name      # says so when it falls back
+
+
+@pytest.mark.unit
+def test_control_config_data_and_oracle_labels():
+    with pytest.raises(ValueError, match="task"):
+        cai.CAIControlConfig(task="tone")
+    with pytest.raises(ValueError, match="labels"):
+        cai.CAIControlConfig(labels="human")
+    with pytest.raises(ValueError, match="judge"):
+        cai.CAIControlConfig(judge="vibes")
+    with pytest.raises(ValueError, match="eval_prompts"):
+        cai.CAIControlConfig(eval_prompts=0)
+    train, test = cai.control_prompts("concision", "train", 63), cai.control_prompts("concision", "test", 48)
+    assert not set(train) & set(test)                                      # held-out prompts are unseen
+    with pytest.raises(ValueError, match="test prompts"):
+        cai.control_prompts("concision", "test", 49)
+    for task in ("positivity", "concision"):
+        assert cai.control_principles(task, "train") and cai.control_principles(task, "test")
+        assert len(cai.control_principles(task, "train", field="instruction")) == len(cai.control_principles(task))
+    assert cai.ControlOracle("positivity")(["q", "q"], ["What a lovely, happy day!", "This is awful."])[0] > 0.5
+    assert cai.oracle_soft_label(-10, -30, 20) == 1.0 and cai.oracle_soft_label(-30, -10, 20) == 0.0
+    assert cai.oracle_soft_label(0.7, 0.6, 1.0) == pytest.approx(0.55)
+    assert cai.ControlOracle("concision")(["q", "q"], ["one two three", "one"]) == [-3.0, -1.0]
+    assert cai._agreement([0.9, 0.2, 0.6], [-1, -5, -2], [-3, -1, -2]) == {"accuracy": 1.0, "pairs": 2}
+
+
+@pytest.mark.pipeline
+def test_cai_control_end_to_end_and_resumed_on_the_tiny_model(tmp_path, capsys):
+    args = ["cai-control", "--model", "tiny-random", "--pairs", "4", "--eval-prompts", "3", "--ppo-steps", "1",
+            "--pm-epochs", "1", "--max-new-tokens", "8", "--n-boot", "50", "--output", str(tmp_path)]
+    main(args)
+    out = json.loads((tmp_path / "control.json").read_text())
+    assert len(out["pairs"]) == 4 and all(0 <= p["p"] <= 1 and p["principle"] for p in out["pairs"])
+    ev = out["evaluation"]
+    assert len(ev["answers"]["initial"]) == len(ev["answers"]["ppo"]) == 6    # 3 prompts x 2 samples
+    effect = ev["oracle"]["effect"]
+    assert effect["mean"] == pytest.approx(ev["oracle"]["ppo"]["mean"] - ev["oracle"]["initial"]["mean"])
+    assert effect["low"] <= effect["mean"] <= effect["high"] and len(out["ppo_history"]) == 1
+    assert "effect" in capsys.readouterr().out
+    main(args + ["--resume"])                                                # every stage read back: same result
+    again = json.loads((tmp_path / "control.json").read_text())
+    assert again["evaluation"]["oracle"] == ev["oracle"] and again["pairs"] == out["pairs"]
+
+
+@pytest.mark.unit
+def test_likelihood_judge_is_symmetric_in_the_order(tiny):
+    model, tok = tiny
+    judge = cai.LikelihoodJudge(model, tok, scale=0.1)
+    q, a, b = ["Describe rain."] * 2, ["It is lovely.", "Grey and sad."], ["Grey and sad.", "It is lovely."]
+    out = judge.prefer_first(q, a, b, "Answer cheerfully.")
+    assert torch.allclose(out["p"][0], 1 - out["p"][1], atol=1e-5)          # swapping the pair gives 1 - p
+    same = judge.prefer_first(q[:1], a[:1], a[:1], "Answer cheerfully.")
+    assert same["p"].item() == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="principles"):
+        judge.prefer_first(q, a, b, ["one"])

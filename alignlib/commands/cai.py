@@ -6,6 +6,9 @@ cai-sl refuses an earlier run unless ``--resume`` continues it or ``--overwrite`
 finished cai-sl run with its settings. Every stage is stored as it finishes (``cai.SL_STAGES``, ``cai.RL_STAGES``);
 SIGINT/SIGTERM stops the command after the running stage (exit status 128 + the signal; a second signal stops at
 once), and the same command with ``--resume`` continues it to the result an uninterrupted run gives.
+
+``python -m alignlib cai-control`` runs a CAI control (``cai.run_control``: AI or oracle labels on the policy's
+own pairs, preference model, PPO, oracle effect on held-out prompts) in its own run directory, the same way.
 """
 from __future__ import annotations
 
@@ -15,8 +18,9 @@ from pathlib import Path
 
 from .args import add_config_arguments, add_shared, config_overrides, count, module_literal
 
-RL_IDENTITY = ("human_pairs", "feedback_model", "feedback_cot_tokens", "feedback", "human_helpful_pairs", "pm_preset",
-               "pm_epochs", "ppo_steps", "ppo_preset", "eval_red_team", "eval_helpful")
+RL_IDENTITY = ("human_pairs", "feedback_model", "feedback_cot_tokens", "feedback_few_shot", "feedback",
+               "human_helpful_pairs", "pm_preset", "pm_epochs", "ppo_steps", "ppo_preset", "eval_red_team",
+               "eval_helpful")
 """The settings cai-rl adds to a CAI run's identity; every other ``CAIConfig`` field (with the preset) is cai-sl's."""
 
 
@@ -121,6 +125,47 @@ def run(args, stage: str) -> dict:
                   f"Elo harmlessness {ev['elo']['harmlessness'][name][0]:+.0f}  "
                   f"helpfulness {ev['elo']['helpfulness'][name][0]:+.0f}")
         print(f"wrote {out / 'rl.json'}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def add_control_arguments(parser) -> None:
+    """``cai-control``'s flags: the shared ones and one per ``CAIControlConfig`` field."""
+    add_shared(parser, "preset", "seed", "threads", "output", "resume", "overwrite", "json", "config",
+               output="runs/cai-control")
+    add_config_arguments(parser, "alignlib.cai", "CAIControlConfig")
+
+
+def run_control(args) -> dict:
+    """``python -m alignlib cai-control``: a CAI control (``cai.run_control``) in its own run directory, under the
+    run protocol (claimed before any model loads, stages stored, ``--resume``); print the effect."""
+    from ..cai import CONTROL_STAGES, CAIControlConfig
+    from ..cai import run_control as run_stages
+    from ..training.checkpoint import check_json_path, prepare_output
+    from ..training.loop import staged_run
+    from ..utils import set_threads
+
+    if args.threads:
+        set_threads(args.threads)
+    config = CAIControlConfig.preset(args.preset, **{"seed": args.seed, **config_overrides(args)})
+    if args.json:
+        check_json_path(args.json)
+    identity = {"method": "cai-control", "preset": args.preset,
+                **json.loads(json.dumps(vars(config), default=str))}
+    out = prepare_output(args.output, resume=args.resume, overwrite=args.overwrite, identity=identity)
+    with staged_run("cai-control", out, CONTROL_STAGES) as stop:
+        result = run_stages(config, out=out, stop=stop)
+    ev, effect = result["evaluation"], result["effect"]
+    agree = result["label_vs_oracle"]["debiased"]
+    print(f"{config.task} with {config.labels} labels: labels agree with the oracle on {agree['accuracy']} of "
+          f"{agree['pairs']} training pairs (ties left out); PM vs oracle on held-out pairs "
+          f"{ev['pm_accuracy_vs_oracle_held_out']}")
+    print(f"oracle ({result['oracle']}) initial {ev['oracle']['initial']['mean']:+.3f}, "
+          f"PPO {ev['oracle']['ppo']['mean']:+.3f}"
+          f"; effect {effect['mean']:+.3f} [{effect['low']:+.3f}, {effect['high']:+.3f}]; words "
+          f"{ev['words']['initial']:.1f} -> {ev['words']['ppo']:.1f}; wrote {out / 'control.json'}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1))
