@@ -37,6 +37,7 @@ against an oracle (hand labels, word counts, VADER, a regular expression) before
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -97,6 +98,8 @@ class MultipleChoiceJudge:
     """Chain of thought: tokens of reasoning written before the answer letter (0: none)."""
     clamp: tuple | None = None
     """Bounds (low, high) for each order's reading, e.g. (0.4, 0.6) with chain of thought (None: no bounds)."""
+    shared_prefix_tokens: int = 64
+    """Prompts sharing at least this many first tokens (few-shot examples) encode them once; 0: never."""
 
     def __post_init__(self):
         ids = [self.tokenizer(letter, add_special_tokens=False).input_ids for letter in self.letters]
@@ -106,15 +109,48 @@ class MultipleChoiceJudge:
 
     @torch.no_grad()
     def option_logprobs(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Next-token log-probabilities of the letters after each prompt: (B, len(letters))."""
+        """Next-token log-probabilities of the letters after each prompt: (B, len(letters)). Prompts that share a
+        long beginning (a few-shot prefix) encode it once (``shared_prefix_logprobs``)."""
         if isinstance(prompts, str) or not prompts:
             raise ValueError("prompts must be a non-empty list of strings.")
         device = next(self.model.parameters()).device
+        if self.shared_prefix_tokens and len(prompts) > 1:
+            rows = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+            shared = 0
+            while (shared < min(len(r) for r in rows) - 1
+                   and all(r[shared] == rows[0][shared] for r in rows)):
+                shared += 1
+            if shared >= self.shared_prefix_tokens:
+                return self.shared_prefix_logprobs(rows, shared, device)
         out = []
         for i in range(0, len(prompts), self.batch_size):   # left-padded, no special tokens added (chat=True)
             ids, mask = tokenize_prompts(self.tokenizer, list(prompts[i:i + self.batch_size]), True, device)
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                                 logits_to_keep=1).logits[:, -1].float()                    # (b, V)
+            out.append(logits.log_softmax(-1)[:, self.letter_ids.to(device)].cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def shared_prefix_logprobs(self, rows: list[list[int]], shared: int, device) -> torch.Tensor:
+        """The letters' log-probabilities after token ``rows`` whose first ``shared`` tokens are the same: their keys
+        and values are computed once and every row's rest attends to them (as ``prefix_cache.PrefixCache`` does;
+        equal to a full recompute up to float rounding). The rests are left-padded, their positions continuing the
+        prefix's, so the last column is every row's last token."""
+        prefix = torch.tensor([rows[0][:shared]], device=device)
+        cache = self.model(input_ids=prefix, use_cache=True, logits_to_keep=1).cache
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        out = []
+        for i in range(0, len(rows), self.batch_size):
+            rests = [r[shared:] for r in rows[i:i + self.batch_size]]
+            b, width = len(rests), max(len(r) for r in rests)
+            ids = torch.tensor([[pad] * (width - len(r)) + r for r in rests], device=device)         # (b, S)
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rests], device=device)
+            batch_cache = copy.deepcopy(cache)
+            batch_cache.batch_repeat_interleave(b)
+            attention = torch.cat([torch.ones(b, shared, dtype=mask.dtype, device=device), mask], 1)
+            positions = shared + (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = self.model(input_ids=ids, attention_mask=attention, cache=batch_cache, position_ids=positions,
+                                use_cache=True, logits_to_keep=1).logits[:, -1].float()          # (b, V)
             out.append(logits.log_softmax(-1)[:, self.letter_ids.to(device)].cpu())
         return torch.cat(out)
 

@@ -97,9 +97,18 @@ def test_few_shot_judge_keeps_the_symmetry(tiny):
     from alignlib.feedback import few_shot_template
 
     model, tok = tiny
-    judge = MultipleChoiceJudge(model, tok, template=few_shot_template(EXAMPLES))
+    judge = MultipleChoiceJudge(model, tok, template=few_shot_template(EXAMPLES), batch_size=3)
     ab, ba = judge.prefer_first(Q, A, B, "Which is shorter?"), judge.prefer_first(Q, B, A, "Which is shorter?")
     torch.testing.assert_close(ab["p"] + ba["p"], torch.ones(2))
+    # the shared few-shot prefix encoded once gives the full recompute's readings
+    prompts = [judge.template.format(question=q, principle="P", first=a, second=b) for q, a, b in zip(Q, A, B)] * 2
+    calls, encode = [], judge.shared_prefix_logprobs
+    judge.shared_prefix_logprobs = lambda rows, shared, device: calls.append(shared) or encode(rows, shared, device)
+    cached = judge.option_logprobs(prompts)
+    assert calls and calls[0] >= judge.shared_prefix_tokens                       # the prefix was encoded once
+    full = MultipleChoiceJudge(model, tok, template=judge.template, shared_prefix_tokens=0).option_logprobs(prompts)
+    torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(cached[0], cached[1])
 
 
 # ---------------------------------------------------------------- True/False

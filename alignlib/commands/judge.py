@@ -74,6 +74,7 @@ def run(args) -> dict:
         for set_name, rows in validate_judge({name: judge}, sets, n_boot=args.n_boot, seed=args.seed).items():
             results[set_name].update(rows)
         seconds[name] = round(time.perf_counter() - start, 1)
+        print(f"{name}: {sum(len(v) for v in sets.values())} pairs in {seconds[name]:.1f} s", flush=True)
     table = []
     for set_name, by_judge in results.items():
         for label, judge_name, reading in FORMATS:
