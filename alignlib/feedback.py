@@ -23,14 +23,28 @@ With ``cot_tokens`` the judge first reasons: the prompt's last line becomes "Let
 writes up to ``cot_tokens`` tokens (greedy, cut at the first blank line), and "So the answer is: (" follows; as in
 the paper, such readings are overconfident, so ``clamp=(0.4, 0.6)`` can bound each one. Any causal language model can be
 the feedback model: the default model, the policy itself, or a Hub model on a lab GPU.
+
+**Labelled few-shot examples.** The paper prepends worked comparisons, each with its answer letter, to the
+question (``few_shot_template``; ``load_feedback_examples`` reads the course's harmlessness examples).
+
+**True/False.** ``TrueFalseJudge`` shows each response alone and reads p(True) for a statement of the principle
+("The response is safe and responsible."), renormalised over the two words; the two readings give p(first better)
+as the sigmoid of their logit difference (below). It has no order, so no position bias; it still has any bias the
+model has towards one of the words, which cancels in the difference.
+
+A judge is only as good as its reading of the principle: ``alignlib.judge_validation`` measures each format
+against an oracle (hand labels, word counts, VADER, a regular expression) before the labels are used.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from .data import DATA_DIR, read_jsonl
 from .generation import tokenize_prompts
 from .logprobs import position_ids_from_mask
 
@@ -54,6 +68,18 @@ def soft_labels(logp_first_order: torch.Tensor, logp_swapped: torch.Tensor) -> d
     return {"p": 0.5 * (p_first_order + p_swapped), "p_first_order": p_first_order, "p_swapped": p_swapped}
 
 
+def _check_batch(questions, first, second, principles) -> list[str]:
+    """One principle per question (a single string is repeated), after checking that the lists align."""
+    n = len(questions)
+    if not n or len(first) != n or len(second) != n:
+        raise ValueError(f"questions ({n}), first ({len(first)}) and second ({len(second)}) must be non-empty "
+                         "and of the same length.")
+    principles = [principles] * n if isinstance(principles, str) else list(principles)
+    if len(principles) != n:
+        raise ValueError(f"{len(principles)} principles for {n} questions: give one, or one per question.")
+    return principles
+
+
 COMPARISON = ("Consider the following question and two possible responses.\n\nQuestion: {question}\n\n"
               "{principle}\nOptions:\n(A) {first}\n(B) {second}\nThe answer is: (")
 
@@ -72,6 +98,8 @@ class MultipleChoiceJudge:
     """Chain of thought: tokens of reasoning written before the answer letter (0: none)."""
     clamp: tuple | None = None
     """Bounds (low, high) for each order's reading, e.g. (0.4, 0.6) with chain of thought (None: no bounds)."""
+    shared_prefix_tokens: int = 64
+    """Prompts sharing at least this many first tokens (few-shot examples) encode them once; 0: never."""
 
     def __post_init__(self):
         ids = [self.tokenizer(letter, add_special_tokens=False).input_ids for letter in self.letters]
@@ -81,15 +109,48 @@ class MultipleChoiceJudge:
 
     @torch.no_grad()
     def option_logprobs(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Next-token log-probabilities of the letters after each prompt: (B, len(letters))."""
+        """Next-token log-probabilities of the letters after each prompt: (B, len(letters)). Prompts that share a
+        long beginning (a few-shot prefix) encode it once (``shared_prefix_logprobs``)."""
         if isinstance(prompts, str) or not prompts:
             raise ValueError("prompts must be a non-empty list of strings.")
         device = next(self.model.parameters()).device
+        if self.shared_prefix_tokens and len(prompts) > 1:
+            rows = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+            shared = 0
+            while (shared < min(len(r) for r in rows) - 1
+                   and all(r[shared] == rows[0][shared] for r in rows)):
+                shared += 1
+            if shared >= self.shared_prefix_tokens:
+                return self.shared_prefix_logprobs(rows, shared, device)
         out = []
         for i in range(0, len(prompts), self.batch_size):   # left-padded, no special tokens added (chat=True)
             ids, mask = tokenize_prompts(self.tokenizer, list(prompts[i:i + self.batch_size]), True, device)
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                                 logits_to_keep=1).logits[:, -1].float()                    # (b, V)
+            out.append(logits.log_softmax(-1)[:, self.letter_ids.to(device)].cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def shared_prefix_logprobs(self, rows: list[list[int]], shared: int, device) -> torch.Tensor:
+        """The letters' log-probabilities after token ``rows`` whose first ``shared`` tokens are the same: their keys
+        and values are computed once and every row's rest attends to them (as ``prefix_cache.PrefixCache`` does;
+        equal to a full recompute up to float rounding). The rests are left-padded, their positions continuing the
+        prefix's, so the last column is every row's last token."""
+        prefix = torch.tensor([rows[0][:shared]], device=device)
+        cache = self.model(input_ids=prefix, use_cache=True, logits_to_keep=1).cache
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        out = []
+        for i in range(0, len(rows), self.batch_size):
+            rests = [r[shared:] for r in rows[i:i + self.batch_size]]
+            b, width = len(rests), max(len(r) for r in rests)
+            ids = torch.tensor([[pad] * (width - len(r)) + r for r in rests], device=device)         # (b, S)
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rests], device=device)
+            batch_cache = copy.deepcopy(cache)
+            batch_cache.batch_repeat_interleave(b)
+            attention = torch.cat([torch.ones(b, shared, dtype=mask.dtype, device=device), mask], 1)
+            positions = shared + (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = self.model(input_ids=ids, attention_mask=attention, cache=batch_cache, position_ids=positions,
+                                use_cache=True, logits_to_keep=1).logits[:, -1].float()          # (b, V)
             out.append(logits.log_softmax(-1)[:, self.letter_ids.to(device)].cpu())
         return torch.cat(out)
 
@@ -101,13 +162,7 @@ class MultipleChoiceJudge:
                      principles: Sequence[str] | str) -> dict:
         """Soft labels p(first better), both orders averaged: ``p`` (B,), and each order's reading
         ``p_first_order`` = p_A(first, second) and ``p_swapped`` = p_B(second, first)."""
-        n = len(questions)
-        if not n or len(first) != n or len(second) != n:
-            raise ValueError(f"questions ({n}), first ({len(first)}) and second ({len(second)}) must be non-empty "
-                             "and of the same length.")
-        principles = [principles] * n if isinstance(principles, str) else list(principles)
-        if len(principles) != n:
-            raise ValueError(f"{len(principles)} principles for {n} questions: give one, or one per question.")
+        n, principles = len(questions), _check_batch(questions, first, second, principles)
         fill = lambda a, b: [self.template.format(question=q, principle=p, first=x, second=y)  # noqa: E731
                              for q, p, x, y in zip(questions, principles, a, b)]
         prompts = fill(first, second) + fill(second, first)
@@ -132,3 +187,103 @@ class MultipleChoiceJudge:
         thoughts = generate(self.model, self.tokenizer, heads, max_new_tokens=self.cot_tokens, do_sample=False,
                             chat=False, batch_size=self.batch_size).responses
         return [h + " " + t.strip().split("\n\n")[0].strip() + "\nSo the answer is: (" for h, t in zip(heads, thoughts)]
+
+
+# ---------------------------------------------------------------- labelled few-shot examples (the paper's prefix)
+
+EXAMPLE_FIELDS = ("question", "principle", "first", "second", "answer")
+
+
+def few_shot_template(examples: Sequence[dict], template: str = COMPARISON) -> str:
+    """A template with the same fields as ``template`` whose prefix holds the worked ``examples``.
+
+    Each example is a dict ``{"question", "principle", "first", "second", "answer": "A" | "B"}``; it is written as
+    ``template`` filled in, followed by its answer letter (and ``)`` when the template ends with ``(``), and the
+    examples are separated by blank lines. Braces in the examples are doubled, so the result can be filled with
+    ``.format`` as ``template`` is; pass it as ``MultipleChoiceJudge(..., template=...)``. No examples: ``template``.
+    """
+    if isinstance(examples, dict) or isinstance(examples, str):
+        raise ValueError("examples must be a list of dicts with the fields " + ", ".join(EXAMPLE_FIELDS) + ".")
+    shots = []
+    for i, ex in enumerate(examples):
+        missing = [k for k in EXAMPLE_FIELDS if k not in ex]
+        if missing:
+            raise ValueError(f"examples[{i}] lacks {missing}: each example needs {', '.join(EXAMPLE_FIELDS)}.")
+        if ex["answer"] not in ("A", "B"):
+            raise ValueError(f"examples[{i}]['answer'] is {ex['answer']!r}: write 'A' or 'B'.")
+        filled = template.format(**{k: ex[k] for k in EXAMPLE_FIELDS[:4]})
+        shots.append(filled + ex["answer"] + (")" if template.endswith("(") else ""))
+    if not shots:
+        return template
+    prefix = "\n\n".join(shots) + "\n\n"
+    return prefix.replace("{", "{{").replace("}", "}}") + template
+
+
+def load_feedback_examples(k: int | None = None, split: str = "train", data_dir=None) -> list[dict]:
+    """Labelled harmlessness comparisons for ``few_shot_template``, from the course's critique-revision examples
+    (``data/constitution/few_shot.jsonl``): each risky request with its harmful first reply against its revision,
+    under one of the comparison principles of the same split (in turn). The better reply is (A) in even examples and
+    (B) in odd ones, so the prefix teaches no letter. None of these requests is in the evaluation set."""
+    root = Path(data_dir) if data_dir is not None else DATA_DIR
+    rows = [r for r in read_jsonl(root / "constitution" / "few_shot.jsonl", ("prompt", "response", "revision", "split"))
+            if r["split"] == split]
+    principles = [r["principle"] for r in read_jsonl(root / "constitution" / "comparison_principles.jsonl",
+                                                      ("principle", "split")) if r["split"] == split]
+    if not rows or not principles:
+        raise ValueError(f"no few-shot examples or principles of split {split!r}: use 'train' or 'test'.")
+    if k is not None and k < 0:
+        raise ValueError(f"k must be >= 0 (or None for all), got {k}.")
+    out = []
+    for i, r in enumerate(rows[:k] if k is not None else rows):
+        good, bad = r["revision"], r["response"]
+        out.append({"question": r["prompt"], "principle": principles[i % len(principles)],
+                    "first": good if i % 2 == 0 else bad, "second": bad if i % 2 == 0 else good,
+                    "answer": "A" if i % 2 == 0 else "B"})
+    return out
+
+
+# ---------------------------------------------------------------- True/False: each response alone
+
+TRUE_FALSE = ("Consider the following question and a response.\n\nQuestion: {question}\n\nResponse: {response}\n\n"
+              "True or false: {principle}\nAnswer:")
+
+
+@dataclass
+class TrueFalseJudge(MultipleChoiceJudge):
+    """Each response asked alone whether it follows the principle, read from p(True) against p(False).
+
+    ``template`` has ``{question}``, ``{response}`` and ``{principle}`` and ends where the word goes; the principle
+    is a statement about one response ("The response ends with a question to the user."). With r = p(True) /
+    (p(True) + p(False)) for each response, ``p`` = p(first better) = sigmoid(logit r_first - logit r_second), the
+    Bradley-Terry probability of the two readings (Bradley & Terry 1952): exactly 1/2 for identical responses and
+    1 - p when they are swapped. A word stands for its first token; the first tokens must differ (SmolLM2's
+    " True" and " False" are single tokens; a character tokenizer needs ``words=("True", "False")``)."""
+
+    template: str = TRUE_FALSE
+    letters: tuple = (" True", " False")
+    principle_field = "statement"
+    """The field of a validation pair this judge reads as its principle (a statement, not a comparison)."""
+
+    def __post_init__(self):
+        if self.cot_tokens or self.clamp is not None:
+            raise ValueError("TrueFalseJudge has no chain of thought or clamp: leave cot_tokens=0 and clamp=None.")
+        ids = [self.tokenizer(w, add_special_tokens=False).input_ids[:1] for w in self.letters]
+        if len(self.letters) != 2 or any(not i for i in ids) or ids[0] == ids[1]:
+            raise ValueError(f"letters {self.letters} must be two words whose first tokens differ for this tokenizer, "
+                             "e.g. (' True', ' False') or ('True', 'False').")
+        self.letter_ids = torch.tensor([i[0] for i in ids])
+
+    def p_true(self, questions: Sequence[str], responses: Sequence[str], principles: Sequence[str]) -> torch.Tensor:
+        """p(True) renormalised over the two words, one per response: (B,)."""
+        prompts = [self.template.format(question=q, response=r, principle=p)
+                   for q, r, p in zip(questions, responses, principles)]
+        return self.option_logprobs(prompts).softmax(-1)[:, 0]
+
+    def prefer_first(self, questions: Sequence[str], first: Sequence[str], second: Sequence[str],
+                     principles: Sequence[str] | str) -> dict:
+        """``p`` (B,) = sigmoid(logit r_first - logit r_second); the readings ``p_true_first``, ``p_true_second``."""
+        n, principles = len(questions), _check_batch(questions, first, second, principles)
+        r = self.p_true(list(questions) * 2, list(first) + list(second), principles * 2).double()
+        logit = torch.logit(r.clamp(1e-12, 1 - 1e-12))
+        p = torch.sigmoid(logit[:n] - logit[n:]).float()
+        return {"p": p, "p_true_first": r[:n].float(), "p_true_second": r[n:].float()}

@@ -118,6 +118,8 @@ COMMANDS: dict[str, Command] = {
     "self-align": Command("SELF-ALIGN's four stages, filters and evaluation (lecture 06)",
                           _from("alignlib.commands.self_align", "add_arguments"),
                           _from("alignlib.commands.self_align", "run")),
+    "judge-check": Command("feedback judges against oracles: accuracy per principle and format (lecture 05)",
+                           _from("alignlib.commands.judge", "add_arguments"), _from("alignlib.commands.judge", "run")),
     "bench": Command("throughput, GFLOP/s and memory on this machine",
                      _from(BENCH_FLAGS, "bench_arguments"), _from("alignlib.bench.throughput", "run")),
     "gpu-check": Command("GPU tokens/s and MFU of SFT, RRHF and PPO steps and rollouts, 0.5B model",
