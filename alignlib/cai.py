@@ -476,8 +476,9 @@ class CAIConfig(PresetMixin):
     [0.4, 0.6] as in the paper."""
     feedback_few_shot: bool = True
     """AI feedback with labelled few-shot comparisons before the question, as in the paper: the template of
-    ``feedback.few_shot_template(feedback.load_feedback_examples())`` where this alignlib has it (the result
-    records which template ran); False: the zero-shot (A)/(B) question (``feedback.COMPARISON``)."""
+    ``feedback.few_shot_template(feedback.load_feedback_examples(FEEDBACK_SHOTS))``, the setup ``judge-check``
+    validates (the result records which template ran); False: the zero-shot (A)/(B) question
+    (``feedback.COMPARISON``)."""
     feedback: str = "both"
     """RL-CAI's harmlessness labels: ``multiple-choice`` (the slides'), ``contrastive`` (labelled by construction)
     or ``both``."""
@@ -523,14 +524,18 @@ class CAIConfig(PresetMixin):
             check_count(getattr(self, name), name, minimum, allow_none=False)
 
 
+FEEDBACK_SHOTS = 3
+"""Labelled comparisons before each AI-feedback question (``judge-check --shots`` validates the same number)."""
+
+
 def feedback_template(few_shot: bool) -> tuple[str, str]:
-    """The judge's question template and its name: labelled few-shot comparisons before the question (the paper's
-    recipe) when ``few_shot`` and ``feedback.few_shot_template`` exists, else the zero-shot ``COMPARISON``."""
+    """The judge's question template and its name: ``FEEDBACK_SHOTS`` labelled comparisons before the question (the
+    paper's recipe) when ``few_shot``, else the zero-shot ``COMPARISON``."""
     from . import feedback
 
-    if few_shot and hasattr(feedback, "few_shot_template") and hasattr(feedback, "load_feedback_examples"):
-        return feedback.few_shot_template(feedback.load_feedback_examples()), "few-shot"
-    return feedback.COMPARISON, "zero-shot" + (" (feedback.few_shot_template not available)" if few_shot else "")
+    if few_shot:
+        return feedback.few_shot_template(feedback.load_feedback_examples(FEEDBACK_SHOTS)), "few-shot"
+    return feedback.COMPARISON, "zero-shot"
 
 
 def _prompts(spec: str, split: str, n: int) -> list[str]:

@@ -260,16 +260,16 @@ def test_sl_data_has_one_pair_per_round_by_default_and_the_final_revision_as_an_
 
 
 @pytest.mark.unit
-def test_feedback_template_is_few_shot_where_the_judge_module_has_it(monkeypatch):
+def test_feedback_template_holds_the_labelled_examples_the_judge_check_validates():
     from alignlib import feedback
 
     assert cai.feedback_template(False) == (feedback.COMPARISON, "zero-shot")
-    monkeypatch.setattr(feedback, "load_feedback_examples", lambda: ["ex"], raising=False)
-    monkeypatch.setattr(feedback, "few_shot_template", lambda ex: "SHOTS " + feedback.COMPARISON, raising=False)
-    assert cai.feedback_template(True) == ("SHOTS " + feedback.COMPARISON, "few-shot")
-    monkeypatch.delattr(feedback, "few_shot_template")
     template, name = cai.feedback_template(True)
-    assert template == feedback.COMPARISON and "not available" in name      # says so when it falls back
+    examples = feedback.load_feedback_examples(cai.FEEDBACK_SHOTS)
+    assert name == "few-shot" and template == feedback.few_shot_template(examples)
+    assert template.endswith(feedback.COMPARISON) and all(e["first"] in template for e in examples)
+    filled = template.format(question="Q?", principle="P", first="one", second="two")
+    assert filled.endswith("(A) one\n(B) two\nThe answer is: (")
 
 
 @pytest.mark.unit
