@@ -2,7 +2,7 @@
 model.
 
 Every test carries exactly one tier marker of TIERS (pyproject.toml says what each means); ``pytest -m unit`` is the
-fast tier, and each unit test has a time limit of UNIT_TIME_LIMIT_S seconds unless it sets its own
+fast tier, and each unit or grading test has a time limit of UNIT_TIME_LIMIT_S seconds unless it sets its own
 ``@pytest.mark.timeout``."""
 import copy
 import os
@@ -20,7 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # after the environment above: huggingface_hub reads HF_HUB_OFFLINE when it is first imported
 from alignlib.models import load_model, with_lora  # noqa: E402
 
-TIERS = ("unit", "model", "learning", "distributed", "pipeline")
+TIERS = ("unit", "grading", "model", "learning", "distributed", "pipeline")
 UNIT_TIME_LIMIT_S = 60
 
 
@@ -35,7 +35,7 @@ def pytest_collection_modifyitems(config, items):
         tiers = sorted({mark.name for mark in item.iter_markers() if mark.name in TIERS})
         if len(tiers) != 1:
             wrong.append(f"  {item.nodeid}: {', '.join(tiers) or 'no tier marker'}")
-        elif tiers == ["unit"] and item.get_closest_marker("timeout") is None:
+        elif tiers[0] in ("unit", "grading") and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(UNIT_TIME_LIMIT_S))
     if wrong:
         raise pytest.UsageError(f"Each test needs exactly one tier marker of {', '.join(TIERS)} (module-level "

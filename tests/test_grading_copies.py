@@ -17,7 +17,7 @@ from alignlib.checks.grader import GRADED_TAG, copy_warnings, grade
 from alignlib.checks.similarity import NEAR_COPY, copied_functions
 from grading_helpers import exercise_path, solution_path
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.grading
 
 EXERCISES = ("04_soups", "05_cai", "06_self_align")
 

@@ -17,7 +17,7 @@ from alignlib.checks.grader import BEGIN_CODE, GRADED_TAG, grade, load_functions
 from grading_helpers import (ROOT, assert_loses_exactly, exercise_path, solution_path, with_cell_replaced,
                              with_solution)
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.grading
 
 
 @dataclass(frozen=True)

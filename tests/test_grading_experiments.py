@@ -8,7 +8,7 @@ from alignlib import tiny_lab
 from alignlib.checks import Namespace, load_checks
 from grading_helpers import assert_loses_exactly, solution_path, with_solution
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.grading
 
 # (exercise, experiment function, a body that returns a wrong choice, a body that returns no number)
 CASES = [
