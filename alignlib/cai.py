@@ -981,13 +981,9 @@ class LikelihoodJudge:
 
     def prefer_first(self, questions: Sequence[str], first: Sequence[str], second: Sequence[str],
                      principles: Sequence[str] | str) -> dict:
-        n = len(questions)
-        if not n or len(first) != n or len(second) != n:
-            raise ValueError(f"questions ({n}), first ({len(first)}) and second ({len(second)}) must be non-empty "
-                             "and of the same length.")
-        principles = [principles] * n if isinstance(principles, str) else list(principles)
-        if len(principles) != n:
-            raise ValueError(f"{len(principles)} principles for {n} questions: give one, or one per question.")
+        from .feedback import check_batch
+
+        n, principles = len(questions), check_batch(questions, first, second, principles)
         s = self.pmi(list(questions) * 2, list(first) + list(second), principles * 2)
         p = torch.sigmoid((s[:n] - s[n:]) / self.scale)
         return {"p": p, "p_first_order": p, "p_swapped": p, "pmi_first": s[:n], "pmi_second": s[n:]}

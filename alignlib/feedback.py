@@ -68,7 +68,7 @@ def soft_labels(logp_first_order: torch.Tensor, logp_swapped: torch.Tensor) -> d
     return {"p": 0.5 * (p_first_order + p_swapped), "p_first_order": p_first_order, "p_swapped": p_swapped}
 
 
-def _check_batch(questions, first, second, principles) -> list[str]:
+def check_batch(questions, first, second, principles) -> list[str]:
     """One principle per question (a single string is repeated), after checking that the lists align."""
     n = len(questions)
     if not n or len(first) != n or len(second) != n:
@@ -162,7 +162,7 @@ class MultipleChoiceJudge:
                      principles: Sequence[str] | str) -> dict:
         """Soft labels p(first better), both orders averaged: ``p`` (B,), and each order's reading
         ``p_first_order`` = p_A(first, second) and ``p_swapped`` = p_B(second, first)."""
-        n, principles = len(questions), _check_batch(questions, first, second, principles)
+        n, principles = len(questions), check_batch(questions, first, second, principles)
         fill = lambda a, b: [self.template.format(question=q, principle=p, first=x, second=y)  # noqa: E731
                              for q, p, x, y in zip(questions, principles, a, b)]
         prompts = fill(first, second) + fill(second, first)
@@ -282,7 +282,7 @@ class TrueFalseJudge(MultipleChoiceJudge):
     def prefer_first(self, questions: Sequence[str], first: Sequence[str], second: Sequence[str],
                      principles: Sequence[str] | str) -> dict:
         """``p`` (B,) = sigmoid(logit r_first - logit r_second); the readings ``p_true_first``, ``p_true_second``."""
-        n, principles = len(questions), _check_batch(questions, first, second, principles)
+        n, principles = len(questions), check_batch(questions, first, second, principles)
         r = self.p_true(list(questions) * 2, list(first) + list(second), principles * 2).double()
         logit = torch.logit(r.clamp(1e-12, 1 - 1e-12))
         p = torch.sigmoid(logit[:n] - logit[n:]).float()
