@@ -234,6 +234,15 @@ def pad(rng, text: str) -> str:
     return rng.choice(PADDING) + text + rng.choice(PADDING)
 
 
+def refuses(call, args: tuple, why: str, what: str) -> None:
+    """``call(*args)`` raises ValueError; otherwise an AssertionError saying why it should."""
+    try:
+        got = call(*args)
+    except ValueError:
+        return
+    raise AssertionError(f"{what} should raise ValueError ({why}), got {got!r}")
+
+
 def assert_same_text(got, expected: str, what: str) -> None:
     """``got`` is the string ``expected``; otherwise say where they first differ."""
     assert isinstance(got, str), f"{what} should return a str, got {type(got).__name__}"

@@ -26,7 +26,7 @@ from alignlib import feedback as ref_feedback
 
 from alignlib import tiny_lab
 
-from . import (as_number, assert_close, assert_same_text, check, generator, get_function, one_thread, pad,
+from . import (as_number, assert_close, assert_same_text, check, generator, get_function, one_thread, pad, refuses,
                run_experiment)
 
 ALIGNLIB_VERSIONS = {"critique_prompt": ("alignlib.cai:critique_prompt", "alignlib.cai:conversation"),
@@ -62,15 +62,6 @@ def random_conversations(seed: int, n: int = 30):
     rng = random.Random(seed)
     for _ in range(n):
         yield pad(rng, random_text(rng)), pad(rng, random_text(rng)), random_pair(rng), pad(rng, random_text(rng))
-
-
-def refuses(call, args: tuple, why: str, what: str) -> None:
-    """``call(*args)`` raises ValueError; otherwise an AssertionError saying why it should."""
-    try:
-        got = call(*args)
-    except ValueError:
-        return
-    raise AssertionError(f"{what} should raise ValueError ({why}), got {got!r}")
 
 
 # ---------------------------------------------------------------- critique_prompt (2 points)

@@ -30,7 +30,8 @@ from alignlib import self_align as ref
 
 from alignlib import tiny_lab
 
-from . import as_number, assert_close, assert_same_text, check, get_function, one_thread, pad, run_experiment
+from . import (as_number, assert_close, assert_same_text, check, get_function, one_thread, pad, refuses,
+               run_experiment)
 
 ALIGNLIB_VERSIONS = {"principle_prompt": ("alignlib.self_align:principle_prompt",),
                      "query": ("alignlib.self_align:query",),
@@ -102,15 +103,6 @@ def prompt_matches_reference(ns):
         assert_same_text(student(copy_data(data)), ref.principle_prompt(data),
                          f"principle_prompt(...) with {len(data.principles)} principles and {len(data.exemplars)} "
                          "exemplar(s)")
-
-
-def refuses(call, args: tuple, why: str, what: str) -> None:
-    """``call(*args)`` raises ValueError; otherwise an AssertionError saying why it should."""
-    try:
-        got = call(*args)
-    except ValueError:
-        return
-    raise AssertionError(f"{what} should raise ValueError ({why}), got {got!r}")
 
 
 @check(points=1, function="principle_prompt")
