@@ -595,22 +595,29 @@ def run(config: SelfAlignConfig | None = None, progress: bool = True, out: str |
         return _stages(config, StageStore(scratch), stop)
 
 
-def _stages(config: SelfAlignConfig, store, stop) -> dict:
-    """``run``'s stages in ``store``."""
+def _stored_model(base, store, name: str):
+    """A copy of ``base`` with the LoRA adapter that stage ``name`` saved in ``store``: the trained model, bit for
+    bit. The global RNG is left as it was (the adapter's initialisation draws, then is replaced)."""
     import copy
-    import time
 
     import torch
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from .models import load_model, with_lora
+    from .models import with_lora
 
-    def stored_model(name):       # base + the LoRA adapter stage ``name`` saved: the trained model, bit for bit
-        with torch.random.fork_rng(devices=[]):        # the adapter's initialisation draws, then is replaced
-            model = with_lora(copy.deepcopy(base), ENGRAVING_LORA)
-        set_peft_model_state_dict(model, load_file(str(store.path(name) / "adapter" / "adapter_model.safetensors")))
-        return model
+    with torch.random.fork_rng(devices=[]):
+        model = with_lora(copy.deepcopy(base), ENGRAVING_LORA)
+    set_peft_model_state_dict(model, load_file(str(store.path(name) / "adapter" / "adapter_model.safetensors")))
+    return model
+
+
+def _stages(config: SelfAlignConfig, store, stop) -> dict:
+    """``run``'s stages in ``store``."""
+    import copy
+    import time
+
+    from .models import load_model, with_lora
 
     data = load_self_align(config.data_dir)
     t = time.perf_counter()
@@ -655,7 +662,7 @@ def _stages(config: SelfAlignConfig, store, stop) -> dict:
     if store.done(STAGES[3]):
         fourth = store.load(STAGES[3])
     else:
-        engraved = engraved if engraved is not None else stored_model(STAGES[2])
+        engraved = engraved if engraved is not None else _stored_model(base, store, STAGES[2])
         t = time.perf_counter()
         with store.stage(STAGES[3], result_of=lambda: fourth, stop=stop) as folder:
             if config.verbose_shortcut:        # greedy, no clean-up
@@ -675,8 +682,8 @@ def _stages(config: SelfAlignConfig, store, stop) -> dict:
         from .generation import generate
 
         t = time.perf_counter()
-        engraved_model = engraved if engraved is not None else stored_model(STAGES[2])
-        verbose_model = verbose if verbose is not None else stored_model(STAGES[3])
+        engraved_model = engraved if engraved is not None else _stored_model(base, store, STAGES[2])
+        verbose_model = verbose if verbose is not None else _stored_model(base, store, STAGES[3])
         mc = load_rows("truthfulness", config.eval_split, config.data_dir)
         held = load_rows("adherence", config.eval_split, config.data_dir)
         prompts_held, expected = [r["prompt"] for r in held], [r["expected"] for r in held]
@@ -792,10 +799,6 @@ def _control_stages(config: ControlConfig, store, stop) -> dict:
     import copy
     import time
 
-    import torch
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
     from .data import load_prompts
     from .evaluation import bootstrap_mean, paired_difference
     from .generation import generate
@@ -821,10 +824,7 @@ def _control_stages(config: ControlConfig, store, stop) -> dict:
     engraved = None
     if store.done(CONTROL_STAGES[1]):
         third = store.load(CONTROL_STAGES[1])
-        with torch.random.fork_rng(devices=[]):
-            engraved = with_lora(copy.deepcopy(base), ENGRAVING_LORA)
-        set_peft_model_state_dict(engraved, load_file(str(store.path(CONTROL_STAGES[1]) / "adapter" /
-                                                          "adapter_model.safetensors")))
+        engraved = _stored_model(base, store, CONTROL_STAGES[1])
     else:
         t = time.perf_counter()
         with store.stage(CONTROL_STAGES[1], result_of=lambda: third, stop=stop) as folder:
