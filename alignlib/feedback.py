@@ -287,3 +287,12 @@ class TrueFalseJudge(MultipleChoiceJudge):
         logit = torch.logit(r.clamp(1e-12, 1 - 1e-12))
         p = torch.sigmoid(logit[:n] - logit[n:]).float()
         return {"p": p, "p_true_first": r[:n].float(), "p_true_second": r[n:].float()}
+
+
+def true_false_judge(model, tokenizer, batch_size: int = 8) -> TrueFalseJudge:
+    """A ``TrueFalseJudge`` reading " True" / " False"; a tokenizer whose two words share a first token (a character
+    tokenizer such as tiny-random's) reads "True" and "False" instead."""
+    try:
+        return TrueFalseJudge(model, tokenizer, batch_size=batch_size)
+    except ValueError:
+        return TrueFalseJudge(model, tokenizer, batch_size=batch_size, letters=("True", "False"))

@@ -25,7 +25,7 @@ LAYERS = [  # lowest first
     ("trainers", ["alignlib.sft", "alignlib.ppo", "alignlib.rrhf", "alignlib.raft", "alignlib.reward_model",
                   "alignlib.feedback"]),
     ("trainers by name", ["alignlib.training.registry"]),
-    ("methods built on trainers", ["alignlib.soups", "alignlib.cai", "alignlib.self_align",
+    ("methods built on trainers", ["alignlib.soups", "alignlib.cai", "alignlib.self_align", "alignlib.cai_sl_control",
                                     "alignlib.judge_validation"]),
     ("course tooling", ["alignlib.tiny_lab", "alignlib.summary", "alignlib.checks", "alignlib.checks.*"]),
     ("benchmarks and the command line", ["alignlib.bench", "alignlib.bench.*", "alignlib.commands",

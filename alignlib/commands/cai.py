@@ -8,7 +8,8 @@ SIGINT/SIGTERM stops the command after the running stage (exit status 128 + the 
 once), and the same command with ``--resume`` continues it to the result an uninterrupted run gives.
 
 ``python -m alignlib cai-control`` runs a CAI control (``cai.run_control``: AI or oracle labels on the policy's
-own pairs, preference model, PPO, oracle effect on held-out prompts) in its own run directory, the same way.
+own pairs, preference model, PPO, oracle effect on held-out prompts) in its own run directory, the same way;
+``python -m alignlib cai-sl-control`` SL-CAI's positive control (``cai_sl_control.run``).
 """
 from __future__ import annotations
 
@@ -166,6 +167,47 @@ def run_control(args) -> dict:
           f"PPO {ev['oracle']['ppo']['mean']:+.3f}"
           f"; effect {effect['mean']:+.3f} [{effect['low']:+.3f}, {effect['high']:+.3f}]; words "
           f"{ev['words']['initial']:.1f} -> {ev['words']['ppo']:.1f}; wrote {out / 'control.json'}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def add_sl_control_arguments(parser) -> None:
+    """``cai-sl-control``'s flags: the shared ones and one per ``SLControlConfig`` field."""
+    add_shared(parser, "preset", "seed", "threads", "output", "resume", "overwrite", "json", "config",
+               output="runs/cai-sl-control")
+    add_config_arguments(parser, "alignlib.cai_sl_control", "SLControlConfig")
+
+
+def run_sl_control(args) -> dict:
+    """``python -m alignlib cai-sl-control``: SL-CAI's positive control (``cai_sl_control.run``) under the run
+    protocol; print the revisions' and the judge's readings and the oracle's effect."""
+    from ..cai_sl_control import STAGES, SLControlConfig
+    from ..cai_sl_control import run as run_stages
+    from ..training.checkpoint import check_json_path, prepare_output
+    from ..training.loop import staged_run
+    from ..utils import set_threads
+
+    if args.threads:
+        set_threads(args.threads)
+    config = SLControlConfig.preset(args.preset, **{"seed": args.seed, **config_overrides(args)})
+    if args.json:
+        check_json_path(args.json)
+    identity = {"method": "cai-sl-control", "preset": args.preset,
+                **json.loads(json.dumps(vars(config), default=str))}
+    out = prepare_output(args.output, resume=args.resume, overwrite=args.overwrite, identity=identity)
+    with staged_run("cai-sl-control", out, STAGES) as stop:
+        result = run_stages(config, out=out, stop=stop)
+    rev, ev, effect = result["revisions"], result["evaluation"]["models"], result["effect"]
+    judge = rev["judge"]["accuracy"]
+    print(f"revisions follow the principle {rev['revisions_follow']:.2f} (initial answers {rev['initial_follow']:.2f});"
+          f" dropped {rev['copied']} copying a few-shot example, {rev['repeats']} repeating a sentence; the "
+          f"True/False judge picks the follower in "
+          f"{judge['mean'] if judge else float('nan'):.2f} of {rev['judge']['pairs']} pairs")
+    print(f"held-out pass rate ({result['oracle']}): base {ev['base']['pass_rate']['mean']:.2f}, SL-CAI "
+          f"{ev['sl_cai']['pass_rate']['mean']:.2f}; effect {effect['mean']:+.3f} [{effect['low']:+.3f}, "
+          f"{effect['high']:+.3f}]; wrote {out / 'control.json'}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -115,6 +115,9 @@ COMMANDS: dict[str, Command] = {
     "cai-control": Command("Constitutional AI controls: a principle the judge reads, or oracle labels (lecture 05)",
                            _from("alignlib.commands.cai", "add_control_arguments"),
                            _from("alignlib.commands.cai", "run_control")),
+    "cai-sl-control": Command("SL-CAI's positive control: revisions toward a format rule, SFT, a regex oracle "
+                              "(lecture 05)", _from("alignlib.commands.cai", "add_sl_control_arguments"),
+                              _from("alignlib.commands.cai", "run_sl_control")),
     "self-align": Command("SELF-ALIGN's four stages, filters and evaluation (lecture 06)",
                           _from("alignlib.commands.self_align", "add_arguments"),
                           _from("alignlib.commands.self_align", "run")),

@@ -34,19 +34,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--n-boot", type=count(100), default=2000, help="bootstrap resamples (default: 2000)")
 
 
-def _true_false(model, tokenizer, batch_size: int):
-    """A True/False judge; a tokenizer whose " True" and " False" share a first token (a character tokenizer such
-    as tiny-random's) reads "True" and "False" instead."""
-    from ..feedback import TrueFalseJudge
-
-    try:
-        return TrueFalseJudge(model, tokenizer, batch_size=batch_size)
-    except ValueError:
-        return TrueFalseJudge(model, tokenizer, batch_size=batch_size, letters=("True", "False"))
-
-
 def run(args) -> dict:
-    from ..feedback import MultipleChoiceJudge, few_shot_template
+    from ..feedback import MultipleChoiceJudge, few_shot_template, true_false_judge
     from ..judge_validation import few_shot_examples, format_table, oracle_pair_sets, validate_judge
     from ..models import load_model
     from ..training.checkpoint import check_json_path
@@ -66,7 +55,7 @@ def run(args) -> dict:
         "ab_few_shot": {name: MultipleChoiceJudge(model, tokenizer, batch_size=args.batch_size,
                                                   template=few_shot_template(few_shot_examples(kind(name), args.shots)))
                         for name in sets},
-        "true_false": _true_false(model, tokenizer, args.batch_size),
+        "true_false": true_false_judge(model, tokenizer, args.batch_size),
     }
     results, seconds = {name: {} for name in sets}, {}
     for name, judge in judges.items():
