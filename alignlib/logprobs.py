@@ -136,16 +136,22 @@ def score_responses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 @torch.no_grad()
 def divergence_from_reference(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                              response_mask: torch.Tensor, ref_model=None, batch_size: int = 16) -> dict:
+                              response_mask: torch.Tensor, ref_model=None, batch_size: int = 16,
+                              temperature: float = 1.0) -> dict:
     """How far a policy's responses have drifted from the reference (the base model, or ``ref_model``).
 
     Returns per-sequence ``kl`` (B,) = sum_t [log pi(y_t | .) - log rho(y_t | .)], the k1 estimate of
     KL(pi || rho) when the responses were sampled from pi, and ``ref_nll`` (B,), the mean negative log-likelihood
     per response token under rho, whose exp is the responses' perplexity as the reference model sees them.
+    ``temperature``: the one the responses were sampled at; both models' logits are divided by it, so that pi is the
+    distribution that actually sampled (PPO's ``kl/ref`` and ``ppl/ref`` are computed the same way). At 1 (the
+    default) the logits are used as they are.
     """
     from .models import maybe_reference
 
     _check_same_shape(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask)
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature must be a number > 0 (the sampling temperature), got {temperature!r}.")
     cols = response_mask.any(0).nonzero()
     if len(cols) == 0:
         raise ValueError("response_mask is empty: there is no response to compare.")
@@ -155,9 +161,9 @@ def divergence_from_reference(model, input_ids: torch.Tensor, attention_mask: to
         ids, mask, resp = (t[i:i + batch_size] for t in (input_ids, attention_mask, response_mask))
         kw = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False,
                   logits_to_keep=keep)
-        lp = token_logprobs_from_logits(model(**kw).logits, ids)
+        lp = token_logprobs_from_logits(model(**kw).logits / temperature, ids)
         with maybe_reference(model, ref_model) as ref:
-            ref_lp = token_logprobs_from_logits(ref(**kw).logits, ids)
+            ref_lp = token_logprobs_from_logits(ref(**kw).logits / temperature, ids)
         kl.append(masked_sum(lp - ref_lp, resp))
         nll.append(-length_normalized_logprob(ref_lp, resp))
     return {"kl": torch.cat(kl), "ref_nll": torch.cat(nll)}

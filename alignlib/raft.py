@@ -16,7 +16,8 @@ own (filtered) samples; the metrics below watch for the price of that:
 
 - ``reward/mean``: the policy's samples this stage; ``reward/kept_mean``: the kept set B;
 - ``kl/ref`` (summed k1 per sample) and ``ppl/ref`` (perplexity of the samples under the initial model), the
-  x-axis of the reward-vs-perplexity trade-off (the paper's Fig. 8), both on the first sample of each prompt;
+  x-axis of the reward-vs-perplexity trade-off (the paper's Fig. 8), both on the first sample of each prompt,
+  with both models' logits at the sampling temperature (as PPO computes them);
 - ``diversity/distinct1``, ``diversity/distinct2``: distinct n-grams / all n-grams of the stage's samples.
   Reward hacking shows up as rising reward with collapsing diversity (the same phrase for every prompt).
 
@@ -224,11 +225,12 @@ class RAFTTrainer(CheckpointState):
         idx = raft_select(rewards.view(len(prompts), cfg.k), cfg.selection).tolist()
         kept = [{"stage": metrics["stage"], **samples[i]} for i in idx]         # prompt, response, reward, finished
         self.kept.extend(kept)
-        if self.log_kl:  # on the first sample of each prompt: an unbiased estimate at 1/k of the cost
+        if self.log_kl:  # on the first sample of each prompt (1/k of the cost), at the sampling temperature
             first = slice(0, len(roll), cfg.k)
             with timer(metrics, "time/score_s"):
                 div = divergence_from_reference(self.policy, roll.input_ids[first], roll.attention_mask[first],
-                                                roll.response_mask[first], self.ref_model)
+                                                roll.response_mask[first], self.ref_model,
+                                                temperature=cfg.temperature)
             metrics.update(mean_over_processes({"kl/ref": div["kl"].mean().item(),
                                                 "ppl/ref": div["ref_nll"].mean().exp().item()}, self.accelerator))
         # 3. fine-tuning on the kept set (EOS is a target only where the sample really ended)

@@ -349,7 +349,7 @@ class RRHFTrainer(CheckpointState):
             pol = batch.select(first[src.any(-1)])
             with timer(metrics, "time/score_s"):
                 div = divergence_from_reference(self.policy, pol.input_ids, pol.attention_mask, pol.response_mask,
-                                                self.ref_model)
+                                                self.ref_model, temperature=cfg.temperature)
             metrics.update(mean_over_processes({"kl/ref": div["kl"].mean().item(),
                                                 "ppl/ref": div["ref_nll"].mean().exp().item()}, self.accelerator))
         with timer(metrics, "time/train_s"):

@@ -95,3 +95,29 @@ def test_logprobs_from_kept_logits_match_the_full_computation(tiny):
     m = r.response_mask.bool()
     assert torch.allclose(lp_full[m], lp_tail[m], atol=1e-5)
     assert torch.all(lp_tail[:, : r.prompt_width] == 0)
+
+
+def test_divergence_from_reference_reads_the_sampling_temperature(tiny, fresh_tiny):
+    from alignlib.logprobs import divergence_from_reference
+
+    model, tok = tiny
+    torch.manual_seed(0)
+    other, _ = fresh_tiny()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))                      # a reference that differs from the policy
+    ids = tok(["the film was good"], return_tensors="pt").input_ids
+    mask = torch.ones_like(ids)
+    resp = torch.zeros_like(ids)
+    resp[:, 3:] = 1                                                 # the last tokens are the response
+    for t in (1.0, 0.7):
+        out = divergence_from_reference(model, ids, mask, resp, ref_model=other, temperature=t)
+        with torch.no_grad():
+            lp = manual_token_logprobs(model(ids).logits / t, ids)
+            ref = manual_token_logprobs(other(ids).logits / t, ids)
+        assert torch.allclose(out["kl"], ((lp - ref) * resp).sum(-1), atol=1e-4)
+    cold = divergence_from_reference(model, ids, mask, resp, ref_model=other, temperature=0.7)["kl"]
+    assert not torch.allclose(out["kl"], divergence_from_reference(model, ids, mask, resp, ref_model=other)["kl"])
+    assert torch.equal(cold, out["kl"])
+    with pytest.raises(ValueError, match="temperature"):
+        divergence_from_reference(model, ids, mask, resp, ref_model=other, temperature=0)
