@@ -139,25 +139,36 @@ def add_control_arguments(parser) -> None:
     add_config_arguments(parser, "alignlib.cai", "CAIControlConfig")
 
 
-def run_control(args) -> dict:
-    """``python -m alignlib cai-control``: a CAI control (``cai.run_control``) in its own run directory, under the
-    run protocol (claimed before any model loads, stages stored, ``--resume``); print the effect."""
-    from ..cai import CONTROL_STAGES, CAIControlConfig
-    from ..cai import run_control as run_stages
+def _staged_control(args, name: str, config_class, stages, run_stages):
+    """A control command under the run protocol: threads, the config from the preset and flags, ``--json`` checked
+    and ``--output`` claimed before any model loads, the stages run (``--resume`` reads the stored ones back), and
+    the result also written to ``--json``. Returns (config, output directory, result)."""
     from ..training.checkpoint import check_json_path, prepare_output
     from ..training.loop import staged_run
     from ..utils import set_threads
 
     if args.threads:
         set_threads(args.threads)
-    config = CAIControlConfig.preset(args.preset, **{"seed": args.seed, **config_overrides(args)})
+    config = config_class.preset(args.preset, **{"seed": args.seed, **config_overrides(args)})
     if args.json:
         check_json_path(args.json)
-    identity = {"method": "cai-control", "preset": args.preset,
-                **json.loads(json.dumps(vars(config), default=str))}
+    identity = {"method": name, "preset": args.preset, **json.loads(json.dumps(vars(config), default=str))}
     out = prepare_output(args.output, resume=args.resume, overwrite=args.overwrite, identity=identity)
-    with staged_run("cai-control", out, CONTROL_STAGES) as stop:
+    with staged_run(name, out, stages) as stop:
         result = run_stages(config, out=out, stop=stop)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return config, out, result
+
+
+def run_control(args) -> dict:
+    """``python -m alignlib cai-control``: a CAI control (``cai.run_control``) in its own run directory, under the
+    run protocol (claimed before any model loads, stages stored, ``--resume``); print the effect."""
+    from ..cai import CONTROL_STAGES, CAIControlConfig
+    from ..cai import run_control as run_stages
+
+    config, out, result = _staged_control(args, "cai-control", CAIControlConfig, CONTROL_STAGES, run_stages)
     ev, effect = result["evaluation"], result["effect"]
     agree = result["label_vs_oracle"]["debiased"]
     print(f"{config.task} with {config.labels} labels: labels agree with the oracle on {agree['accuracy']} of "
@@ -167,9 +178,6 @@ def run_control(args) -> dict:
           f"PPO {ev['oracle']['ppo']['mean']:+.3f}"
           f"; effect {effect['mean']:+.3f} [{effect['low']:+.3f}, {effect['high']:+.3f}]; words "
           f"{ev['words']['initial']:.1f} -> {ev['words']['ppo']:.1f}; wrote {out / 'control.json'}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -185,20 +193,8 @@ def run_sl_control(args) -> dict:
     protocol; print the revisions' and the judge's readings and the oracle's effect."""
     from ..cai_sl_control import STAGES, SLControlConfig
     from ..cai_sl_control import run as run_stages
-    from ..training.checkpoint import check_json_path, prepare_output
-    from ..training.loop import staged_run
-    from ..utils import set_threads
 
-    if args.threads:
-        set_threads(args.threads)
-    config = SLControlConfig.preset(args.preset, **{"seed": args.seed, **config_overrides(args)})
-    if args.json:
-        check_json_path(args.json)
-    identity = {"method": "cai-sl-control", "preset": args.preset,
-                **json.loads(json.dumps(vars(config), default=str))}
-    out = prepare_output(args.output, resume=args.resume, overwrite=args.overwrite, identity=identity)
-    with staged_run("cai-sl-control", out, STAGES) as stop:
-        result = run_stages(config, out=out, stop=stop)
+    config, out, result = _staged_control(args, "cai-sl-control", SLControlConfig, STAGES, run_stages)
     rev, ev, effect = result["revisions"], result["evaluation"]["models"], result["effect"]
     judge = rev["judge"]["accuracy"]
     print(f"revisions follow the principle {rev['revisions_follow']:.2f} (initial answers {rev['initial_follow']:.2f});"
@@ -208,7 +204,4 @@ def run_sl_control(args) -> dict:
     print(f"held-out pass rate ({result['oracle']}): base {ev['base']['pass_rate']['mean']:.2f}, SL-CAI "
           f"{ev['sl_cai']['pass_rate']['mean']:.2f}; effect {effect['mean']:+.3f} [{effect['low']:+.3f}, "
           f"{effect['high']:+.3f}]; wrote {out / 'control.json'}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
     return result
