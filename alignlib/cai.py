@@ -62,7 +62,7 @@ from .data import COURSE_SETS, DATA_DIR, read_jsonl
 # (lecture 05) stay importable from here.
 from .evaluation import elo_intervals, elo_scores, pairwise_outcomes  # noqa: F401
 from .generation import generate
-from .models import DEFAULT_MODEL
+from .models import DEFAULT_MODEL, load_lora_weights
 from .prefix_cache import PrefixCache
 from .utils import PresetMixin, check_count
 
@@ -631,18 +631,6 @@ def _copy_adapter(folder: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def _load_adapter(model, folder: Path) -> None:
-    """Copy the LoRA weights that ``save_pretrained`` wrote into ``folder`` into ``model`` (a LoRA model with the
-    same adapter configuration): the trained policy, bit for bit."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    loaded = set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
-    if loaded.unexpected_keys:
-        raise RuntimeError(f"the adapter in {folder} does not fit the model (unexpected "
-                           f"{loaded.unexpected_keys[:3]}); resume with the run's own --model and preset.")
-
-
 def run_sl(config: CAIConfig | None = None, out: str | Path | None = None, progress: bool = True,
            stop=None) -> dict:
     """SL-CAI: initial answers, critiques and revisions, then SFT of the policy on the revisions mixed with
@@ -727,7 +715,7 @@ def _sl_stages(config: CAIConfig, store, progress: bool, stop) -> dict:
 
     if store.done("sl-sft"):
         trained = store.load("sl-sft")
-        _load_adapter(policy, store.path("sl-sft") / "adapter")
+        load_lora_weights(policy, store.path("sl-sft") / "adapter")
     else:
         data = [ex for r in revisions["revised"] for ex in sft_examples(r, config.sl_all_rounds)]
         data += [{"prompt": p, "response": a} for p, a in zip(helpful, helpful_answers)]
@@ -888,7 +876,7 @@ def _rl_stages(config: CAIConfig, store, sl_dir, progress: bool, stop) -> dict:
         tuned = store.load("rl-ppo")
         with torch.random.fork_rng(devices=[]):         # the adapter's initialisation draws, then is replaced
             policy = with_lora(sl_model)
-        _load_adapter(policy, store.path("rl-ppo") / "adapter")
+        load_lora_weights(policy, store.path("rl-ppo") / "adapter")
     else:
         if pm is None:                                   # trained before this process: its stored weights
             pm, pm_tok = load_reward_model(pm_config.model, seed=config.seed)
@@ -1228,7 +1216,7 @@ def _control_stages(config: CAIControlConfig, store, progress: bool, stop) -> di
         tuned = store.load("ctl-ppo")
         with torch.random.fork_rng(devices=[]):
             policy = with_lora(model)
-        _load_adapter(policy, store.path("ctl-ppo") / "adapter")
+        load_lora_weights(policy, store.path("ctl-ppo") / "adapter")
     else:
         t = time.perf_counter()
         with store.stage("ctl-ppo", result_of=lambda: tuned, stop=stop) as folder:

@@ -139,13 +139,12 @@ def run(config: SLControlConfig | None = None, out: str | Path | None = None, pr
 def _stages(config: SLControlConfig, store, progress: bool, stop) -> dict:
     import dataclasses
 
-    from .cai import _load_adapter
     from .data import load_prompts
     from .evaluation import bootstrap_mean, paired_difference
     from .feedback import true_false_judge
     from .generation import generate
     from .models import load_model, reference_mode, with_lora
-    from .self_align import has_repeated_sentence, relevance, summary_first
+    from .self_align import _stored_model, has_repeated_sentence, relevance, summary_first
     from .sft import SFTConfig, train_sft
 
     constitution = load_summary_constitution(config.data_dir)
@@ -193,11 +192,7 @@ def _stages(config: SLControlConfig, store, progress: bool, stop) -> dict:
 
     if store.done(STAGES[2]):
         tuned = store.load(STAGES[2])
-        import torch
-
-        with torch.random.fork_rng(devices=[]):
-            policy = with_lora(copy.deepcopy(base))
-        _load_adapter(policy, store.path(STAGES[2]) / "adapter")
+        policy = _stored_model(base, store, STAGES[2], lora=True)
     else:
         t = time.perf_counter()
         with store.stage(STAGES[2], result_of=lambda: tuned, stop=stop) as folder:

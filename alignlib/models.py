@@ -452,6 +452,20 @@ def with_lora(model, lora=True):
         return get_peft_model(model, lora)
 
 
+def load_lora_weights(model, folder) -> None:
+    """Copy the LoRA weights that ``save_pretrained`` wrote into ``folder`` into ``model`` (a LoRA model with the
+    same adapter configuration): the trained model, bit for bit. An adapter that does not fit raises."""
+    from pathlib import Path
+
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    loaded = set_peft_model_state_dict(model, load_file(str(Path(folder) / "adapter_model.safetensors")))
+    if loaded.unexpected_keys:
+        raise RuntimeError(f"the adapter in {folder} does not fit the model (unexpected "
+                           f"{loaded.unexpected_keys[:3]}); resume with the run's own --model and preset.")
+
+
 @contextmanager
 def reference_mode(model):
     """Run ``model`` as the reference policy: the LoRA adapter switched off, no gradients.

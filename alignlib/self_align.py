@@ -595,20 +595,19 @@ def run(config: SelfAlignConfig | None = None, progress: bool = True, out: str |
         return _stages(config, StageStore(scratch), stop)
 
 
-def _stored_model(base, store, name: str):
-    """A copy of ``base`` with the LoRA adapter that stage ``name`` saved in ``store``: the trained model, bit for
-    bit. The global RNG is left as it was (the adapter's initialisation draws, then is replaced)."""
+def _stored_model(base, store, name: str, lora=ENGRAVING_LORA):
+    """A copy of ``base`` with the LoRA adapter (``lora`` as in ``models.with_lora``) that stage ``name`` saved in
+    ``store``: the trained model, bit for bit. The global RNG is left as it was (the adapter's initialisation draws,
+    then is replaced)."""
     import copy
 
     import torch
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
-    from .models import with_lora
+    from .models import load_lora_weights, with_lora
 
     with torch.random.fork_rng(devices=[]):
-        model = with_lora(copy.deepcopy(base), ENGRAVING_LORA)
-    set_peft_model_state_dict(model, load_file(str(store.path(name) / "adapter" / "adapter_model.safetensors")))
+        model = with_lora(copy.deepcopy(base), lora)
+    load_lora_weights(model, store.path(name) / "adapter")
     return model
 
 
